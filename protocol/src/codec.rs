@@ -154,6 +154,60 @@ fn unreachable_encode(e: &str) -> Bytes {
     Bytes::new()
 }
 
+#[derive(Serialize)]
+struct PublicationRef<'a, D: Serialize + ?Sized> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a crate::ChannelName,
+    epoch: &'a crate::Epoch,
+    offset: crate::Offset,
+    data: &'a D,
+    ts: u64,
+}
+
+/// Encodes a `message` whose `data` is already JSON text, without parsing
+/// it again: the broker encodes each publication once and fans the bytes out.
+pub fn encode_publication_json(
+    channel: &crate::ChannelName,
+    epoch: &crate::Epoch,
+    offset: crate::Offset,
+    data: &serde_json::value::RawValue,
+    ts: u64,
+) -> Bytes {
+    encode(
+        &PublicationRef {
+            kind: "message",
+            channel,
+            epoch,
+            offset,
+            data,
+            ts,
+        },
+        Encoding::Json,
+    )
+}
+
+/// Encodes a `message` in MessagePack from borrowed parts.
+pub fn encode_publication_msgpack(
+    channel: &crate::ChannelName,
+    epoch: &crate::Epoch,
+    offset: crate::Offset,
+    data: &Value,
+    ts: u64,
+) -> Bytes {
+    encode(
+        &PublicationRef {
+            kind: "message",
+            channel,
+            epoch,
+            offset,
+            data,
+            ts,
+        },
+        Encoding::MsgPack,
+    )
+}
+
 /// Decodes bytes into a generic JSON value, with every check of §2 applied.
 pub fn decode_value(
     bytes: &[u8],
@@ -310,6 +364,27 @@ mod tests {
         assert_eq!(
             v,
             json!({"type": "error", "code": "bad_request", "message": "nope"})
+        );
+    }
+
+    #[test]
+    fn borrowed_publication_encodings_equal_the_owned_ones() {
+        let data = json!({"text": "hi \"there\"", "n": [1, 2.5, null]});
+        let raw = serde_json::value::to_raw_value(&data).expect("raw");
+        let owned = ServerMessage::Message(Publication {
+            channel: chan("room:1"),
+            epoch: Epoch::new("ep"),
+            offset: Offset(42),
+            data: data.clone(),
+            ts: 5,
+        });
+        assert_eq!(
+            encode_publication_json(&chan("room:1"), &Epoch::new("ep"), Offset(42), &raw, 5),
+            encode_server(&owned, Encoding::Json)
+        );
+        assert_eq!(
+            encode_publication_msgpack(&chan("room:1"), &Epoch::new("ep"), Offset(42), &data, 5),
+            encode_server(&owned, Encoding::MsgPack)
         );
     }
 

@@ -1,0 +1,279 @@
+//! The backend HTTP API (PROTOCOL.md §10) on the api listener: publishing
+//! (single, batch, idempotent), channel history, health, readiness and
+//! Prometheus metrics. JSON in and out; errors are `{error: {code, message}}`.
+
+mod idempotency;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tether_protocol::{ChannelName, Encoding, Epoch, ErrorCode, MAX_DEPTH, Offset};
+
+use crate::metrics::SourceLabel;
+use crate::node::Node;
+use idempotency::IdempotencyCache;
+
+/// Largest API request body (a batch of many publications).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Most publications in one batch.
+const MAX_BATCH: usize = 1000;
+
+/// An API error: HTTP status from its code, JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    node: Arc<Node>,
+    idempotency: Arc<IdempotencyCache>,
+}
+
+/// Builds the API router for `node`.
+pub fn router(node: Arc<Node>) -> Router {
+    let state = AppState {
+        idempotency: Arc::new(IdempotencyCache::new(
+            node.config.history_ttl,
+            idempotency::DEFAULT_CAPACITY,
+        )),
+        node,
+    };
+    let v1 = Router::new()
+        .route("/v1/publish", post(publish))
+        .route("/v1/publish/batch", post(publish_batch))
+        .route("/v1/channels/{channel}/history", get(history))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            let mut r = ApiError::new(ErrorCode::BadRequest, "method not allowed").into_response();
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.node.config.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
+        if !ok {
+            return ApiError::new(ErrorCode::Unauthorized, "missing or wrong API key (Authorization: Bearer <key>)")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.node.is_ready() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        let status = if state.node.is_shutting_down() { "shutting down" } else { "starting" };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": status}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.node.registry) {
+        return ApiError::new(ErrorCode::Internal, format!("metrics encoding failed: {e}")).into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+/// The answer to a publication.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PublishAnswer {
+    pub channel: ChannelName,
+    pub epoch: Epoch,
+    pub offset: Offset,
+}
+
+#[derive(Debug, Deserialize)]
+struct PublishBody {
+    channel: String,
+    data: Value,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    /// Offline push (§11): accepted here, delivered by the push gateway.
+    #[serde(default)]
+    #[allow(dead_code)]
+    push: Option<Value>,
+}
+
+/// Parses and validates one publication, then publishes it.
+fn publish_one(state: &AppState, body: Value) -> Result<PublishAnswer, ApiError> {
+    let body: PublishBody = serde_json::from_value(body)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
+    let channel = ChannelName::new(body.channel)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let size = serde_json::to_vec(&body.data).map(|v| v.len()).unwrap_or(usize::MAX);
+    let max = state.node.config.max_message_size;
+    if size > max {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("data is {size} bytes as JSON, over the limit of {max}"),
+        ));
+    }
+    if let Some(key) = &body.idempotency_key
+        && (key.is_empty() || key.len() > 256)
+    {
+        return Err(ApiError::new(ErrorCode::BadRequest, "idempotency_key must be 1 to 256 bytes"));
+    }
+    let do_publish = || {
+        let pos = state.node.hub.publish(&channel, &body.data);
+        state
+            .node
+            .metrics
+            .publications
+            .get_or_create(&SourceLabel { source: "api" })
+            .inc();
+        PublishAnswer {
+            channel: channel.clone(),
+            epoch: pos.epoch,
+            offset: pos.offset,
+        }
+    };
+    Ok(match body.idempotency_key {
+        Some(key) => state.idempotency.get_or_publish(&channel, key, do_publish),
+        None => do_publish(),
+    })
+}
+
+/// Parses a JSON request body with the nesting limit of §2.
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    match tether_protocol::codec::decode_value(body, Encoding::Json, MAX_BODY) {
+        Ok(v) => Ok(v),
+        Err(tether_protocol::DecodeError::Malformed(m)) if m.contains("nested") => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("body nested deeper than {MAX_DEPTH} levels"),
+        )),
+        Err(e) => Err(ApiError::new(ErrorCode::BadRequest, format!("body is not valid JSON: {e}"))),
+    }
+}
+
+async fn publish(State(state): State<AppState>, body: Bytes) -> Result<Json<PublishAnswer>, ApiError> {
+    let body = parse_body(&body)?;
+    publish_one(&state, body).map(Json)
+}
+
+async fn publish_batch(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let body = parse_body(&body)?;
+    let Some(Value::Array(messages)) = body.get("messages").cloned() else {
+        return Err(ApiError::new(ErrorCode::BadRequest, "body must be {\"messages\": [...]}"));
+    };
+    if messages.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_BATCH} publications per batch"),
+        ));
+    }
+    let results: Vec<Value> = messages
+        .into_iter()
+        .map(|m| match publish_one(&state, m) {
+            Ok(a) => serde_json::to_value(a).unwrap_or(Value::Null),
+            Err(e) => e.body(),
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })))
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let channel = ChannelName::new(channel).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let since = match q.since.as_deref() {
+        None => 0,
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| ApiError::new(ErrorCode::BadRequest, "since must be an offset (unsigned integer)"))?,
+    };
+    let size = state.node.config.history_size;
+    let limit = match q.limit.as_deref() {
+        None => size.min(100),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=size).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("limit must be between 1 and the history size ({size})"),
+                ));
+            }
+        },
+    };
+    let page = state.node.hub.history(&channel, Offset(since), limit);
+    let messages: Vec<Value> = page
+        .messages
+        .iter()
+        .map(|(offset, data, ts)| {
+            let data: Value = serde_json::from_str(data.get()).unwrap_or(Value::Null);
+            json!({"offset": offset, "data": data, "ts": ts})
+        })
+        .collect();
+    Ok(Json(json!({
+        "epoch": page.position.epoch,
+        "offset": page.position.offset,
+        "recovered": page.recovered,
+        "messages": messages,
+    })))
+}
+
+/// How long the API server waits for in-flight requests at shutdown.
+pub const DRAIN: Duration = Duration::from_secs(2);

@@ -1,0 +1,552 @@
+//! One [`Config`] for the broker, read from a TOML file, `TETHER_*`
+//! environment variables and command-line flags (the flag wins, then the
+//! environment, then the file, then the default), then validated with errors
+//! that name the setting (PROTOCOL.md §12).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Why the configuration was refused. Every variant names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// The raw settings, as flags, environment variables or TOML keys. Every
+/// field is optional here; defaults are applied by [`Settings::resolve`].
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(
+    name = "broker",
+    version,
+    about = "Tether: real-time push and messaging broker"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with settings (keys are the flag names without `--`).
+    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// WebSocket listener address [default: 0.0.0.0:8080]
+    #[arg(long, env = "TETHER_CLIENT_ADDR")]
+    pub client_addr: Option<String>,
+    /// QUIC listener address, or `off` [default: 0.0.0.0:8443]
+    #[arg(long, env = "TETHER_QUIC_ADDR")]
+    pub quic_addr: Option<String>,
+    /// Backend API listener address [default: 127.0.0.1:8081]
+    #[arg(long, env = "TETHER_API_ADDR")]
+    pub api_addr: Option<String>,
+    /// Key the backend API requires as `Authorization: Bearer <key>` [default: none, open]
+    #[arg(long, env = "TETHER_API_KEY")]
+    pub api_key: Option<String>,
+    /// HS256 secret for client JWTs [default: none, anonymous clients]
+    #[arg(long, env = "TETHER_JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA for RS256, EC P-256 for ES256) for client JWTs
+    #[arg(long, env = "TETHER_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Redis URL for cluster mode [default: none, single node]
+    #[arg(long, env = "TETHER_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// This node's name [default: host name + random suffix]
+    #[arg(long, env = "TETHER_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Embedded store directory [default: ./tether-data]
+    #[arg(long, env = "TETHER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds between server pings [default: 25]
+    #[arg(long, env = "TETHER_HEARTBEAT")]
+    pub heartbeat: Option<u64>,
+    /// Messages kept per channel [default: 100]
+    #[arg(long, env = "TETHER_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// Seconds a message stays in history (and an idempotency key is remembered) [default: 300]
+    #[arg(long, env = "TETHER_HISTORY_TTL")]
+    pub history_ttl: Option<u64>,
+    /// Seconds a session stays resumable after it ends [default: 120]
+    #[arg(long, env = "TETHER_RESUME_WINDOW")]
+    pub resume_window: Option<u64>,
+    /// Secret that signs resume tokens; share it across a cluster [default: random per start]
+    #[arg(long, env = "TETHER_RESUME_SECRET")]
+    pub resume_secret: Option<String>,
+    /// Seconds before an unacked personal message also goes to push [default: off]
+    #[arg(long, env = "TETHER_ACK_TIMEOUT")]
+    pub ack_timeout: Option<u64>,
+    /// Largest message, in bytes [default: 65536]
+    #[arg(long, env = "TETHER_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// Protocol messages per second a client may send, bursts of twice that [default: 100]
+    #[arg(long, env = "TETHER_CLIENT_RATE")]
+    pub client_rate: Option<u32>,
+    /// Seconds from connection to `connect` [default: 10]
+    #[arg(long, env = "TETHER_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<u64>,
+    /// Bytes queued for one client before it is closed as slow (4008) [default: 1048576]
+    #[arg(long, env = "TETHER_MAX_OUTBOX_BYTES")]
+    pub max_outbox_bytes: Option<usize>,
+    /// Messages queued for one client before it is closed as slow (4008) [default: 4096]
+    #[arg(long, env = "TETHER_MAX_OUTBOX_MESSAGES")]
+    pub max_outbox_messages: Option<usize>,
+    /// Most client connections at once; more are refused at accept [default: 100000]
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// WebSocket read buffer per connection, bytes [default: 4096]
+    #[arg(long, env = "TETHER_WS_READ_BUFFER")]
+    pub ws_read_buffer: Option<usize>,
+    /// Seconds a graceful shutdown may take [default: 10]
+    #[arg(long, env = "TETHER_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+    /// PEM certificate chain for wss and QUIC
+    #[arg(long, env = "TETHER_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for wss and QUIC
+    #[arg(long, env = "TETHER_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// APNs token key (.p8)
+    #[arg(long, env = "TETHER_APNS_KEY_FILE", value_name = "FILE")]
+    pub apns_key_file: Option<PathBuf>,
+    /// APNs key id
+    #[arg(long, env = "TETHER_APNS_KEY_ID")]
+    pub apns_key_id: Option<String>,
+    /// APNs team id
+    #[arg(long, env = "TETHER_APNS_TEAM_ID")]
+    pub apns_team_id: Option<String>,
+    /// APNs topic (bundle id)
+    #[arg(long, env = "TETHER_APNS_TOPIC")]
+    pub apns_topic: Option<String>,
+    /// APNs base URL; http:// means HTTP/2 without TLS (tests)
+    #[arg(long, env = "TETHER_APNS_ENDPOINT")]
+    pub apns_endpoint: Option<String>,
+    /// FCM service-account JSON
+    #[arg(long, env = "TETHER_FCM_SERVICE_ACCOUNT", value_name = "FILE")]
+    pub fcm_service_account: Option<PathBuf>,
+    /// FCM base URL
+    #[arg(long, env = "TETHER_FCM_ENDPOINT")]
+    pub fcm_endpoint: Option<String>,
+    /// Log format: `text` or `json` [default: text]
+    #[arg(long, env = "TETHER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// How clients authenticate.
+#[derive(Clone)]
+pub enum ClientAuth {
+    /// No client auth: anonymous users (development).
+    Anonymous,
+    /// HS256 with a shared secret.
+    Secret(Vec<u8>),
+    /// RS256 or ES256 with a public key (PEM bytes).
+    PublicKey(Vec<u8>),
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        f.write_str(match self {
+            ClientAuth::Anonymous => "Anonymous",
+            ClientAuth::Secret(_) => "Secret(..)",
+            ClientAuth::PublicKey(_) => "PublicKey(..)",
+        })
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub client_addr: SocketAddr,
+    pub quic_addr: Option<SocketAddr>,
+    pub api_addr: SocketAddr,
+    pub api_key: Option<String>,
+    pub client_auth: ClientAuth,
+    pub redis_url: Option<String>,
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub heartbeat: Duration,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub resume_window: Duration,
+    pub resume_secret: Option<Vec<u8>>,
+    pub ack_timeout: Option<Duration>,
+    pub max_message_size: usize,
+    pub client_rate: u32,
+    pub connect_timeout: Duration,
+    pub max_outbox_bytes: usize,
+    pub max_outbox_messages: usize,
+    pub max_connections: usize,
+    pub ws_read_buffer: usize,
+    pub shutdown_timeout: Duration,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub apns_configured: bool,
+    pub fcm_configured: bool,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults of PROTOCOL.md §12; resolving empty settings cannot fail.
+        Settings::default()
+            .resolve_without_file()
+            .unwrap_or_else(|e| unreachable!("defaults are valid: {e}"))
+    }
+}
+
+impl Config {
+    /// Settings from the command line and environment, merged over the TOML
+    /// file they name, then validated.
+    pub fn load() -> Result<Config, ConfigError> {
+        Settings::parse().resolve()
+    }
+
+    /// A configuration for tests and embedding: ephemeral ports on loopback,
+    /// QUIC off, a temporary data directory left to the caller.
+    pub fn for_tests() -> Config {
+        let loopback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Config {
+            client_addr: loopback,
+            quic_addr: None,
+            api_addr: loopback,
+            node_id: "test-node".into(),
+            ..Config::default()
+        }
+    }
+}
+
+impl Settings {
+    /// Reads the file named by `--config`, merges it under these settings
+    /// and validates the result.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let merged = match self.config.clone() {
+            Some(path) => self.over(Settings::from_file(&path)?),
+            None => self,
+        };
+        merged.resolve_without_file()
+    }
+
+    /// Parses a TOML settings file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// These settings, with `lower` filling the gaps.
+    pub fn over(self, lower: Settings) -> Settings {
+        macro_rules! merge {
+            ($($f:ident),* $(,)?) => {
+                Settings { $($f: self.$f.or(lower.$f),)* }
+            };
+        }
+        merge!(
+            config,
+            client_addr,
+            quic_addr,
+            api_addr,
+            api_key,
+            jwt_secret,
+            jwt_public_key,
+            redis_url,
+            node_id,
+            data_dir,
+            heartbeat,
+            history_size,
+            history_ttl,
+            resume_window,
+            resume_secret,
+            ack_timeout,
+            max_message_size,
+            client_rate,
+            connect_timeout,
+            max_outbox_bytes,
+            max_outbox_messages,
+            max_connections,
+            ws_read_buffer,
+            shutdown_timeout,
+            tls_cert,
+            tls_key,
+            apns_key_file,
+            apns_key_id,
+            apns_team_id,
+            apns_topic,
+            apns_endpoint,
+            fcm_service_account,
+            fcm_endpoint,
+            log_format,
+        )
+    }
+
+    /// Applies defaults and validates, without reading any file.
+    pub fn resolve_without_file(self) -> Result<Config, ConfigError> {
+        let addr = |setting: &'static str, v: Option<String>, default: &str| {
+            let v = v.unwrap_or_else(|| default.to_owned());
+            v.parse::<SocketAddr>()
+                .map_err(|e| invalid(setting, format!("{v:?} is not an address like 0.0.0.0:8080 ({e})")))
+        };
+        let client_addr = addr("client-addr", self.client_addr, "0.0.0.0:8080")?;
+        let api_addr = addr("api-addr", self.api_addr, "127.0.0.1:8081")?;
+        let quic_addr = match self.quic_addr.as_deref() {
+            Some("off") => None,
+            other => Some(addr("quic-addr", other.map(str::to_owned), "0.0.0.0:8443")?),
+        };
+
+        let client_auth = match (self.jwt_secret, self.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "jwt-secret",
+                    "give either jwt-secret or jwt-public-key, not both",
+                ));
+            }
+            (Some(s), None) if s.is_empty() => {
+                return Err(invalid("jwt-secret", "must not be empty"));
+            }
+            (Some(s), None) => ClientAuth::Secret(s.into_bytes()),
+            (None, Some(path)) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    invalid("jwt-public-key", format!("cannot read {}: {e}", path.display()))
+                })?;
+                ClientAuth::PublicKey(pem)
+            }
+            (None, None) => ClientAuth::Anonymous,
+        };
+
+        let positive = |setting: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+            0 => Err(invalid(setting, "must be at least 1")),
+            n => Ok(n),
+        };
+        let heartbeat = Duration::from_secs(positive("heartbeat", self.heartbeat, 25)?);
+        let history_ttl = Duration::from_secs(positive("history-ttl", self.history_ttl, 300)?);
+        let resume_window =
+            Duration::from_secs(positive("resume-window", self.resume_window, 120)?);
+        let connect_timeout =
+            Duration::from_secs(positive("connect-timeout", self.connect_timeout, 10)?);
+        let shutdown_timeout =
+            Duration::from_secs(positive("shutdown-timeout", self.shutdown_timeout, 10)?);
+        let ack_timeout = match self.ack_timeout {
+            Some(0) => return Err(invalid("ack-timeout", "must be at least 1 (omit it for off)")),
+            Some(s) => Some(Duration::from_secs(s)),
+            None => None,
+        };
+        let history_size = self.history_size.unwrap_or(100);
+        if history_size == 0 {
+            return Err(invalid("history-size", "must be at least 1"));
+        }
+        let max_message_size = self.max_message_size.unwrap_or(64 * 1024);
+        if !(256..=16 * 1024 * 1024).contains(&max_message_size) {
+            return Err(invalid(
+                "max-message-size",
+                "must be between 256 bytes and 16 MiB",
+            ));
+        }
+        let client_rate = self.client_rate.unwrap_or(100);
+        if client_rate == 0 {
+            return Err(invalid("client-rate", "must be at least 1"));
+        }
+        let max_outbox_bytes = self.max_outbox_bytes.unwrap_or(1024 * 1024);
+        if max_outbox_bytes < max_message_size {
+            return Err(invalid(
+                "max-outbox-bytes",
+                format!("must be at least max-message-size ({max_message_size})"),
+            ));
+        }
+        let max_outbox_messages = self.max_outbox_messages.unwrap_or(4096);
+        if max_outbox_messages < 16 {
+            return Err(invalid("max-outbox-messages", "must be at least 16"));
+        }
+        let max_connections = self.max_connections.unwrap_or(100_000);
+        if max_connections == 0 {
+            return Err(invalid("max-connections", "must be at least 1"));
+        }
+        let ws_read_buffer = self.ws_read_buffer.unwrap_or(4096);
+        if !(512..=1024 * 1024).contains(&ws_read_buffer) {
+            return Err(invalid("ws-read-buffer", "must be between 512 bytes and 1 MiB"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid("tls-cert", "tls-cert and tls-key go together"));
+        }
+        let resume_secret = match self.resume_secret {
+            Some(s) if s.len() < 16 => {
+                return Err(invalid("resume-secret", "must be at least 16 bytes"));
+            }
+            Some(s) => Some(s.into_bytes()),
+            None => None,
+        };
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid("redis-url", "must start with redis:// or rediss://"));
+        }
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "log-format",
+                    format!("{other:?} is neither `text` nor `json`"),
+                ));
+            }
+        };
+        let node_id = match self.node_id {
+            Some(n) if n.is_empty() => return Err(invalid("node-id", "must not be empty")),
+            Some(n) => n,
+            None => default_node_id(),
+        };
+        let apns = [
+            self.apns_key_file.is_some(),
+            self.apns_key_id.is_some(),
+            self.apns_team_id.is_some(),
+            self.apns_topic.is_some(),
+        ];
+        if apns.iter().any(|b| *b) && !apns.iter().all(|b| *b) {
+            return Err(invalid(
+                "apns-key-file",
+                "APNs needs apns-key-file, apns-key-id, apns-team-id and apns-topic together",
+            ));
+        }
+
+        Ok(Config {
+            client_addr,
+            quic_addr,
+            api_addr,
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            client_auth,
+            redis_url: self.redis_url,
+            node_id,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./tether-data")),
+            heartbeat,
+            history_size,
+            history_ttl,
+            resume_window,
+            resume_secret,
+            ack_timeout,
+            max_message_size,
+            client_rate,
+            connect_timeout,
+            max_outbox_bytes,
+            max_outbox_messages,
+            max_connections,
+            ws_read_buffer,
+            shutdown_timeout,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            apns_configured: apns.iter().all(|b| *b),
+            fcm_configured: self.fcm_service_account.is_some(),
+            log_format,
+        })
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tether".to_owned());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_protocol() {
+        let c = Config::default();
+        assert_eq!(c.client_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.quic_addr.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:8443"));
+        assert_eq!(c.api_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.heartbeat, Duration::from_secs(25));
+        assert_eq!(c.history_size, 100);
+        assert_eq!(c.history_ttl, Duration::from_secs(300));
+        assert_eq!(c.resume_window, Duration::from_secs(120));
+        assert_eq!(c.max_message_size, 65536);
+        assert_eq!(c.client_rate, 100);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_outbox_bytes, 1048576);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert!(c.ack_timeout.is_none());
+        assert!(matches!(c.client_auth, ClientAuth::Anonymous));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tether.toml");
+        std::fs::write(&path, "heartbeat = 7\nhistory-size = 12\nquic-addr = \"off\"\n")
+            .expect("write");
+        let cli = Settings::try_parse_from(["broker", "--config", path.to_str().expect("utf8"), "--heartbeat", "9"])
+            .expect("parses");
+        let c = cli.resolve().expect("valid");
+        assert_eq!(c.heartbeat, Duration::from_secs(9));
+        assert_eq!(c.history_size, 12);
+        assert!(c.quic_addr.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let bad = |s: Settings| s.resolve_without_file().expect_err("invalid").to_string();
+        let e = bad(Settings {
+            client_addr: Some("nowhere".into()),
+            ..Settings::default()
+        });
+        assert!(e.contains("client-addr"), "{e}");
+        let e = bad(Settings {
+            heartbeat: Some(0),
+            ..Settings::default()
+        });
+        assert!(e.contains("heartbeat"), "{e}");
+        let e = bad(Settings {
+            jwt_secret: Some("s".into()),
+            jwt_public_key: Some("k.pem".into()),
+            ..Settings::default()
+        });
+        assert!(e.contains("jwt-secret"), "{e}");
+        let e = bad(Settings {
+            log_format: Some("xml".into()),
+            ..Settings::default()
+        });
+        assert!(e.contains("log-format"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tether.toml");
+        std::fs::write(&path, "hearbeat = 7\n").expect("write");
+        let e = Settings::from_file(&path).expect_err("typo").to_string();
+        assert!(e.contains("hearbeat"), "{e}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Prometheus metrics of one broker node, in an explicit registry so that
+//! several nodes can live in one process (tests).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Every metric of the node. Clones share the same series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub connections: Family<TransportLabel, Gauge>,
+    pub connections_accepted: Family<TransportLabel, Counter>,
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    pub messages_in: Family<TransportLabel, Counter>,
+    pub messages_out: Family<TransportLabel, Counter>,
+    pub publications: Family<SourceLabel, Counter>,
+    pub disconnects: Family<CodeLabel, Counter>,
+    pub delivery_latency: Histogram,
+    pub outbox_drops: Counter,
+    pub channels: Gauge,
+    pub subscriptions: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            connections: Family::default(),
+            connections_accepted: Family::default(),
+            connections_refused: Family::default(),
+            messages_in: Family::default(),
+            messages_out: Family::default(),
+            publications: Family::default(),
+            disconnects: Family::default(),
+            // 100 µs … ~1.6 s
+            delivery_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+            ),
+            outbox_drops: Counter::default(),
+            channels: Gauge::default(),
+            subscriptions: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("tether");
+        r.register("connections", "Open client connections", m.connections.clone());
+        r.register(
+            "connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Client connections refused before a session started",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "messages_in",
+            "Protocol messages received from clients",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Protocol messages written to clients",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "publications",
+            "Publications accepted, by source",
+            m.publications.clone(),
+        );
+        r.register(
+            "disconnects",
+            "Sessions closed by the server, by close code",
+            m.disconnects.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "Time from a publication entering the broker to its write to a client",
+            m.delivery_latency.clone(),
+        );
+        r.register(
+            "outbox_drops",
+            "Clients closed because their outbox was full (slow consumers)",
+            m.outbox_drops.clone(),
+        );
+        r.register("channels", "Channels with state on this node", m.channels.clone());
+        r.register(
+            "subscriptions",
+            "Subscriptions on this node",
+            m.subscriptions.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,222 @@
+//! Wires the subsystems of one node: binds the listeners, runs the accept
+//! loop, the API server and the sweeper under one cancellation token and
+//! task tracker, and shuts them down in order.
+//!
+//! Shutdown order: readiness goes to 503 → the client listener closes (new
+//! connections are refused) → every session is told `disconnect` 4010 after
+//! what it is owed → sessions are awaited up to `--shutdown-timeout` → the
+//! API server stops.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_protocol::CloseCode;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::auth::KeyError;
+use crate::config::Config;
+use crate::node::Node;
+use crate::session;
+use crate::transport::ws;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind the {listener} listener on {addr}: {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("setting `redis-url`: cluster mode through Redis is not available in this build yet")]
+    ClusterUnavailable,
+}
+
+/// A node with its listeners bound, not yet serving.
+pub struct Server {
+    node: Arc<Node>,
+    client: TcpListener,
+    api: TcpListener,
+}
+
+impl Server {
+    /// Builds the node and binds its listeners (port 0 picks a free port).
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        if config.redis_url.is_some() {
+            return Err(ServerError::ClusterUnavailable);
+        }
+        let node = Node::new(config)?;
+        let cfg = &node.config;
+        let client = TcpListener::bind(cfg.client_addr).await.map_err(|source| ServerError::Bind {
+            listener: "client",
+            addr: cfg.client_addr,
+            source,
+        })?;
+        let api = TcpListener::bind(cfg.api_addr).await.map_err(|source| ServerError::Bind {
+            listener: "api",
+            addr: cfg.api_addr,
+            source,
+        })?;
+        Ok(Server { node, client, api })
+    }
+
+    pub fn client_addr(&self) -> std::io::Result<SocketAddr> {
+        self.client.local_addr()
+    }
+
+    pub fn api_addr(&self) -> std::io::Result<SocketAddr> {
+        self.api.local_addr()
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server { node, client, api } = self;
+        let cfg = &node.config;
+        let client_addr = client.local_addr().ok();
+        let api_addr = api.local_addr().ok();
+        if let Some(addr) = client_addr {
+            info!(listener = "client", %addr, "listening on {addr} (WebSocket at ws://{addr}{})", ws::PATH);
+        }
+        if let Some(addr) = api_addr {
+            info!(listener = "api", %addr, "listening on {addr} (backend API)");
+        }
+        if let Some(addr) = cfg.quic_addr {
+            warn!(%addr, "quic-addr is set, but the QUIC listener is not available in this build yet; clients use WebSocket");
+        }
+        if cfg.api_key.is_none() {
+            warn!("no api-key configured: the backend API is open to anyone who can reach {}", cfg.api_addr);
+        }
+        if matches!(cfg.client_auth, crate::config::ClientAuth::Anonymous) {
+            warn!("no jwt-secret or jwt-public-key configured: clients connect anonymously (development mode)");
+        }
+        if cfg.resume_secret.is_none() {
+            debug!("no resume-secret configured: resume tokens are signed with a random key for this run");
+        }
+        if cfg.apns_configured || cfg.fcm_configured {
+            warn!("APNs/FCM settings are given, but the push gateway is not available in this build yet");
+        }
+
+        let tracker = TaskTracker::new();
+        let stop_accepting = CancellationToken::new();
+        let stop_api = CancellationToken::new();
+
+        tracker.spawn(
+            accept_loop(node.clone(), client, stop_accepting.clone(), tracker.clone())
+                .instrument(info_span!("accept", listener = "client")),
+        );
+
+        let api_task = tokio::spawn({
+            let app = crate::api::router(node.clone());
+            let stop = stop_api.clone();
+            async move {
+                let serve = axum::serve(api, app).with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "api server failed");
+                }
+            }
+        });
+
+        let sweeper = tokio::spawn({
+            let node = node.clone();
+            let stop = stop_accepting.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => node.hub.sweep(),
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }
+        });
+
+        node.set_ready();
+        info!(node = %node.node_id(), "ready");
+        shutdown.await;
+
+        info!(sessions = node.sessions.len(), "shutting down");
+        node.begin_shutdown();
+        stop_accepting.cancel();
+        node.sessions.close_all(CloseCode::ShuttingDown);
+        tracker.close();
+        if tokio::time::timeout(cfg.shutdown_timeout, tracker.wait()).await.is_err() {
+            warn!(
+                remaining = node.sessions.len(),
+                "shutdown timeout reached with sessions still open"
+            );
+        }
+        sweeper.abort();
+        stop_api.cancel();
+        let _ = tokio::time::timeout(crate::api::DRAIN, api_task).await;
+        info!("stopped");
+    }
+}
+
+async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+    let limit = Arc::new(Semaphore::new(node.config.max_connections));
+    let ws_config = ws::ws_config(node.config.max_message_size, node.config.ws_read_buffer);
+    loop {
+        // The connection limit is taken before accept: over it, clients wait
+        // in the kernel's backlog rather than costing us memory.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let timeout = node.config.connect_timeout;
+        tracker.spawn(async move {
+            let _permit = permit;
+            let conn_id = node.next_conn_id();
+            // The handshake runs here, in the connection's own task, under a
+            // timeout: a slow client never stalls the accept loop.
+            match tokio::time::timeout(timeout, ws::accept(stream, ws_config)).await {
+                Ok(Ok(transport)) => session::run(node, transport, conn_id).await,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "websocket upgrade refused");
+                    node.metrics
+                        .connections_refused
+                        .get_or_create(&crate::metrics::ReasonLabel { reason: "handshake" })
+                        .inc();
+                }
+                Err(_) => {
+                    debug!(%peer, "websocket handshake timed out");
+                    node.metrics
+                        .connections_refused
+                        .get_or_create(&crate::metrics::ReasonLabel { reason: "handshake_timeout" })
+                        .inc();
+                }
+            }
+        });
+    }
+    debug!("accept loop stopped; client listener closed");
+}

@@ -1,0 +1,68 @@
+//! Transports carry encoded protocol messages between a client and its
+//! session. They know nothing of channels: the session drives them through
+//! [`Transport`], the one seam between the WebSocket (and later QUIC)
+//! connection and the single session implementation.
+
+pub mod ws;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tether_protocol::{CloseCode, Encoding};
+
+use crate::session::outbox::Frame;
+
+/// What arrived from the client.
+#[derive(Debug)]
+pub enum Inbound {
+    /// One encoded protocol message.
+    Message(Bytes),
+    /// Something that proves the client alive but carries no message
+    /// (WebSocket ping or pong control frames).
+    Activity,
+    /// The client closed the connection.
+    Closed,
+}
+
+/// Why a transport failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A message over the size limit (close 4009).
+    #[error("message too large")]
+    TooLarge,
+    /// Bytes that break the framing or encoding rules (close 4001).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The connection is gone (reset, EOF, I/O error): nothing more to send.
+    #[error("connection lost: {0}")]
+    Gone(String),
+}
+
+/// A client connection as the session sees it.
+pub trait Transport: Send + 'static {
+    /// The transport's name in metrics and logs.
+    const NAME: &'static str;
+
+    /// The encoding negotiated for this connection.
+    fn encoding(&self) -> Encoding;
+
+    /// The next inbound item.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Inbound, TransportError>>;
+
+    /// Writes the queued frames, in order, and flushes them in one go.
+    /// `sent` sees each frame once it is handed to the connection. Ready
+    /// when `frames` is empty and everything is flushed.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut VecDeque<Frame>,
+        sent: &mut dyn FnMut(Frame),
+    ) -> Poll<Result<(), TransportError>>;
+
+    /// Sends `last` (the `disconnect` message) where the connection can still
+    /// take it, then closes with `code`. Best effort; callers bound it with a
+    /// timeout.
+    fn close(&mut self, code: CloseCode, last: Option<Bytes>) -> impl Future<Output = ()> + Send;
+}
