@@ -135,13 +135,16 @@ impl Verifier {
             return Ok(Grant::anonymous());
         };
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed".into()),
-            ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
-            ErrorKind::MissingRequiredClaim(c) => AuthError::Invalid(format!("missing claim `{c}`")),
-            _ => AuthError::Invalid("malformed token".into()),
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed".into()),
+                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+                ErrorKind::MissingRequiredClaim(c) => {
+                    AuthError::Invalid(format!("missing claim `{c}`"))
+                }
+                _ => AuthError::Invalid("malformed token".into()),
+            })?;
         let c = data.claims;
         let user = UserId::new(c.sub).map_err(|e| AuthError::Invalid(format!("sub: {e}")))?;
         Ok(Grant {
@@ -167,7 +170,12 @@ mod tests {
     }
 
     fn token(alg: Algorithm, secret: &[u8], claims: serde_json::Value) -> String {
-        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).expect("signs")
+        encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .expect("signs")
     }
 
     fn chan(s: &str) -> ChannelName {
@@ -196,25 +204,64 @@ mod tests {
     fn refusals_are_typed() {
         let v = Verifier::new(&ClientAuth::Secret(b"s3cret".to_vec())).expect("key");
         assert_eq!(v.verify(None), Err(AuthError::Missing));
-        let expired = token(Algorithm::HS256, b"s3cret", json!({"sub": "a", "exp": now() - 60}));
+        let expired = token(
+            Algorithm::HS256,
+            b"s3cret",
+            json!({"sub": "a", "exp": now() - 60}),
+        );
         assert_eq!(v.verify(Some(&expired)), Err(AuthError::Expired));
-        let within_leeway = token(Algorithm::HS256, b"s3cret", json!({"sub": "a", "exp": now() - 2}));
+        let within_leeway = token(
+            Algorithm::HS256,
+            b"s3cret",
+            json!({"sub": "a", "exp": now() - 2}),
+        );
         assert!(v.verify(Some(&within_leeway)).is_ok());
-        let forged = token(Algorithm::HS256, b"other", json!({"sub": "a", "exp": now() + 60}));
-        assert!(matches!(v.verify(Some(&forged)), Err(AuthError::Invalid(_))));
-        let other_alg = token(Algorithm::HS512, b"s3cret", json!({"sub": "a", "exp": now() + 60}));
-        assert!(matches!(v.verify(Some(&other_alg)), Err(AuthError::Invalid(_))));
+        let forged = token(
+            Algorithm::HS256,
+            b"other",
+            json!({"sub": "a", "exp": now() + 60}),
+        );
+        assert!(matches!(
+            v.verify(Some(&forged)),
+            Err(AuthError::Invalid(_))
+        ));
+        let other_alg = token(
+            Algorithm::HS512,
+            b"s3cret",
+            json!({"sub": "a", "exp": now() + 60}),
+        );
+        assert!(matches!(
+            v.verify(Some(&other_alg)),
+            Err(AuthError::Invalid(_))
+        ));
         let no_exp = token(Algorithm::HS256, b"s3cret", json!({"sub": "a"}));
-        assert!(matches!(v.verify(Some(&no_exp)), Err(AuthError::Invalid(_))));
-        let bad_sub = token(Algorithm::HS256, b"s3cret", json!({"sub": "a b", "exp": now() + 60}));
-        assert!(matches!(v.verify(Some(&bad_sub)), Err(AuthError::Invalid(_))));
-        assert!(matches!(v.verify(Some("garbage")), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            v.verify(Some(&no_exp)),
+            Err(AuthError::Invalid(_))
+        ));
+        let bad_sub = token(
+            Algorithm::HS256,
+            b"s3cret",
+            json!({"sub": "a b", "exp": now() + 60}),
+        );
+        assert!(matches!(
+            v.verify(Some(&bad_sub)),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            v.verify(Some("garbage")),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
     fn without_the_publish_claim_clients_may_not_publish() {
         let v = Verifier::new(&ClientAuth::Secret(b"k".to_vec())).expect("key");
-        let t = token(Algorithm::HS256, b"k", json!({"sub": "a", "exp": now() + 60}));
+        let t = token(
+            Algorithm::HS256,
+            b"k",
+            json!({"sub": "a", "exp": now() + 60}),
+        );
         let g = v.verify(Some(&t)).expect("valid");
         assert!(g.may_subscribe(&chan("anything")));
         assert!(!g.may_publish_to(&chan("anything")));

@@ -313,8 +313,12 @@ impl Settings {
     pub fn resolve_without_file(self) -> Result<Config, ConfigError> {
         let addr = |setting: &'static str, v: Option<String>, default: &str| {
             let v = v.unwrap_or_else(|| default.to_owned());
-            v.parse::<SocketAddr>()
-                .map_err(|e| invalid(setting, format!("{v:?} is not an address like 0.0.0.0:8080 ({e})")))
+            v.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    setting,
+                    format!("{v:?} is not an address like 0.0.0.0:8080 ({e})"),
+                )
+            })
         };
         let client_addr = addr("client-addr", self.client_addr, "0.0.0.0:8080")?;
         let api_addr = addr("api-addr", self.api_addr, "127.0.0.1:8081")?;
@@ -336,17 +340,21 @@ impl Settings {
             (Some(s), None) => ClientAuth::Secret(s.into_bytes()),
             (None, Some(path)) => {
                 let pem = std::fs::read(&path).map_err(|e| {
-                    invalid("jwt-public-key", format!("cannot read {}: {e}", path.display()))
+                    invalid(
+                        "jwt-public-key",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
                 })?;
                 ClientAuth::PublicKey(pem)
             }
             (None, None) => ClientAuth::Anonymous,
         };
 
-        let positive = |setting: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
-            0 => Err(invalid(setting, "must be at least 1")),
-            n => Ok(n),
-        };
+        let positive =
+            |setting: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+                0 => Err(invalid(setting, "must be at least 1")),
+                n => Ok(n),
+            };
         let heartbeat = Duration::from_secs(positive("heartbeat", self.heartbeat, 25)?);
         let history_ttl = Duration::from_secs(positive("history-ttl", self.history_ttl, 300)?);
         let resume_window =
@@ -356,7 +364,12 @@ impl Settings {
         let shutdown_timeout =
             Duration::from_secs(positive("shutdown-timeout", self.shutdown_timeout, 10)?);
         let ack_timeout = match self.ack_timeout {
-            Some(0) => return Err(invalid("ack-timeout", "must be at least 1 (omit it for off)")),
+            Some(0) => {
+                return Err(invalid(
+                    "ack-timeout",
+                    "must be at least 1 (omit it for off)",
+                ));
+            }
             Some(s) => Some(Duration::from_secs(s)),
             None => None,
         };
@@ -392,7 +405,10 @@ impl Settings {
         }
         let ws_read_buffer = self.ws_read_buffer.unwrap_or(4096);
         if !(512..=1024 * 1024).contains(&ws_read_buffer) {
-            return Err(invalid("ws-read-buffer", "must be between 512 bytes and 1 MiB"));
+            return Err(invalid(
+                "ws-read-buffer",
+                "must be between 512 bytes and 1 MiB",
+            ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid("tls-cert", "tls-cert and tls-key go together"));
@@ -407,7 +423,10 @@ impl Settings {
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
-            return Err(invalid("redis-url", "must start with redis:// or rediss://"));
+            return Err(invalid(
+                "redis-url",
+                "must start with redis:// or rediss://",
+            ));
         }
         let log_format = match self.log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -445,7 +464,9 @@ impl Settings {
             client_auth,
             redis_url: self.redis_url,
             node_id,
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("./tether-data")),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("./tether-data")),
             heartbeat,
             history_size,
             history_ttl,
@@ -486,7 +507,10 @@ mod tests {
     fn defaults_follow_the_protocol() {
         let c = Config::default();
         assert_eq!(c.client_addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.quic_addr.map(|a| a.to_string()).as_deref(), Some("0.0.0.0:8443"));
+        assert_eq!(
+            c.quic_addr.map(|a| a.to_string()).as_deref(),
+            Some("0.0.0.0:8443")
+        );
         assert_eq!(c.api_addr.to_string(), "127.0.0.1:8081");
         assert_eq!(c.heartbeat, Duration::from_secs(25));
         assert_eq!(c.history_size, 100);
@@ -505,10 +529,19 @@ mod tests {
     fn flags_win_over_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tether.toml");
-        std::fs::write(&path, "heartbeat = 7\nhistory-size = 12\nquic-addr = \"off\"\n")
-            .expect("write");
-        let cli = Settings::try_parse_from(["broker", "--config", path.to_str().expect("utf8"), "--heartbeat", "9"])
-            .expect("parses");
+        std::fs::write(
+            &path,
+            "heartbeat = 7\nhistory-size = 12\nquic-addr = \"off\"\n",
+        )
+        .expect("write");
+        let cli = Settings::try_parse_from([
+            "broker",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--heartbeat",
+            "9",
+        ])
+        .expect("parses");
         let c = cli.resolve().expect("valid");
         assert_eq!(c.heartbeat, Duration::from_secs(9));
         assert_eq!(c.history_size, 12);

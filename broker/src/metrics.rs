@@ -63,7 +63,11 @@ impl Metrics {
             subscriptions: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tether");
-        r.register("connections", "Open client connections", m.connections.clone());
+        r.register(
+            "connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
         r.register(
             "connections_accepted",
             "Client connections accepted",
@@ -104,7 +108,11 @@ impl Metrics {
             "Clients closed because their outbox was full (slow consumers)",
             m.outbox_drops.clone(),
         );
-        r.register("channels", "Channels with state on this node", m.channels.clone());
+        r.register(
+            "channels",
+            "Channels with state on this node",
+            m.channels.clone(),
+        );
         r.register(
             "subscriptions",
             "Subscriptions on this node",

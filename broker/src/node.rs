@@ -31,7 +31,9 @@ pub struct SessionTable {
 impl SessionTable {
     fn new() -> Self {
         Self {
-            shards: (0..SESSION_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SESSION_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
         }
     }
 
@@ -90,7 +92,9 @@ impl Node {
             HubConfig {
                 history_size: config.history_size,
                 history_ttl: config.history_ttl,
-                idle_channel_ttl: config.history_ttl + config.resume_window + Duration::from_secs(60),
+                idle_channel_ttl: config.history_ttl
+                    + config.resume_window
+                    + Duration::from_secs(60),
             },
             metrics.clone(),
         );

@@ -55,16 +55,21 @@ impl Server {
         }
         let node = Node::new(config)?;
         let cfg = &node.config;
-        let client = TcpListener::bind(cfg.client_addr).await.map_err(|source| ServerError::Bind {
-            listener: "client",
-            addr: cfg.client_addr,
-            source,
-        })?;
-        let api = TcpListener::bind(cfg.api_addr).await.map_err(|source| ServerError::Bind {
-            listener: "api",
-            addr: cfg.api_addr,
-            source,
-        })?;
+        let client =
+            TcpListener::bind(cfg.client_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    listener: "client",
+                    addr: cfg.client_addr,
+                    source,
+                })?;
+        let api = TcpListener::bind(cfg.api_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                listener: "api",
+                addr: cfg.api_addr,
+                source,
+            })?;
         Ok(Server { node, client, api })
     }
 
@@ -96,16 +101,25 @@ impl Server {
             warn!(%addr, "quic-addr is set, but the QUIC listener is not available in this build yet; clients use WebSocket");
         }
         if cfg.api_key.is_none() {
-            warn!("no api-key configured: the backend API is open to anyone who can reach {}", cfg.api_addr);
+            warn!(
+                "no api-key configured: the backend API is open to anyone who can reach {}",
+                cfg.api_addr
+            );
         }
         if matches!(cfg.client_auth, crate::config::ClientAuth::Anonymous) {
-            warn!("no jwt-secret or jwt-public-key configured: clients connect anonymously (development mode)");
+            warn!(
+                "no jwt-secret or jwt-public-key configured: clients connect anonymously (development mode)"
+            );
         }
         if cfg.resume_secret.is_none() {
-            debug!("no resume-secret configured: resume tokens are signed with a random key for this run");
+            debug!(
+                "no resume-secret configured: resume tokens are signed with a random key for this run"
+            );
         }
         if cfg.apns_configured || cfg.fcm_configured {
-            warn!("APNs/FCM settings are given, but the push gateway is not available in this build yet");
+            warn!(
+                "APNs/FCM settings are given, but the push gateway is not available in this build yet"
+            );
         }
 
         let tracker = TaskTracker::new();
@@ -113,15 +127,21 @@ impl Server {
         let stop_api = CancellationToken::new();
 
         tracker.spawn(
-            accept_loop(node.clone(), client, stop_accepting.clone(), tracker.clone())
-                .instrument(info_span!("accept", listener = "client")),
+            accept_loop(
+                node.clone(),
+                client,
+                stop_accepting.clone(),
+                tracker.clone(),
+            )
+            .instrument(info_span!("accept", listener = "client")),
         );
 
         let api_task = tokio::spawn({
             let app = crate::api::router(node.clone());
             let stop = stop_api.clone();
             async move {
-                let serve = axum::serve(api, app).with_graceful_shutdown(async move { stop.cancelled().await });
+                let serve = axum::serve(api, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
                 if let Err(e) = serve.await {
                     warn!(error = %e, "api server failed");
                 }
@@ -152,7 +172,10 @@ impl Server {
         stop_accepting.cancel();
         node.sessions.close_all(CloseCode::ShuttingDown);
         tracker.close();
-        if tokio::time::timeout(cfg.shutdown_timeout, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(cfg.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 remaining = node.sessions.len(),
                 "shutdown timeout reached with sessions still open"
@@ -165,7 +188,12 @@ impl Server {
     }
 }
 
-async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+async fn accept_loop(
+    node: Arc<Node>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     let limit = Arc::new(Semaphore::new(node.config.max_connections));
     let ws_config = ws::ws_config(node.config.max_message_size, node.config.ws_read_buffer);
     loop {
@@ -205,14 +233,18 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
                     debug!(%peer, error = %e, "websocket upgrade refused");
                     node.metrics
                         .connections_refused
-                        .get_or_create(&crate::metrics::ReasonLabel { reason: "handshake" })
+                        .get_or_create(&crate::metrics::ReasonLabel {
+                            reason: "handshake",
+                        })
                         .inc();
                 }
                 Err(_) => {
                     debug!(%peer, "websocket handshake timed out");
                     node.metrics
                         .connections_refused
-                        .get_or_create(&crate::metrics::ReasonLabel { reason: "handshake_timeout" })
+                        .get_or_create(&crate::metrics::ReasonLabel {
+                            reason: "handshake_timeout",
+                        })
                         .inc();
                 }
             }

@@ -44,7 +44,12 @@ impl IdempotencyCache {
     /// The remembered answer for `key` on `channel`, or the answer of
     /// `publish`, run once (the lock is held across it: `publish` never
     /// waits on I/O, so concurrent duplicates cannot both publish).
-    pub fn get_or_publish(&self, channel: &ChannelName, key: String, publish: impl FnOnce() -> PublishAnswer) -> PublishAnswer {
+    pub fn get_or_publish(
+        &self,
+        channel: &ChannelName,
+        key: String,
+        publish: impl FnOnce() -> PublishAnswer,
+    ) -> PublishAnswer {
         let now = Instant::now();
         let mut inner = self.inner.lock();
         while let Some((at, _)) = inner.order.front() {
@@ -105,7 +110,10 @@ mod tests {
         let ch = ChannelName::new("c").expect("valid");
         c.get_or_publish(&ch, "k".into(), || answer(1));
         std::thread::sleep(Duration::from_millis(2));
-        assert_eq!(c.get_or_publish(&ch, "k".into(), || answer(2)).offset, Offset(2));
+        assert_eq!(
+            c.get_or_publish(&ch, "k".into(), || answer(2)).offset,
+            Offset(2)
+        );
 
         let c = IdempotencyCache::new(Duration::from_secs(60), 3);
         for i in 0..10 {

@@ -74,7 +74,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
         .route("/v1/channels/{channel}/history", get(history))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -90,7 +93,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(state)
 }
 
-async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(key) = &state.node.config.api_key {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -98,8 +106,11 @@ async fn require_api_key(State(state): State<AppState>, headers: HeaderMap, req:
             .and_then(|v| v.strip_prefix("Bearer "));
         let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
         if !ok {
-            return ApiError::new(ErrorCode::Unauthorized, "missing or wrong API key (Authorization: Bearer <key>)")
-                .into_response();
+            return ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -113,18 +124,30 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.node.is_ready() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
-        let status = if state.node.is_shutting_down() { "shutting down" } else { "starting" };
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": status}))).into_response()
+        let status = if state.node.is_shutting_down() {
+            "shutting down"
+        } else {
+            "starting"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": status})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.node.registry) {
-        return ApiError::new(ErrorCode::Internal, format!("metrics encoding failed: {e}")).into_response();
+        return ApiError::new(ErrorCode::Internal, format!("metrics encoding failed: {e}"))
+            .into_response();
     }
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -156,7 +179,9 @@ fn publish_one(state: &AppState, body: Value) -> Result<PublishAnswer, ApiError>
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
     let channel = ChannelName::new(body.channel)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    let size = serde_json::to_vec(&body.data).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&body.data)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     let max = state.node.config.max_message_size;
     if size > max {
         return Err(ApiError::new(
@@ -167,7 +192,10 @@ fn publish_one(state: &AppState, body: Value) -> Result<PublishAnswer, ApiError>
     if let Some(key) = &body.idempotency_key
         && (key.is_empty() || key.len() > 256)
     {
-        return Err(ApiError::new(ErrorCode::BadRequest, "idempotency_key must be 1 to 256 bytes"));
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "idempotency_key must be 1 to 256 bytes",
+        ));
     }
     let do_publish = || {
         let pos = state.node.hub.publish(&channel, &body.data);
@@ -193,23 +221,37 @@ fn publish_one(state: &AppState, body: Value) -> Result<PublishAnswer, ApiError>
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     match tether_protocol::codec::decode_value(body, Encoding::Json, MAX_BODY) {
         Ok(v) => Ok(v),
-        Err(tether_protocol::DecodeError::Malformed(m)) if m.contains("nested") => Err(ApiError::new(
+        Err(tether_protocol::DecodeError::Malformed(m)) if m.contains("nested") => {
+            Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("body nested deeper than {MAX_DEPTH} levels"),
+            ))
+        }
+        Err(e) => Err(ApiError::new(
             ErrorCode::BadRequest,
-            format!("body nested deeper than {MAX_DEPTH} levels"),
+            format!("body is not valid JSON: {e}"),
         )),
-        Err(e) => Err(ApiError::new(ErrorCode::BadRequest, format!("body is not valid JSON: {e}"))),
     }
 }
 
-async fn publish(State(state): State<AppState>, body: Bytes) -> Result<Json<PublishAnswer>, ApiError> {
+async fn publish(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<PublishAnswer>, ApiError> {
     let body = parse_body(&body)?;
     publish_one(&state, body).map(Json)
 }
 
-async fn publish_batch(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn publish_batch(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let body = parse_body(&body)?;
     let Some(Value::Array(messages)) = body.get("messages").cloned() else {
-        return Err(ApiError::new(ErrorCode::BadRequest, "body must be {\"messages\": [...]}"));
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "body must be {\"messages\": [...]}",
+        ));
     };
     if messages.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -238,12 +280,16 @@ async fn history(
     Path(channel): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let channel = ChannelName::new(channel).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let channel = ChannelName::new(channel)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let since = match q.since.as_deref() {
         None => 0,
-        Some(s) => s
-            .parse::<u64>()
-            .map_err(|_| ApiError::new(ErrorCode::BadRequest, "since must be an offset (unsigned integer)"))?,
+        Some(s) => s.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "since must be an offset (unsigned integer)",
+            )
+        })?,
     };
     let size = state.node.config.history_size;
     let limit = match q.limit.as_deref() {

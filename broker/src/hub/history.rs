@@ -86,7 +86,8 @@ impl History {
         if since == latest {
             return true;
         }
-        self.first_offset().is_some_and(|first| first <= since.next())
+        self.first_offset()
+            .is_some_and(|first| first <= since.next())
     }
 
     /// Entries with an offset above `since`, oldest first.
@@ -130,7 +131,12 @@ mod tests {
         let t0 = Instant::now();
         let mut h = History::default();
         h.push(entry(1, t0), 100, Duration::from_secs(5), t0);
-        h.push(entry(2, t0 + Duration::from_secs(3)), 100, Duration::from_secs(5), t0 + Duration::from_secs(3));
+        h.push(
+            entry(2, t0 + Duration::from_secs(3)),
+            100,
+            Duration::from_secs(5),
+            t0 + Duration::from_secs(3),
+        );
         h.expire(Duration::from_secs(5), t0 + Duration::from_secs(6));
         assert_eq!(h.first_offset(), Some(Offset(2)));
         h.expire(Duration::from_secs(5), t0 + Duration::from_secs(9));

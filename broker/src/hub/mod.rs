@@ -163,7 +163,11 @@ impl Hub {
     }
 
     /// Runs `f` on the live state of `name`, creating the channel if needed.
-    fn with_channel<R>(&self, name: &ChannelName, mut f: impl FnMut(&Channel, &mut ChannelState) -> R) -> R {
+    fn with_channel<R>(
+        &self,
+        name: &ChannelName,
+        mut f: impl FnMut(&Channel, &mut ChannelState) -> R,
+    ) -> R {
         loop {
             let channel = self.get_or_create(name);
             let mut state = channel.state.lock();
@@ -195,7 +199,9 @@ impl Hub {
                 let bytes = match s.encoding {
                     Encoding::Json => json.clone(),
                     Encoding::MsgPack => msgpack
-                        .get_or_init(|| encode_publication_msgpack(&ch.name, &st.epoch, offset, data, ts))
+                        .get_or_init(|| {
+                            encode_publication_msgpack(&ch.name, &st.epoch, offset, data, ts)
+                        })
                         .clone(),
                 };
                 let frame = Frame {
@@ -218,7 +224,9 @@ impl Hub {
             if dropped {
                 let before = st.subscribers.len();
                 st.subscribers.retain(|s| !s.outbox.is_closed());
-                metrics.subscriptions.dec_by((before - st.subscribers.len()) as i64);
+                metrics
+                    .subscriptions
+                    .dec_by((before - st.subscribers.len()) as i64);
             }
             st.history.push(
                 Entry {
@@ -353,7 +361,8 @@ impl Hub {
                 st.history.expire(self.config.history_ttl, now);
                 let idle = st.subscribers.is_empty()
                     && st.history.is_empty()
-                    && now.saturating_duration_since(st.last_activity) > self.config.idle_channel_ttl;
+                    && now.saturating_duration_since(st.last_activity)
+                        > self.config.idle_channel_ttl;
                 if idle {
                     st.removed = true;
                     self.metrics.channels.dec();
@@ -385,8 +394,8 @@ mod tests {
     use prometheus_client::registry::Registry;
     use std::collections::VecDeque;
     use std::task::{Context, Poll};
-    use tether_protocol::codec::decode_server;
     use tether_protocol::ServerMessage;
+    use tether_protocol::codec::decode_server;
 
     fn hub(size: usize) -> Hub {
         Hub::new(
@@ -422,7 +431,9 @@ mod tests {
     fn drain(ob: &Outbox) -> Vec<ServerMessage> {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let mut out = VecDeque::new();
-        while let Poll::Ready(crate::session::outbox::Drained::Frames) = ob.poll_drain(&mut cx, &mut out, 1000) {}
+        while let Poll::Ready(crate::session::outbox::Drained::Frames) =
+            ob.poll_drain(&mut cx, &mut out, 1000)
+        {}
         out.into_iter()
             .map(|f| decode_server(&f.bytes, Encoding::Json, 1 << 20).expect("decodes"))
             .collect()
@@ -442,8 +453,10 @@ mod tests {
         let hub = hub(10);
         let a = Outbox::new(1 << 20, 1000);
         let b = Outbox::new(1 << 20, 1000);
-        hub.subscribe(&chan("c"), subscriber(1, &a), None, reply).expect("room");
-        hub.subscribe(&chan("c"), subscriber(2, &b), None, reply).expect("room");
+        hub.subscribe(&chan("c"), subscriber(1, &a), None, reply)
+            .expect("room");
+        hub.subscribe(&chan("c"), subscriber(2, &b), None, reply)
+            .expect("room");
         for i in 0..3 {
             let p = hub.publish(&chan("c"), &serde_json::json!({"i": i}));
             assert_eq!(p.offset, Offset(i + 1));
@@ -457,10 +470,15 @@ mod tests {
         let hub = hub(10);
         let slow = Outbox::new(300, 1000);
         let fast = Outbox::new(1 << 20, 1000);
-        hub.subscribe(&chan("c"), subscriber(1, &slow), None, reply).expect("room");
-        hub.subscribe(&chan("c"), subscriber(2, &fast), None, reply).expect("room");
+        hub.subscribe(&chan("c"), subscriber(1, &slow), None, reply)
+            .expect("room");
+        hub.subscribe(&chan("c"), subscriber(2, &fast), None, reply)
+            .expect("room");
         for _ in 0..10 {
-            hub.publish(&chan("c"), &serde_json::json!("a fairly long payload of text"));
+            hub.publish(
+                &chan("c"),
+                &serde_json::json!("a fairly long payload of text"),
+            );
         }
         assert!(slow.is_closed());
         assert_eq!(offsets(&drain(&fast)).len(), 10);
@@ -478,7 +496,9 @@ mod tests {
             epoch: first.epoch.clone(),
             offset: Offset(2),
         };
-        let s = hub.subscribe(&chan("c"), subscriber(1, &ob), Some(&since), reply).expect("room");
+        let s = hub
+            .subscribe(&chan("c"), subscriber(1, &ob), Some(&since), reply)
+            .expect("room");
         assert!(s.recovered);
         assert_eq!(s.replayed, 2);
         hub.publish(&chan("c"), &serde_json::json!(5));
@@ -490,7 +510,9 @@ mod tests {
             epoch: Epoch::new("other"),
             offset: Offset(2),
         };
-        let s = hub.subscribe(&chan("c"), subscriber(2, &ob), Some(&wrong), reply).expect("room");
+        let s = hub
+            .subscribe(&chan("c"), subscriber(2, &ob), Some(&wrong), reply)
+            .expect("room");
         assert!(!s.recovered);
         for _ in 0..10 {
             hub.publish(&chan("c"), &serde_json::json!(0));
@@ -500,7 +522,9 @@ mod tests {
             epoch: first.epoch,
             offset: Offset(1),
         };
-        let s = hub.subscribe(&chan("c"), subscriber(3, &ob), Some(&old), reply).expect("room");
+        let s = hub
+            .subscribe(&chan("c"), subscriber(3, &ob), Some(&old), reply)
+            .expect("room");
         assert!(!s.recovered);
         assert_eq!(s.replayed, 0);
     }
@@ -517,7 +541,8 @@ mod tests {
         );
         hub.publish(&chan("idle"), &serde_json::json!(1));
         let ob = Outbox::new(1 << 20, 1000);
-        hub.subscribe(&chan("busy"), subscriber(1, &ob), None, reply).expect("room");
+        hub.subscribe(&chan("busy"), subscriber(1, &ob), None, reply)
+            .expect("room");
         std::thread::sleep(Duration::from_millis(5));
         hub.sweep();
         assert!(hub.position(&chan("idle")).is_none());

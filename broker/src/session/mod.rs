@@ -86,7 +86,9 @@ struct SubState {
 #[derive(Debug)]
 enum Phase {
     /// Waiting for `connect` until the deadline.
-    Handshake { deadline: Instant },
+    Handshake {
+        deadline: Instant,
+    },
     Active,
 }
 
@@ -147,12 +149,16 @@ pub async fn run<T: Transport>(node: Arc<Node>, transport: T, conn_id: u64) {
 
 async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64) {
     let now = Instant::now();
-    let label = TransportLabel {
-        transport: T::NAME,
-    };
+    let label = TransportLabel { transport: T::NAME };
     node.metrics.connections.get_or_create(&label).inc();
-    node.metrics.connections_accepted.get_or_create(&label).inc();
-    let outbox = Outbox::new(node.config.max_outbox_bytes, node.config.max_outbox_messages);
+    node.metrics
+        .connections_accepted
+        .get_or_create(&label)
+        .inc();
+    let outbox = Outbox::new(
+        node.config.max_outbox_bytes,
+        node.config.max_outbox_messages,
+    );
     node.sessions.insert(conn_id, outbox.clone());
     debug!("connection open");
 
@@ -185,7 +191,14 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
 
     let end = loop {
         let event = poll_fn(|cx| {
-            poll_event(cx, &mut transport, &outbox, &mut pending, sleep.as_mut(), &mut s)
+            poll_event(
+                cx,
+                &mut transport,
+                &outbox,
+                &mut pending,
+                sleep.as_mut(),
+                &mut s,
+            )
         })
         .await;
         let step = match event {
@@ -313,7 +326,9 @@ fn poll_event<T: Transport>(
 impl Session {
     fn reply(&self, msg: &ServerMessage) {
         // A full outbox closes the session (4008): nothing else to do here.
-        let _ = self.outbox.push(Frame::reply(encode_server(msg, self.encoding)));
+        let _ = self
+            .outbox
+            .push(Frame::reply(encode_server(msg, self.encoding)));
     }
 
     fn error(&self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
@@ -383,7 +398,9 @@ impl Session {
                 trace!(error = %e, "bad request");
                 let id = e.id();
                 let message = match e {
-                    DecodeError::UnknownType { kind, .. } => format!("unknown message type {kind:?}"),
+                    DecodeError::UnknownType { kind, .. } => {
+                        format!("unknown message type {kind:?}")
+                    }
                     other => other.to_string(),
                 };
                 self.error(id, ErrorCode::BadRequest, message);
@@ -415,7 +432,11 @@ impl Session {
                 return Err(End::Close(CloseCode::Unauthorized, None));
             }
         };
-        let user = grant.user.as_ref().map(|u| u.as_str().to_owned()).unwrap_or_default();
+        let user = grant
+            .user
+            .as_ref()
+            .map(|u| u.as_str().to_owned())
+            .unwrap_or_default();
         tracing::Span::current().record("user", user.as_str());
         self.token_deadline = grant.expires.map(deadline_at_unix);
         self.grant = Some(grant);
@@ -482,7 +503,11 @@ impl Session {
             }
             ClientMessage::Publish(p) => {
                 if !self.grant().may_publish_to(&p.channel) {
-                    self.error(Some(p.id), ErrorCode::Forbidden, "not allowed to publish to this channel");
+                    self.error(
+                        Some(p.id),
+                        ErrorCode::Forbidden,
+                        "not allowed to publish to this channel",
+                    );
                     return;
                 }
                 let pos = self.node.hub.publish(&p.channel, &p.data);
@@ -499,7 +524,11 @@ impl Session {
                 }));
             }
             ClientMessage::Ack(a) => {
-                if let Some(sub) = self.by_channel.get(&a.channel).and_then(|n| self.subs.get_mut(n)) {
+                if let Some(sub) = self
+                    .by_channel
+                    .get(&a.channel)
+                    .and_then(|n| self.subs.get_mut(n))
+                {
                     // Cumulative, and never beyond what was written.
                     let offset = a.offset.min(sub.delivered);
                     if offset > sub.acked {
@@ -515,11 +544,19 @@ impl Session {
 
     fn on_subscribe(&mut self, sub: tether_protocol::Subscribe) {
         if self.by_channel.contains_key(&sub.channel) {
-            self.error(Some(sub.id), ErrorCode::BadRequest, "already subscribed to this channel");
+            self.error(
+                Some(sub.id),
+                ErrorCode::BadRequest,
+                "already subscribed to this channel",
+            );
             return;
         }
         if !self.grant().may_subscribe(&sub.channel) {
-            self.error(Some(sub.id), ErrorCode::Forbidden, "not allowed to subscribe to this channel");
+            self.error(
+                Some(sub.id),
+                ErrorCode::Forbidden,
+                "not allowed to subscribe to this channel",
+            );
             return;
         }
         let n = self.next_sub;
@@ -547,7 +584,11 @@ impl Session {
                 encoding,
             ))
         };
-        match self.node.hub.subscribe(&sub.channel, subscriber, sub.since.as_ref(), reply) {
+        match self
+            .node
+            .hub
+            .subscribe(&sub.channel, subscriber, sub.since.as_ref(), reply)
+        {
             Ok(result) => {
                 let start = match (&sub.since, result.recovered) {
                     (Some(since), true) => since.offset,
@@ -572,12 +613,20 @@ impl Session {
 
     fn on_refresh(&mut self, r: tether_protocol::Refresh) {
         if !self.node.verifier.enabled() {
-            self.error(Some(r.id), ErrorCode::BadRequest, "client auth is not configured");
+            self.error(
+                Some(r.id),
+                ErrorCode::BadRequest,
+                "client auth is not configured",
+            );
             return;
         }
         match self.node.verifier.verify(Some(&r.token)) {
             Ok(g) if g.user != self.grant().user => {
-                self.error(Some(r.id), ErrorCode::Forbidden, "token belongs to another user");
+                self.error(
+                    Some(r.id),
+                    ErrorCode::Forbidden,
+                    "token belongs to another user",
+                );
             }
             Ok(g) => {
                 let expires = g.expires.unwrap_or(0);

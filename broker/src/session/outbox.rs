@@ -148,7 +148,12 @@ impl Outbox {
     }
 
     /// Moves up to `max` queued frames into `out`, or reports the close.
-    pub fn poll_drain(&self, cx: &mut Context<'_>, out: &mut VecDeque<Frame>, max: usize) -> Poll<Drained> {
+    pub fn poll_drain(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Frame>,
+        max: usize,
+    ) -> Poll<Drained> {
         if let Some(d) = self.try_drain(out, max) {
             return Poll::Ready(d);
         }
@@ -221,9 +226,15 @@ mod tests {
         ob.close(CloseCode::Normal); // the first close wins
         let mut cx = Context::from_waker(noop_waker_ref());
         let mut out = VecDeque::new();
-        assert_eq!(ob.poll_drain(&mut cx, &mut out, 1), Poll::Ready(Drained::Frames));
+        assert_eq!(
+            ob.poll_drain(&mut cx, &mut out, 1),
+            Poll::Ready(Drained::Frames)
+        );
         assert_eq!(out.len(), 1);
-        assert_eq!(ob.poll_drain(&mut cx, &mut out, 16), Poll::Ready(Drained::Frames));
+        assert_eq!(
+            ob.poll_drain(&mut cx, &mut out, 16),
+            Poll::Ready(Drained::Frames)
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(
             ob.poll_drain(&mut cx, &mut out, 16),

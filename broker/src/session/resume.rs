@@ -56,7 +56,11 @@ impl ResumeKeys {
         let mut mac = self.mac();
         mac.update(&payload);
         let sig = mac.finalize().into_bytes();
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(&payload), URL_SAFE_NO_PAD.encode(sig))
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&payload),
+            URL_SAFE_NO_PAD.encode(sig)
+        )
     }
 
     /// The claims of a token signed with this key; `None` for anything else.

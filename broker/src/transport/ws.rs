@@ -63,7 +63,10 @@ pub async fn accept(
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != PATH {
-            return Err(error_response(StatusCode::NOT_FOUND, "not found: the WebSocket endpoint is /v1/ws"));
+            return Err(error_response(
+                StatusCode::NOT_FOUND,
+                "not found: the WebSocket endpoint is /v1/ws",
+            ));
         }
         let offered: Vec<&str> = req
             .headers()
@@ -91,7 +94,8 @@ pub async fn accept(
             )),
         }
     };
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
+    let ws =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
     Ok(WsTransport {
         ws,
         encoding: chosen,

@@ -1,0 +1,225 @@
+//! The backend HTTP API (§10).
+
+use serde_json::{Value, json};
+use tether_protocol::*;
+use tether_tests::*;
+
+async fn get(broker: &TestBroker, path: &str) -> (u16, String) {
+    let r = broker
+        .http()
+        .get(broker.api_url(path))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn post_raw(broker: &TestBroker, path: &str, body: &str) -> (u16, Value) {
+    let r = broker
+        .http()
+        .post(broker.api_url(path))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn publish_validates_its_body() {
+    let broker = TestBroker::start(&["--max-message-size", "1024"]).unwrap();
+    let (s, body) = post_raw(&broker, "/v1/publish", "this is not json").await;
+    assert_eq!(s, 400);
+    assert_eq!(body["error"]["code"], "bad_request");
+    assert!(body["error"]["message"].as_str().is_some());
+
+    let (s, body) = post_raw(&broker, "/v1/publish", r#"{"data": 1}"#).await;
+    assert_eq!(s, 400, "{body}");
+    let (s, body) = post_raw(&broker, "/v1/publish", r#"{"channel": "c"}"#).await;
+    assert_eq!(s, 400, "missing data: {body}");
+    let (s, _) = post_raw(
+        &broker,
+        "/v1/publish",
+        r#"{"channel": "bad name", "data": 1}"#,
+    )
+    .await;
+    assert_eq!(s, 400);
+    let deep = format!(
+        r#"{{"channel": "c", "data": {}1{}}}"#,
+        "[".repeat(70),
+        "]".repeat(70)
+    );
+    let (s, _) = post_raw(&broker, "/v1/publish", &deep).await;
+    assert_eq!(s, 400);
+
+    let (s, body) = broker
+        .publish(json!({"channel": "c", "data": "x".repeat(2000)}))
+        .await
+        .unwrap();
+    assert_eq!(s, 413);
+    assert_eq!(body["error"]["code"], "too_large");
+    let (s, _) = broker
+        .publish(json!({"channel": "c", "data": "x".repeat(500)}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn the_api_key_is_required_when_configured() {
+    let broker = TestBroker::start(&["--api-key", "k3y"]).unwrap();
+    let http = broker.http();
+    let body = json!({"channel": "c", "data": 1});
+    let r = http
+        .post(broker.api_url("/v1/publish"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "unauthorized");
+    let r = http
+        .post(broker.api_url("/v1/publish"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(broker.api_url("/v1/publish"))
+        .bearer_auth("k3y")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(get(&broker, "/healthz").await.0, 200);
+    assert_eq!(get(&broker, "/metrics").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_batch_answers_every_publication_in_order_even_when_some_fail() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("b").await.unwrap();
+    let r = broker
+        .http()
+        .post(broker.api_url("/v1/publish/batch"))
+        .json(&json!({"messages": [
+            {"channel": "b", "data": 1},
+            {"channel": "no spaces allowed", "data": 2},
+            {"channel": "b"},
+            {"channel": "b", "data": 3},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0]["offset"], 1);
+    assert_eq!(results[1]["error"]["code"], "bad_request");
+    assert_eq!(results[2]["error"]["code"], "bad_request");
+    assert_eq!(results[3]["offset"], 2);
+    assert_eq!(c.recv_publication().await.unwrap().data, json!(1));
+    assert_eq!(c.recv_publication().await.unwrap().data, json!(3));
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_publishes_once() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("orders").await.unwrap();
+    let body = json!({"channel": "orders", "data": {"order": 1}, "idempotency_key": "order-1"});
+    let (s1, a1) = broker.publish(body.clone()).await.unwrap();
+    let (s2, a2) = broker.publish(body).await.unwrap();
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(a1, a2);
+    // The same key on another channel is another publication.
+    let (_, other) = broker
+        .publish(json!({"channel": "orders2", "data": 1, "idempotency_key": "order-1"}))
+        .await
+        .unwrap();
+    assert_eq!(other["offset"], 1);
+    let (_, next) = broker
+        .publish(json!({"channel": "orders", "data": {"order": 2}}))
+        .await
+        .unwrap();
+    assert_eq!(next["offset"], 2);
+    assert_eq!(c.recv_publication().await.unwrap().offset, Offset(1));
+    assert_eq!(c.recv_publication().await.unwrap().offset, Offset(2));
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_errors() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let (s, body) = get(&broker, "/healthz").await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = get(&broker, "/readyz").await;
+    assert_eq!(s, 200, "{body}");
+
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("m").await.unwrap();
+    broker
+        .publish(json!({"channel": "m", "data": 1}))
+        .await
+        .unwrap();
+    c.recv_publication().await.unwrap();
+    let (s, metrics) = get(&broker, "/metrics").await;
+    assert_eq!(s, 200);
+    for name in [
+        "tether_connections{transport=\"ws\"} 1",
+        "tether_messages_in_total{transport=\"ws\"}",
+        "tether_messages_out_total{transport=\"ws\"}",
+        "tether_publications_total{source=\"api\"} 1",
+        "tether_delivery_latency_seconds_count 1",
+        "tether_outbox_drops_total 0",
+    ] {
+        assert!(metrics.contains(name), "missing {name}:\n{metrics}");
+    }
+    let (s, body) = get(&broker, "/v1/nowhere").await;
+    assert_eq!(s, 404);
+    assert!(body.contains("not_found"), "{body}");
+    let (s, _) = get(&broker, "/v1/publish").await;
+    assert_eq!(s, 405);
+}
+
+#[tokio::test]
+async fn history_over_http() {
+    let broker = TestBroker::start(&["--history-size", "3"]).unwrap();
+    for i in 1..=5 {
+        broker
+            .publish(json!({"channel": "h/1", "data": i}))
+            .await
+            .unwrap();
+    }
+    let (s, body) = get(&broker, "/v1/channels/h%2F1/history?since=2").await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["offset"], 5);
+    assert_eq!(v["recovered"], true);
+    let offsets: Vec<_> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].clone())
+        .collect();
+    assert_eq!(offsets, vec![json!(3), json!(4), json!(5)]);
+    assert_eq!(v["messages"][0]["data"], 3);
+
+    let (_, body) = get(&broker, "/v1/channels/h%2F1/history").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["recovered"], false, "history no longer reaches back to 1");
+    let (s, _) = get(&broker, "/v1/channels/h%2F1/history?limit=4").await;
+    assert_eq!(s, 400, "limit above the history size");
+    let (_, body) = get(&broker, "/v1/channels/unknown/history").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["offset"], 0);
+    assert_eq!(v["messages"], json!([]));
+}

@@ -1,0 +1,225 @@
+//! Client authentication (§9): JWTs, channel permissions, refresh.
+
+use serde_json::json;
+use tether_protocol::*;
+use tether_tests::*;
+
+const SECRET: &str = "test-secret-please-change";
+
+fn token(claims: serde_json::Value) -> String {
+    hs256_token(SECRET, claims)
+}
+
+async fn connect_with(broker: &TestBroker, token: Option<&str>) -> WsClient {
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    let id = c.id();
+    c.send(&ClientMessage::Connect(Connect {
+        id,
+        token: token.map(str::to_owned),
+        ..Connect::default()
+    }))
+    .await
+    .unwrap();
+    c
+}
+
+async fn expect_error(c: &mut WsClient, code: ErrorCode) {
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => assert_eq!(e.code, code, "{e:?}"),
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn missing_bad_and_expired_tokens_are_refused_with_their_codes() {
+    let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
+    let mut c = connect_with(&broker, None).await;
+    assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
+
+    let forged = hs256_token(
+        "wrong-secret",
+        json!({"sub": "alice", "exp": unix_now() + 60}),
+    );
+    let mut c = connect_with(&broker, Some(&forged)).await;
+    assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
+
+    let hs512 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &json!({"sub": "alice", "exp": unix_now() + 60}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut c = connect_with(&broker, Some(&hs512)).await;
+    assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
+
+    let expired = token(json!({"sub": "alice", "exp": unix_now() - 60}));
+    let mut c = connect_with(&broker, Some(&expired)).await;
+    let closed = c.expect_close().await.unwrap();
+    assert_eq!(closed.code, Some(4011));
+    assert!(closed.disconnect.expect("disconnect").reconnect);
+}
+
+#[tokio::test]
+async fn personal_channels_and_the_channels_claim_are_enforced() {
+    let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
+    let t = token(json!({"sub": "alice", "exp": unix_now() + 600, "channels": ["news", "team:*"]}));
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&t)).await.unwrap();
+    c.subscribe("user:alice").await.unwrap();
+    c.subscribe("news").await.unwrap();
+    c.subscribe("team:blue").await.unwrap();
+    for denied in ["user:bob", "sports"] {
+        let id = c.id();
+        c.send(&ClientMessage::Subscribe(Subscribe {
+            id,
+            channel: ChannelName::new(denied).unwrap(),
+            since: None,
+        }))
+        .await
+        .unwrap();
+        expect_error(&mut c, ErrorCode::Forbidden).await;
+    }
+    // No `publish` claim: publishing is forbidden even on allowed channels.
+    let id = c.id();
+    c.send(&ClientMessage::Publish(Publish {
+        id,
+        channel: ChannelName::new("news").unwrap(),
+        data: json!(1),
+    }))
+    .await
+    .unwrap();
+    expect_error(&mut c, ErrorCode::Forbidden).await;
+}
+
+#[tokio::test]
+async fn the_publish_claim_allows_publishing_where_the_user_may_subscribe() {
+    let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
+    let t = token(json!({"sub": "bob", "exp": unix_now() + 600, "publish": true}));
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&t)).await.unwrap();
+    let id = c.id();
+    c.send(&ClientMessage::Publish(Publish {
+        id,
+        channel: ChannelName::new("lobby").unwrap(),
+        data: json!("hi"),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.recv_skip_pings().await.unwrap(),
+        ServerMessage::Published(_)
+    ));
+    let id = c.id();
+    c.send(&ClientMessage::Publish(Publish {
+        id,
+        channel: ChannelName::new("user:carol").unwrap(),
+        data: json!("hi"),
+    }))
+    .await
+    .unwrap();
+    expect_error(&mut c, ErrorCode::Forbidden).await;
+}
+
+#[tokio::test]
+async fn refresh_replaces_the_token_and_refuses_others() {
+    let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
+    let t = token(json!({"sub": "dave", "exp": unix_now() + 600}));
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&t)).await.unwrap();
+
+    let other = token(json!({"sub": "eve", "exp": unix_now() + 600}));
+    let id = c.id();
+    c.send(&ClientMessage::Refresh(Refresh { id, token: other }))
+        .await
+        .unwrap();
+    expect_error(&mut c, ErrorCode::Forbidden).await;
+
+    let id = c.id();
+    c.send(&ClientMessage::Refresh(Refresh {
+        id,
+        token: "not-a-jwt".into(),
+    }))
+    .await
+    .unwrap();
+    expect_error(&mut c, ErrorCode::Unauthorized).await;
+
+    let exp = unix_now() + 1200;
+    let fresh = token(json!({"sub": "dave", "exp": exp}));
+    let id = c.id();
+    c.send(&ClientMessage::Refresh(Refresh { id, token: fresh }))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.recv_skip_pings().await.unwrap(),
+        ServerMessage::Refreshed(Refreshed { id, expires: exp })
+    );
+}
+
+#[tokio::test]
+async fn a_session_whose_token_expires_without_refresh_is_closed_with_4011() {
+    let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
+    let t = token(json!({"sub": "frank", "exp": unix_now() + 2}));
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&t)).await.unwrap();
+    let closed = c.expect_close().await.unwrap();
+    assert_eq!(closed.code, Some(4011));
+}
+
+#[tokio::test]
+async fn refresh_without_client_auth_is_a_bad_request() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    let id = c.id();
+    c.send(&ClientMessage::Refresh(Refresh {
+        id,
+        token: "x".into(),
+    }))
+    .await
+    .unwrap();
+    expect_error(&mut c, ErrorCode::BadRequest).await;
+}
+
+#[tokio::test]
+async fn es256_tokens_verify_against_a_public_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let public = dir.path().join("pub.pem");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl genpkey");
+    let ok = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl pkey -pubout");
+    let broker = TestBroker::start(&["--jwt-public-key", public.to_str().unwrap()]).unwrap();
+    let pem = std::fs::read(&key).unwrap();
+    let t = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": "gina", "exp": unix_now() + 600}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+    )
+    .unwrap();
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&t)).await.unwrap();
+    c.subscribe("user:gina").await.unwrap();
+    // An HS256 token is refused by a broker configured for ES256.
+    let hs = hs256_token("whatever", json!({"sub": "gina", "exp": unix_now() + 600}));
+    let mut c = connect_with(&broker, Some(&hs)).await;
+    assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real broker processes, real sockets.
+
+#![allow(clippy::unwrap_used)]
+
+mod api;
+mod auth;
+mod bad_input;
+mod lifecycle;
+mod sessions;

@@ -1,0 +1,205 @@
+//! Sessions over WebSocket: connect, subscribe, publish, fan-out, acks.
+
+use serde_json::json;
+use tether_protocol::*;
+use tether_tests::*;
+
+#[tokio::test]
+async fn a_message_published_over_http_reaches_a_json_subscriber() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    let connected = c.handshake(None).await.unwrap();
+    assert_eq!(connected.node, "test-node");
+    assert_eq!(connected.heartbeat, 25);
+    assert!(!connected.resumed);
+    assert!(!connected.resume_token.is_empty());
+    let sub = c.subscribe("news").await.unwrap();
+    assert_eq!(sub.offset, Offset(0));
+    assert!(!sub.recovered);
+
+    let (status, answer) = broker
+        .publish(json!({"channel": "news", "data": {"headline": "hello"}}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["channel"], "news");
+    assert_eq!(answer["offset"], 1);
+    assert_eq!(answer["epoch"], json!(sub.epoch));
+
+    let m = c.recv_publication().await.unwrap();
+    assert_eq!(m.channel.as_str(), "news");
+    assert_eq!(m.offset, Offset(1));
+    assert_eq!(m.epoch, sub.epoch);
+    assert_eq!(m.data, json!({"headline": "hello"}));
+    let now_ms = unix_now() * 1000;
+    assert!(
+        m.ts <= now_ms + 1000 && m.ts + 60_000 >= now_ms,
+        "ts {} vs now {now_ms}",
+        m.ts
+    );
+}
+
+#[tokio::test]
+async fn msgpack_clients_get_the_same_messages_as_json_clients() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut j = WsClient::connect_with(&broker.ws_url(), Encoding::Json)
+        .await
+        .unwrap();
+    let mut m = WsClient::connect_with(&broker.ws_url(), Encoding::MsgPack)
+        .await
+        .unwrap();
+    j.handshake(None).await.unwrap();
+    m.handshake(None).await.unwrap();
+    j.subscribe("mixed").await.unwrap();
+    m.subscribe("mixed").await.unwrap();
+    let data = json!({"n": 1.5, "list": [1, -2, "three", null, true], "nested": {"a": {}}});
+    broker
+        .publish(json!({"channel": "mixed", "data": data}))
+        .await
+        .unwrap();
+    let a = j.recv_publication().await.unwrap();
+    let b = m.recv_publication().await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.data, data);
+}
+
+#[tokio::test]
+async fn clients_publish_and_every_subscriber_sees_offsets_in_order() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut publisher = connected_client(&broker).await.unwrap();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let mut c = connected_client(&broker).await.unwrap();
+        c.subscribe("room").await.unwrap();
+        subs.push(c);
+    }
+    let mut epoch = None;
+    for i in 1..=20u64 {
+        let id = publisher.id();
+        publisher
+            .send(&ClientMessage::Publish(Publish {
+                id,
+                channel: ChannelName::new("room").unwrap(),
+                data: json!({"i": i}),
+            }))
+            .await
+            .unwrap();
+        match publisher.recv_skip_pings().await.unwrap() {
+            ServerMessage::Published(p) => {
+                assert_eq!(p.id, id);
+                assert_eq!(p.offset, Offset(i));
+                epoch.get_or_insert(p.epoch.clone());
+                assert_eq!(Some(&p.epoch), epoch.as_ref());
+            }
+            other => panic!("expected published, got {other:?}"),
+        }
+    }
+    for c in &mut subs {
+        for i in 1..=20u64 {
+            let m = c.recv_publication().await.unwrap();
+            assert_eq!(m.offset, Offset(i));
+            assert_eq!(m.data, json!({"i": i}));
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscribe_and_unsubscribe_rules() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("a").await.unwrap();
+    // A second subscribe to the same channel is a bad request.
+    let id = c.id();
+    c.send(&ClientMessage::Subscribe(Subscribe {
+        id,
+        channel: ChannelName::new("a").unwrap(),
+        since: None,
+    }))
+    .await
+    .unwrap();
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => {
+            assert_eq!(e.id, Some(id));
+            assert_eq!(e.code, ErrorCode::BadRequest);
+        }
+        other => panic!("expected error, got {other:?}"),
+    }
+    // Unsubscribing a channel never subscribed still answers unsubscribed.
+    let id = c.id();
+    c.send(&ClientMessage::Unsubscribe(Unsubscribe {
+        id,
+        channel: ChannelName::new("never").unwrap(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        c.recv_skip_pings().await.unwrap(),
+        ServerMessage::Unsubscribed(Unsubscribed {
+            id,
+            channel: ChannelName::new("never").unwrap()
+        })
+    );
+    // After unsubscribing, publications no longer arrive.
+    let id = c.id();
+    c.send(&ClientMessage::Unsubscribe(Unsubscribe {
+        id,
+        channel: ChannelName::new("a").unwrap(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.recv_skip_pings().await.unwrap(),
+        ServerMessage::Unsubscribed(_)
+    ));
+    broker
+        .publish(json!({"channel": "a", "data": 1}))
+        .await
+        .unwrap();
+    c.send(&ClientMessage::Ping).await.unwrap();
+    assert_eq!(c.recv_skip_pings().await.unwrap(), ServerMessage::Pong);
+}
+
+#[tokio::test]
+async fn acks_and_pings_get_the_documented_answers() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("acked").await.unwrap();
+    broker
+        .publish(json!({"channel": "acked", "data": 1}))
+        .await
+        .unwrap();
+    let m = c.recv_publication().await.unwrap();
+    // A well-formed ack has no reply; the next answer is the pong.
+    c.send(&ClientMessage::Ack(Ack {
+        channel: m.channel.clone(),
+        offset: m.offset,
+    }))
+    .await
+    .unwrap();
+    c.send(&ClientMessage::Ping).await.unwrap();
+    assert_eq!(c.recv().await.unwrap(), ServerMessage::Pong);
+    // A malformed ack gets bad_request, and the session goes on.
+    c.send_raw(br#"{"type":"ack","channel":"acked","offset":"x"}"#.to_vec())
+        .await
+        .unwrap();
+    match c.recv().await.unwrap() {
+        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest),
+        other => panic!("expected error, got {other:?}"),
+    }
+    c.send(&ClientMessage::Ping).await.unwrap();
+    assert_eq!(c.recv().await.unwrap(), ServerMessage::Pong);
+}
+
+#[tokio::test]
+async fn websocket_control_pings_are_answered() {
+    use tokio_tungstenite::tungstenite::Message;
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.send_message(Message::Ping(b"hi".to_vec().into()))
+        .await
+        .unwrap();
+    match c.recv_frame().await.unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"hi"),
+        other => panic!("expected a pong frame, got {other:?}"),
+    }
+}
