@@ -24,6 +24,16 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecoveredLabel {
+    pub recovered: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -42,6 +52,9 @@ pub struct Metrics {
     pub outbox_drops: Counter,
     pub channels: Gauge,
     pub subscriptions: Gauge,
+    pub resumes: Family<OutcomeLabel, Counter>,
+    pub recoveries: Family<RecoveredLabel, Counter>,
+    pub replayed: Counter,
 }
 
 impl Metrics {
@@ -61,6 +74,9 @@ impl Metrics {
             outbox_drops: Counter::default(),
             channels: Gauge::default(),
             subscriptions: Gauge::default(),
+            resumes: Family::default(),
+            recoveries: Family::default(),
+            replayed: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("tether");
         r.register(
@@ -117,6 +133,21 @@ impl Metrics {
             "subscriptions",
             "Subscriptions on this node",
             m.subscriptions.clone(),
+        );
+        r.register(
+            "resumes",
+            "Resume attempts by outcome: resumed, or the reason a fresh session was given",
+            m.resumes.clone(),
+        );
+        r.register(
+            "recoveries",
+            "Channel recoveries (subscribe with since, or resume), by whether history reached back",
+            m.recoveries.clone(),
+        );
+        r.register(
+            "replayed_messages",
+            "Messages replayed from history by recoveries",
+            m.replayed.clone(),
         );
         m
     }

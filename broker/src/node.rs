@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
 use crate::session::outbox::Outbox;
-use crate::session::resume::ResumeKeys;
+use crate::session::resume::{ResumeKeys, ResumeRegistry};
 
 const SESSION_SHARDS: usize = 16;
 
@@ -78,6 +78,7 @@ pub struct Node {
     pub registry: Registry,
     pub sessions: SessionTable,
     pub resume_keys: ResumeKeys,
+    pub resumes: ResumeRegistry,
     next_conn: AtomicU64,
     ready: AtomicBool,
     shutting_down: AtomicBool,
@@ -107,6 +108,7 @@ impl Node {
             registry,
             sessions: SessionTable::new(),
             resume_keys,
+            resumes: ResumeRegistry::default(),
             next_conn: AtomicU64::new(1),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),

@@ -156,7 +156,10 @@ impl Server {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => node.hub.sweep(),
+                        _ = tick.tick() => {
+                            node.hub.sweep();
+                            node.resumes.sweep();
+                        }
                         _ = stop.cancelled() => break,
                     }
                 }

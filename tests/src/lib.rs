@@ -389,6 +389,62 @@ impl WsClient {
         }
     }
 
+    /// Sends `connect` with a resume token (and optionally the offsets the
+    /// client has), returns `connected`.
+    pub async fn resume(
+        &mut self,
+        token: Option<&str>,
+        resume_token: &str,
+        channels: Option<
+            std::collections::BTreeMap<tether_protocol::ChannelName, tether_protocol::Offset>,
+        >,
+    ) -> Result<tether_protocol::Connected> {
+        let id = self.id();
+        self.send(&ClientMessage::Connect(Connect {
+            id,
+            token: token.map(str::to_owned),
+            resume: Some(tether_protocol::Resume {
+                token: resume_token.to_owned(),
+                channels,
+            }),
+            ..Connect::default()
+        }))
+        .await?;
+        match self.recv().await? {
+            ServerMessage::Connected(c) if c.id == id => Ok(c),
+            other => bail!("expected connected, got {other:?}"),
+        }
+    }
+
+    /// Subscribes from a position and returns `subscribed`.
+    pub async fn subscribe_since(
+        &mut self,
+        channel: &str,
+        since: tether_protocol::StreamPosition,
+    ) -> Result<tether_protocol::Subscribed> {
+        let id = self.id();
+        self.send(&ClientMessage::Subscribe(tether_protocol::Subscribe {
+            id,
+            channel: tether_protocol::ChannelName::new(channel)?,
+            since: Some(since),
+        }))
+        .await?;
+        match self.recv_skip_pings().await? {
+            ServerMessage::Subscribed(s) if s.id == id => Ok(s),
+            other => bail!("expected subscribed, got {other:?}"),
+        }
+    }
+
+    /// Proves that nothing else is queued before a `pong`: sends `ping` and
+    /// expects `pong` as the next non-ping message.
+    pub async fn expect_nothing_pending(&mut self) -> Result<()> {
+        self.send(&ClientMessage::Ping).await?;
+        match self.recv_skip_pings().await? {
+            ServerMessage::Pong => Ok(()),
+            other => bail!("expected pong, got {other:?}"),
+        }
+    }
+
     /// Subscribes and returns `subscribed`.
     pub async fn subscribe(&mut self, channel: &str) -> Result<tether_protocol::Subscribed> {
         let id = self.id();
@@ -415,6 +471,40 @@ impl WsClient {
     /// Drops the TCP connection without a close handshake.
     pub fn abort(self) {
         drop(self.ws);
+    }
+}
+
+impl TestBroker {
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http()
+            .get(self.api_url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// Waits until the metrics contain `line` (e.g. a gauge reaching a value).
+    pub async fn wait_for_metric(&self, line: &str) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = self.metrics().await?;
+            if m.lines().any(|l| l.starts_with(line)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("metric {line:?} not seen within {WAIT:?}:\n{m}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until this broker has no open client connection.
+    pub async fn wait_for_no_connections(&self) -> Result<()> {
+        self.wait_for_metric("tether_connections{transport=\"ws\"} 0")
+            .await
     }
 }
 

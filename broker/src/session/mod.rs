@@ -11,7 +11,7 @@
 pub mod outbox;
 pub mod resume;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,24 +20,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_protocol::codec::{decode_client, encode_server};
 use tether_protocol::{
-    ChannelName, ClientMessage, CloseCode, Connected, DecodeError, Disconnect, Encoding, ErrorCode,
-    Offset, Published, Refreshed, ServerMessage, Subscribed, Unsubscribed,
+    ChannelName, ChannelRecovery, ClientMessage, CloseCode, Connected, DecodeError, Disconnect,
+    Encoding, ErrorCode, Offset, Published, Refreshed, ServerMessage, StreamPosition, Subscribed,
+    Unsubscribed,
 };
 use tokio::time::{Instant, Sleep};
 use tracing::{Instrument, debug, field, trace};
 
 use crate::auth::{AuthError, Grant};
 use crate::hub::{Position, Subscriber, SubscriptionId};
-use crate::metrics::{CodeLabel, TransportLabel};
+use crate::metrics::{CodeLabel, OutcomeLabel, RecoveredLabel, TransportLabel};
 use crate::node::Node;
 use crate::transport::{Inbound, Transport, TransportError};
 use outbox::{Drained, Frame, Outbox};
-use resume::ResumeClaims;
+use resume::{Claim, Refusal, ResumeClaims, SessionRecord, SubRecord};
 
 /// Frames moved from the outbox per batch: one flush each.
 const BATCH: usize = 256;
 /// Longest time spent sending the final `disconnect` and close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Longest wait for a live session to hand itself over to a resume.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// A token bucket: `rate` per second, holding up to twice that (§8, 4029).
 #[derive(Debug)]
@@ -70,17 +73,16 @@ impl RateLimit {
     }
 }
 
-/// One subscription of the session. `epoch`, `delivered` and `acked` are
+/// One subscription of the session; `epoch`, `delivered` and `acked` are
 /// what a resume needs.
 #[derive(Debug)]
-#[allow(dead_code)] // read by resume (next slice)
 struct SubState {
     channel: ChannelName,
     epoch: tether_protocol::Epoch,
     /// Last offset written to the connection.
     delivered: Offset,
-    /// Last offset the client acked (cumulative).
-    acked: Offset,
+    /// Last offset the client acked (cumulative), if it ever acked.
+    acked: Option<Offset>,
 }
 
 #[derive(Debug)]
@@ -204,7 +206,7 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
         let step = match event {
             Event::Inbound(Ok(Inbound::Message(bytes))) => {
                 s.last_seen = Instant::now();
-                s.handle_frame(&bytes)
+                s.handle_frame(&bytes).await
             }
             Event::Inbound(Ok(Inbound::Activity)) => {
                 s.last_seen = Instant::now();
@@ -375,7 +377,7 @@ impl Session {
         Ok(())
     }
 
-    fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), End> {
+    async fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), End> {
         let now = Instant::now();
         let label = TransportLabel {
             transport: self.transport,
@@ -410,7 +412,7 @@ impl Session {
         trace!(kind = msg.kind(), "message");
         match self.phase {
             Phase::Handshake { .. } => match msg {
-                ClientMessage::Connect(c) => self.on_connect(c),
+                ClientMessage::Connect(c) => self.on_connect(c).await,
                 _ => {
                     debug!(kind = msg.kind(), "message before connect");
                     Err(End::Close(CloseCode::ProtocolError, None))
@@ -423,7 +425,7 @@ impl Session {
         }
     }
 
-    fn on_connect(&mut self, c: tether_protocol::Connect) -> Result<(), End> {
+    async fn on_connect(&mut self, c: tether_protocol::Connect) -> Result<(), End> {
         let grant = match self.node.verifier.verify(c.token.as_deref()) {
             Ok(g) => g,
             Err(AuthError::Expired) => return Err(End::Close(CloseCode::TokenExpired, None)),
@@ -440,12 +442,53 @@ impl Session {
         tracing::Span::current().record("user", user.as_str());
         self.token_deadline = grant.expires.map(deadline_at_unix);
         self.grant = Some(grant);
-        self.session_id = format!("{:016x}{:08x}", rand::random::<u64>(), self.conn_id as u32);
+
+        let mut restored: Option<(String, SessionRecord)> = None;
+        if let Some(resume) = &c.resume {
+            let outcome = match self.node.resume_keys.verify(&resume.token) {
+                None => Err(Refusal::Invalid),
+                Some(claims) => match self.node.resumes.claim(&claims, &user) {
+                    Claim::Ready(record) => Ok((claims.session, record)),
+                    Claim::TakeOver(rx) => match tokio::time::timeout(TAKEOVER_WAIT, rx).await {
+                        Ok(Ok(record)) => Ok((claims.session, record)),
+                        _ => Err(Refusal::TakeoverFailed),
+                    },
+                    Claim::Refused(r) => Err(r),
+                },
+            };
+            let label = match &outcome {
+                Ok(_) => "resumed",
+                Err(r) => r.as_str(),
+            };
+            self.node
+                .metrics
+                .resumes
+                .get_or_create(&OutcomeLabel { outcome: label })
+                .inc();
+            match outcome {
+                Ok(r) => restored = Some(r),
+                Err(r) => debug!(reason = r.as_str(), "resume refused: fresh session"),
+            }
+        }
+
+        let resumed = restored.is_some();
+        let (session_id, record) = match restored {
+            Some((id, record)) => (id, Some(record)),
+            None => (
+                format!("{:016x}{:08x}", rand::random::<u64>(), self.conn_id as u32),
+                None,
+            ),
+        };
+        self.session_id = session_id;
+        let nonce = rand::random::<u64>();
         let resume_token = self.node.resume_keys.sign(&ResumeClaims {
             session: self.session_id.clone(),
             user,
-            nonce: rand::random(),
+            nonce,
         });
+        self.node
+            .resumes
+            .register_live(&self.session_id, self.conn_id, nonce, self.outbox.clone());
         let hb = self.node.config.heartbeat;
         let now = Instant::now();
         // The first ping lands somewhere in the second half of the period, so
@@ -453,17 +496,110 @@ impl Session {
         let jitter = hb.mul_f64(0.5 + rand::random::<f64>() * 0.5);
         self.next_ping = now + jitter;
         self.phase = Phase::Active;
-        self.reply(&ServerMessage::Connected(Connected {
+
+        let channels = record.map(|r| {
+            let named = c.resume.as_ref().and_then(|r| r.channels.as_ref());
+            self.restore(r, named)
+        });
+        let connected = ServerMessage::Connected(Connected {
             id: c.id,
             session: self.session_id.clone(),
             resume_token,
             heartbeat: hb.as_secs(),
-            resumed: false,
-            channels: None,
+            resumed,
+            channels,
             node: self.node.node_id().to_owned(),
-        }));
-        debug!(session = %self.session_id, "connected");
+        });
+        // Replays of a resume are queued already: `connected` goes first.
+        let _ = self
+            .outbox
+            .push_front(Frame::reply(encode_server(&connected, self.encoding)));
+        debug!(session = %self.session_id, resumed, "connected");
         Ok(())
+    }
+
+    /// Re-subscribes the channels of a resumed session, replaying what the
+    /// client missed on each; returns the per-channel outcome for `connected`.
+    fn restore(
+        &mut self,
+        record: SessionRecord,
+        named: Option<&BTreeMap<ChannelName, Offset>>,
+    ) -> BTreeMap<ChannelName, ChannelRecovery> {
+        let mut out = BTreeMap::new();
+        for sub in record.subs {
+            if !self.grant().may_subscribe(&sub.channel) {
+                continue;
+            }
+            let after = named
+                .and_then(|m| m.get(&sub.channel).copied())
+                .or(sub.acked)
+                .unwrap_or(sub.delivered);
+            let since = StreamPosition {
+                epoch: sub.epoch,
+                offset: after,
+            };
+            let n = self.new_sub_number();
+            let subscriber = self.subscriber(n);
+            let Ok(result) =
+                self.node
+                    .hub
+                    .subscribe(&sub.channel, subscriber, Some(&since), |_, _| None)
+            else {
+                // The outbox overflowed: the session is closing as slow.
+                break;
+            };
+            self.count_recovery(result.recovered, result.replayed);
+            self.subs.insert(
+                n,
+                SubState {
+                    channel: sub.channel.clone(),
+                    epoch: result.position.epoch.clone(),
+                    delivered: if result.recovered {
+                        after
+                    } else {
+                        result.position.offset
+                    },
+                    acked: if result.recovered { sub.acked } else { None },
+                },
+            );
+            self.by_channel.insert(sub.channel.clone(), n);
+            out.insert(
+                sub.channel,
+                ChannelRecovery {
+                    epoch: result.position.epoch,
+                    offset: result.position.offset,
+                    recovered: result.recovered,
+                },
+            );
+        }
+        out
+    }
+
+    fn new_sub_number(&mut self) -> u32 {
+        let n = self.next_sub;
+        self.next_sub = self.next_sub.wrapping_add(1).max(1);
+        n
+    }
+
+    fn subscriber(&self, n: u32) -> Subscriber {
+        Subscriber {
+            id: SubscriptionId {
+                session: self.conn_id,
+                sub: n,
+            },
+            outbox: self.outbox.clone(),
+            encoding: self.encoding,
+        }
+    }
+
+    fn count_recovery(&self, recovered: bool, replayed: usize) {
+        let m = &self.node.metrics;
+        m.recoveries
+            .get_or_create(&RecoveredLabel {
+                recovered: if recovered { "true" } else { "false" },
+            })
+            .inc();
+        m.replayed.inc_by(replayed as u64);
     }
 
     fn grant(&self) -> &Grant {
@@ -531,8 +667,8 @@ impl Session {
                 {
                     // Cumulative, and never beyond what was written.
                     let offset = a.offset.min(sub.delivered);
-                    if offset > sub.acked {
-                        sub.acked = offset;
+                    if sub.acked.is_none_or(|acked| offset > acked) {
+                        sub.acked = Some(offset);
                     }
                 }
             }
@@ -559,21 +695,13 @@ impl Session {
             );
             return;
         }
-        let n = self.next_sub;
-        self.next_sub = self.next_sub.wrapping_add(1).max(1);
-        let subscriber = Subscriber {
-            id: SubscriptionId {
-                session: self.conn_id,
-                sub: n,
-            },
-            outbox: self.outbox.clone(),
-            encoding: self.encoding,
-        };
+        let n = self.new_sub_number();
+        let subscriber = self.subscriber(n);
         let encoding = self.encoding;
         let id = sub.id;
         let channel = sub.channel.clone();
         let reply = |pos: &Position, recovered: bool| {
-            Frame::reply(encode_server(
+            Some(Frame::reply(encode_server(
                 &ServerMessage::Subscribed(Subscribed {
                     id,
                     channel: channel.clone(),
@@ -582,7 +710,7 @@ impl Session {
                     recovered,
                 }),
                 encoding,
-            ))
+            )))
         };
         match self
             .node
@@ -590,6 +718,9 @@ impl Session {
             .subscribe(&sub.channel, subscriber, sub.since.as_ref(), reply)
         {
             Ok(result) => {
+                if sub.since.is_some() {
+                    self.count_recovery(result.recovered, result.replayed);
+                }
                 let start = match (&sub.since, result.recovered) {
                     (Some(since), true) => since.offset,
                     _ => result.position.offset,
@@ -600,7 +731,7 @@ impl Session {
                         channel: sub.channel.clone(),
                         epoch: result.position.epoch,
                         delivered: start,
-                        acked: start,
+                        acked: None,
                     },
                 );
                 self.by_channel.insert(sub.channel, n);
@@ -638,8 +769,9 @@ impl Session {
         }
     }
 
-    /// Leaves the hub and the session table.
+    /// Leaves the hub and the session table; leaves what a resume needs.
     fn cleanup(&mut self) {
+        let mut record = SessionRecord::default();
         for (n, sub) in self.subs.drain() {
             self.node.hub.unsubscribe(
                 &sub.channel,
@@ -648,9 +780,23 @@ impl Session {
                     sub: n,
                 },
             );
+            record.subs.push(SubRecord {
+                channel: sub.channel,
+                epoch: sub.epoch,
+                delivered: sub.delivered,
+                acked: sub.acked,
+            });
         }
         self.by_channel.clear();
         self.node.sessions.remove(self.conn_id);
+        if matches!(self.phase, Phase::Active) {
+            self.node.resumes.detach(
+                &self.session_id,
+                self.conn_id,
+                record,
+                self.node.config.resume_window,
+            );
+        }
     }
 }
 

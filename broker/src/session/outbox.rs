@@ -121,6 +121,21 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queues a frame ahead of everything already queued: the `connected`
+    /// of a resume, which must precede the replays queued while restoring.
+    pub fn push_front(&self, frame: Frame) -> Result<(), PushError> {
+        {
+            let mut inner = self.inner.lock();
+            if inner.closed.is_some() {
+                return Err(PushError::Closed);
+            }
+            inner.bytes += frame.bytes.len();
+            inner.queue.push_front(frame);
+        }
+        self.waker.wake();
+        Ok(())
+    }
+
     /// Asks the session to close with `code`; the first close wins. Frames
     /// already queued are still written before the close.
     pub fn close(&self, code: CloseCode) {

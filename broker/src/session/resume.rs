@@ -98,3 +98,266 @@ mod tests {
         assert_eq!(k.verify(""), None);
     }
 }
+
+/// One subscription as a resumed session needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubRecord {
+    pub channel: tether_protocol::ChannelName,
+    pub epoch: tether_protocol::Epoch,
+    /// Last offset written to the old connection.
+    pub delivered: tether_protocol::Offset,
+    /// Last offset the client acked, if it ever acked this channel.
+    pub acked: Option<tether_protocol::Offset>,
+}
+
+/// What a session leaves behind when its connection ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionRecord {
+    pub subs: Vec<SubRecord>,
+}
+
+/// Why a resume attempt gives a fresh session instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a token of ours (forged, damaged, or signed by another key).
+    Invalid,
+    /// A token of another user.
+    OtherUser,
+    /// Unknown session, or its resume window has passed.
+    Expired,
+    /// The token was already used (a newer one has been issued since).
+    Used,
+    /// The live session did not hand over in time.
+    TakeoverFailed,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Invalid => "invalid",
+            Refusal::OtherUser => "other_user",
+            Refusal::Expired => "expired",
+            Refusal::Used => "used",
+            Refusal::TakeoverFailed => "takeover_failed",
+        }
+    }
+}
+
+/// The outcome of claiming a session with a valid token.
+#[derive(Debug)]
+pub enum Claim {
+    /// The session was detached: here is what it left.
+    Ready(SessionRecord),
+    /// The session is still connected: it has been told to close (4000) and
+    /// will hand its record over through this receiver.
+    TakeOver(tokio::sync::oneshot::Receiver<SessionRecord>),
+    Refused(Refusal),
+}
+
+#[derive(Debug)]
+enum Entry {
+    Live {
+        conn_id: u64,
+        nonce: u64,
+        outbox: std::sync::Arc<super::outbox::Outbox>,
+        takeover: Option<tokio::sync::oneshot::Sender<SessionRecord>>,
+    },
+    Detached {
+        nonce: u64,
+        record: SessionRecord,
+        expires: std::time::Instant,
+    },
+}
+
+/// Sessions that can be resumed on this node: live ones (for takeover) and
+/// detached ones within their resume window. The in-memory implementation
+/// of a single node; a cluster keeps the same records in Redis.
+#[derive(Debug, Default)]
+pub struct ResumeRegistry {
+    map: parking_lot::Mutex<std::collections::HashMap<String, Entry>>,
+}
+
+impl ResumeRegistry {
+    /// Records a live session and the nonce of the token it was just given.
+    pub fn register_live(
+        &self,
+        session: &str,
+        conn_id: u64,
+        nonce: u64,
+        outbox: std::sync::Arc<super::outbox::Outbox>,
+    ) {
+        self.map.lock().insert(
+            session.to_owned(),
+            Entry::Live {
+                conn_id,
+                nonce,
+                outbox,
+                takeover: None,
+            },
+        );
+    }
+
+    /// Claims the session a valid token names, for `user`. A refused claim
+    /// changes nothing: the token stays usable by its owner.
+    pub fn claim(&self, claims: &ResumeClaims, user: &str) -> Claim {
+        if claims.user != user {
+            return Claim::Refused(Refusal::OtherUser);
+        }
+        let mut map = self.map.lock();
+        let Some(entry) = map.get_mut(&claims.session) else {
+            return Claim::Refused(Refusal::Expired);
+        };
+        match entry {
+            Entry::Detached { nonce, expires, .. } => {
+                if *nonce != claims.nonce {
+                    return Claim::Refused(Refusal::Used);
+                }
+                if std::time::Instant::now() > *expires {
+                    map.remove(&claims.session);
+                    return Claim::Refused(Refusal::Expired);
+                }
+                match map.remove(&claims.session) {
+                    Some(Entry::Detached { record, .. }) => Claim::Ready(record),
+                    _ => Claim::Refused(Refusal::Expired),
+                }
+            }
+            Entry::Live {
+                nonce,
+                outbox,
+                takeover,
+                ..
+            } => {
+                if *nonce != claims.nonce || takeover.is_some() {
+                    return Claim::Refused(Refusal::Used);
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                *takeover = Some(tx);
+                outbox.close(tether_protocol::CloseCode::Normal);
+                Claim::TakeOver(rx)
+            }
+        }
+    }
+
+    /// Called when a session's connection ends: hands the record to a
+    /// session taking it over, or keeps it for `window`.
+    pub fn detach(
+        &self,
+        session: &str,
+        conn_id: u64,
+        record: SessionRecord,
+        window: std::time::Duration,
+    ) {
+        let mut map = self.map.lock();
+        let Some(Entry::Live { conn_id: live, .. }) = map.get(session) else {
+            return;
+        };
+        if *live != conn_id {
+            // Already taken over and registered by a newer connection.
+            return;
+        }
+        match map.remove(session) {
+            Some(Entry::Live {
+                takeover: Some(tx), ..
+            }) => {
+                let _ = tx.send(record);
+            }
+            Some(Entry::Live { nonce, .. }) => {
+                map.insert(
+                    session.to_owned(),
+                    Entry::Detached {
+                        nonce,
+                        record,
+                        expires: std::time::Instant::now() + window,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets detached sessions whose window has passed.
+    pub fn sweep(&self) {
+        let now = std::time::Instant::now();
+        self.map
+            .lock()
+            .retain(|_, e| !matches!(e, Entry::Detached { expires, .. } if *expires < now));
+    }
+
+    /// Number of detached (resumable) sessions.
+    pub fn detached(&self) -> usize {
+        self.map
+            .lock()
+            .values()
+            .filter(|e| matches!(e, Entry::Detached { .. }))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+    use crate::session::outbox::Outbox;
+    use std::time::Duration;
+
+    fn claims(nonce: u64, user: &str) -> ResumeClaims {
+        ResumeClaims {
+            session: "s".into(),
+            user: user.into(),
+            nonce,
+        }
+    }
+
+    #[test]
+    fn a_detached_session_is_claimed_once_within_its_window() {
+        let r = ResumeRegistry::default();
+        r.register_live("s", 1, 42, Outbox::new(1000, 10));
+        r.detach("s", 1, SessionRecord::default(), Duration::from_secs(60));
+        assert!(matches!(
+            r.claim(&claims(42, "bob"), "alice"),
+            Claim::Refused(Refusal::OtherUser)
+        ));
+        assert!(matches!(
+            r.claim(&claims(41, "alice"), "alice"),
+            Claim::Refused(Refusal::Used)
+        ));
+        assert!(matches!(
+            r.claim(&claims(42, "alice"), "alice"),
+            Claim::Ready(_)
+        ));
+        assert!(matches!(
+            r.claim(&claims(42, "alice"), "alice"),
+            Claim::Refused(Refusal::Expired)
+        ));
+    }
+
+    #[test]
+    fn after_the_window_the_session_is_gone() {
+        let r = ResumeRegistry::default();
+        r.register_live("s", 1, 1, Outbox::new(1000, 10));
+        r.detach("s", 1, SessionRecord::default(), Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(matches!(
+            r.claim(&claims(1, ""), ""),
+            Claim::Refused(Refusal::Expired)
+        ));
+    }
+
+    #[test]
+    fn a_live_session_is_taken_over_and_hands_its_record_over() {
+        let r = ResumeRegistry::default();
+        let old = Outbox::new(1000, 10);
+        r.register_live("s", 1, 7, old.clone());
+        let Claim::TakeOver(mut rx) = r.claim(&claims(7, "u"), "u") else {
+            panic!("expected takeover")
+        };
+        assert!(old.is_closed());
+        // A second claim with the same token while the first is pending is refused.
+        assert!(matches!(
+            r.claim(&claims(7, "u"), "u"),
+            Claim::Refused(Refusal::Used)
+        ));
+        r.detach("s", 1, SessionRecord::default(), Duration::from_secs(60));
+        assert_eq!(rx.try_recv().ok(), Some(SessionRecord::default()));
+        assert_eq!(r.detached(), 0);
+    }
+}

@@ -6,4 +6,5 @@ mod api;
 mod auth;
 mod bad_input;
 mod lifecycle;
+mod resume;
 mod sessions;
