@@ -40,7 +40,8 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 #[command(
     name = "broker",
     version,
-    about = "Tether: real-time push and messaging broker"
+    about = "Tether: real-time push and messaging broker",
+    args_override_self = true
 )]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
@@ -145,6 +146,15 @@ pub struct Settings {
     /// FCM base URL
     #[arg(long, env = "TETHER_FCM_ENDPOINT")]
     pub fcm_endpoint: Option<String>,
+    /// Seconds without any packet before a QUIC connection is dropped [default: 60]
+    #[arg(long, env = "TETHER_QUIC_IDLE_TIMEOUT")]
+    pub quic_idle_timeout: Option<u64>,
+    /// Seconds between QUIC keep-alive packets from the server; 0 = off, the protocol's pings suffice [default: 0]
+    #[arg(long, env = "TETHER_QUIC_KEEP_ALIVE")]
+    pub quic_keep_alive: Option<u64>,
+    /// 64 hex characters: the key sealing TLS session tickets, shared by the nodes of a cluster [default: random per start]
+    #[arg(long, env = "TETHER_QUIC_TICKET_KEY")]
+    pub quic_ticket_key: Option<String>,
     /// Log format: `text` or `json` [default: text]
     #[arg(long, env = "TETHER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -208,6 +218,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     pub apns_configured: bool,
     pub fcm_configured: bool,
+    pub quic_idle_timeout: Duration,
+    pub quic_keep_alive: Option<Duration>,
+    pub quic_ticket_key: Option<[u8; 32]>,
     pub log_format: LogFormat,
 }
 
@@ -305,6 +318,9 @@ impl Settings {
             apns_endpoint,
             fcm_service_account,
             fcm_endpoint,
+            quic_idle_timeout,
+            quic_keep_alive,
+            quic_ticket_key,
             log_format,
         )
     }
@@ -456,6 +472,29 @@ impl Settings {
             ));
         }
 
+        let quic_idle_timeout =
+            Duration::from_secs(positive("quic-idle-timeout", self.quic_idle_timeout, 60)?);
+        let quic_keep_alive = match self.quic_keep_alive.unwrap_or(0) {
+            0 => None,
+            s if Duration::from_secs(s) >= quic_idle_timeout => {
+                return Err(invalid(
+                    "quic-keep-alive",
+                    "must be shorter than quic-idle-timeout",
+                ));
+            }
+            s => Some(Duration::from_secs(s)),
+        };
+        let quic_ticket_key = match self.quic_ticket_key {
+            None => None,
+            Some(hex_key) => {
+                let bytes = hex::decode(hex_key.trim())
+                    .map_err(|_| invalid("quic-ticket-key", "must be 64 hex characters"))?;
+                Some(<[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                    invalid("quic-ticket-key", "must be 64 hex characters (32 bytes)")
+                })?)
+            }
+        };
+
         Ok(Config {
             client_addr,
             quic_addr,
@@ -485,6 +524,9 @@ impl Settings {
             tls_key: self.tls_key,
             apns_configured: apns.iter().all(|b| *b),
             fcm_configured: self.fcm_service_account.is_some(),
+            quic_idle_timeout,
+            quic_keep_alive,
+            quic_ticket_key,
             log_format,
         })
     }

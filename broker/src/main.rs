@@ -54,6 +54,13 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    // One crypto provider for the whole process (see CRATES.md): aws-lc-rs.
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

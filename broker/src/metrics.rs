@@ -55,6 +55,10 @@ pub struct Metrics {
     pub resumes: Family<OutcomeLabel, Counter>,
     pub recoveries: Family<RecoveredLabel, Counter>,
     pub replayed: Counter,
+    pub quic_handshakes: Family<ReasonLabel, Counter>,
+    pub quic_migrations: Counter,
+    pub history_bytes: Gauge,
+    pub history_messages: Gauge,
 }
 
 impl Metrics {
@@ -77,6 +81,10 @@ impl Metrics {
             resumes: Family::default(),
             recoveries: Family::default(),
             replayed: Counter::default(),
+            quic_handshakes: Family::default(),
+            quic_migrations: Counter::default(),
+            history_bytes: Gauge::default(),
+            history_messages: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tether");
         r.register(
@@ -148,6 +156,26 @@ impl Metrics {
             "replayed_messages",
             "Messages replayed from history by recoveries",
             m.replayed.clone(),
+        );
+        r.register(
+            "quic_handshakes",
+            "QUIC handshakes: completed, and of those resumed from a session ticket",
+            m.quic_handshakes.clone(),
+        );
+        r.register(
+            "quic_migrations",
+            "QUIC sessions that continued from a new client address",
+            m.quic_migrations.clone(),
+        );
+        r.register(
+            "history_bytes",
+            "Payload bytes retained in channel histories",
+            m.history_bytes.clone(),
+        );
+        r.register(
+            "history_messages",
+            "Messages retained in channel histories",
+            m.history_messages.clone(),
         );
         m
     }

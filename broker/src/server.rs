@@ -23,7 +23,8 @@ use crate::auth::KeyError;
 use crate::config::Config;
 use crate::node::Node;
 use crate::session;
-use crate::transport::ws;
+use crate::transport::tls::Identity;
+use crate::transport::{quic, ws};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum ServerError {
     Key(#[from] KeyError),
     #[error("setting `redis-url`: cluster mode through Redis is not available in this build yet")]
     ClusterUnavailable,
+    #[error(transparent)]
+    Tls(#[from] crate::transport::tls::TlsError),
 }
 
 /// A node with its listeners bound, not yet serving.
@@ -45,6 +48,7 @@ pub struct Server {
     node: Arc<Node>,
     client: TcpListener,
     api: TcpListener,
+    quic: Option<(quinn::Endpoint, Identity)>,
 }
 
 impl Server {
@@ -70,7 +74,21 @@ impl Server {
                 addr: cfg.api_addr,
                 source,
             })?;
-        Ok(Server { node, client, api })
+        let quic = match cfg.quic_addr {
+            Some(addr) => Some(quic::endpoint(&node, addr)?),
+            None => None,
+        };
+        Ok(Server {
+            node,
+            client,
+            api,
+            quic,
+        })
+    }
+
+    /// The bound QUIC address, when QUIC is on.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|(e, _)| e.local_addr().ok())
     }
 
     pub fn client_addr(&self) -> std::io::Result<SocketAddr> {
@@ -87,7 +105,12 @@ impl Server {
 
     /// Serves until `shutdown` completes, then shuts down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server { node, client, api } = self;
+        let Server {
+            node,
+            client,
+            api,
+            quic,
+        } = self;
         let cfg = &node.config;
         let client_addr = client.local_addr().ok();
         let api_addr = api.local_addr().ok();
@@ -97,8 +120,17 @@ impl Server {
         if let Some(addr) = api_addr {
             info!(listener = "api", %addr, "listening on {addr} (backend API)");
         }
-        if let Some(addr) = cfg.quic_addr {
-            warn!(%addr, "quic-addr is set, but the QUIC listener is not available in this build yet; clients use WebSocket");
+        if let Some((endpoint, identity)) = &quic
+            && let Ok(addr) = endpoint.local_addr()
+        {
+            info!(listener = "quic", %addr, "listening on {addr} (QUIC, ALPN tether/1)");
+            if identity.self_signed {
+                info!(
+                    fingerprint = %identity.fingerprint,
+                    "QUIC uses a self-signed certificate; development clients can pin its SHA-256 fingerprint {}",
+                    identity.fingerprint
+                );
+            }
         }
         if cfg.api_key.is_none() {
             warn!(
@@ -135,6 +167,19 @@ impl Server {
             )
             .instrument(info_span!("accept", listener = "client")),
         );
+
+        let quic_endpoint = quic.map(|(endpoint, _)| {
+            tracker.spawn(
+                quic::accept_loop(
+                    node.clone(),
+                    endpoint.clone(),
+                    stop_accepting.clone(),
+                    tracker.clone(),
+                )
+                .instrument(info_span!("accept", listener = "quic")),
+            );
+            endpoint
+        });
 
         let api_task = tokio::spawn({
             let app = crate::api::router(node.clone());
@@ -183,6 +228,13 @@ impl Server {
                 remaining = node.sessions.len(),
                 "shutdown timeout reached with sessions still open"
             );
+        }
+        if let Some(endpoint) = quic_endpoint {
+            endpoint.close(
+                quinn::VarInt::from(CloseCode::ShuttingDown.code()),
+                CloseCode::ShuttingDown.reason().as_bytes(),
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
         sweeper.abort();
         stop_api.cancel();

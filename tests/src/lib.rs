@@ -61,6 +61,10 @@ pub struct TestBroker {
     child: Child,
     pub client_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The QUIC listener, when started with `--quic-addr`.
+    pub quic_addr: Option<SocketAddr>,
+    /// SHA-256 fingerprint of the QUIC certificate, when self-signed.
+    pub quic_fingerprint: Option<String>,
     log: Arc<Mutex<Vec<String>>>,
     _data_dir: tempfile::TempDir,
 }
@@ -105,7 +109,8 @@ impl TestBroker {
             });
         }
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut client_addr, mut api_addr) = (None, None);
+        let (mut client_addr, mut api_addr, mut quic_addr, mut quic_fingerprint) =
+            (None, None, None, None);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -122,7 +127,15 @@ impl TestBroker {
                     client_addr = addr;
                 } else if line.contains("listener=\"api\"") || line.contains("listener=api") {
                     api_addr = addr;
+                } else if line.contains("listener=\"quic\"") || line.contains("listener=quic") {
+                    quic_addr = addr;
                 }
+            }
+            if let Some(fp) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("fingerprint="))
+            {
+                quic_fingerprint = Some(fp.trim_matches('"').to_owned());
             }
             if line.contains(" ready") {
                 break;
@@ -136,6 +149,8 @@ impl TestBroker {
             child,
             client_addr,
             api_addr,
+            quic_addr,
+            quic_fingerprint,
             log,
             _data_dir: data_dir,
         })
@@ -505,6 +520,23 @@ impl TestBroker {
     pub async fn wait_for_no_connections(&self) -> Result<()> {
         self.wait_for_metric("tether_connections{transport=\"ws\"} 0")
             .await
+    }
+}
+
+impl TestBroker {
+    /// A QUIC client connected to this broker (started with
+    /// `--quic-addr 127.0.0.1:0`), pinning its self-signed certificate.
+    pub async fn quic_client(&self) -> Result<tether_client::Client> {
+        let addr = self.quic_addr.context("broker has no QUIC listener")?;
+        let fp = self
+            .quic_fingerprint
+            .clone()
+            .context("no certificate fingerprint logged")?;
+        Ok(tether_client::Client::connect_quic(
+            addr,
+            tether_client::QuicOptions::pinned("localhost", &fp),
+        )
+        .await?)
     }
 }
 

@@ -162,6 +162,15 @@ impl Hub {
             .clone()
     }
 
+    /// Keeps the history gauges true after `h` changed from `before`
+    /// (messages, payload bytes).
+    fn account(&self, before: (usize, usize), h: &History) {
+        let m = &self.metrics;
+        m.history_messages.inc_by(h.len() as i64 - before.0 as i64);
+        m.history_bytes
+            .inc_by(h.payload_bytes() as i64 - before.1 as i64);
+    }
+
     /// Runs `f` on the live state of `name`, creating the channel if needed.
     fn with_channel<R>(
         &self,
@@ -228,6 +237,7 @@ impl Hub {
                     .subscriptions
                     .dec_by((before - st.subscribers.len()) as i64);
             }
+            let before = (st.history.len(), st.history.payload_bytes());
             st.history.push(
                 Entry {
                     offset,
@@ -239,6 +249,7 @@ impl Hub {
                 cfg.history_ttl,
                 published_at,
             );
+            self.account(before, &st.history);
             Position {
                 epoch: st.epoch.clone(),
                 offset,
@@ -260,7 +271,9 @@ impl Hub {
         let now = Instant::now();
         let ttl = self.config.history_ttl;
         let result = self.with_channel(channel, |ch, st| {
+            let before = (st.history.len(), st.history.payload_bytes());
             st.history.expire(ttl, now);
+            self.account(before, &st.history);
             st.last_activity = now;
             let position = Position {
                 epoch: st.epoch.clone(),
@@ -336,7 +349,9 @@ impl Hub {
             };
         };
         let mut st = ch.state.lock();
+        let before = (st.history.len(), st.history.payload_bytes());
         st.history.expire(self.config.history_ttl, Instant::now());
+        self.account(before, &st.history);
         HistoryPage {
             position: Position {
                 epoch: st.epoch.clone(),
@@ -361,7 +376,9 @@ impl Hub {
             let mut map = shard.write();
             map.retain(|_, ch| {
                 let mut st = ch.state.lock();
+                let before = (st.history.len(), st.history.payload_bytes());
                 st.history.expire(self.config.history_ttl, now);
+                self.account(before, &st.history);
                 let idle = st.subscribers.is_empty()
                     && st.history.is_empty()
                     && now.saturating_duration_since(st.last_activity)

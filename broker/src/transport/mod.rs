@@ -3,6 +3,8 @@
 //! [`Transport`], the one seam between the WebSocket (and later QUIC)
 //! connection and the single session implementation.
 
+pub mod quic;
+pub mod tls;
 pub mod ws;
 
 use std::collections::VecDeque;

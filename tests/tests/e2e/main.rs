@@ -6,5 +6,6 @@ mod api;
 mod auth;
 mod bad_input;
 mod lifecycle;
+mod quic;
 mod resume;
 mod sessions;

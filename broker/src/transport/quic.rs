@@ -1,0 +1,336 @@
+//! QUIC transport (PROTOCOL.md §2): a quinn endpoint with ALPN `tether/1`
+//! and TLS 1.3; the client's first bidirectional stream is the session
+//! stream, carrying 4-byte big-endian length-prefixed MessagePack maps.
+//!
+//! Nothing here keys a session by the peer's address: quinn validates a new
+//! path and the session carries on when a phone changes network. Close codes
+//! travel as QUIC application close codes.
+//!
+//! Memory: every QUIC connection holds its receive windows' worth of buffers
+//! only while data is in flight, but quinn's defaults allow ~1.25 MB per
+//! stream; the transport config below sizes them for many mostly idle
+//! sessions (see `transport_config`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, IdleTimeout, RecvStream, SendStream, VarInt};
+use tether_protocol::frame::{FrameDecoder, put_frame};
+use tether_protocol::{CloseCode, Encoding, QUIC_ALPN};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::tls::{CountingTickets, Identity, SharedTicketKey, TlsError};
+use super::{Inbound, Transport, TransportError};
+use crate::metrics::ReasonLabel;
+use crate::node::Node;
+use crate::session;
+use crate::session::outbox::Frame;
+
+/// Bytes read from the stream at a time.
+const READ_CHUNK: usize = 4096;
+
+/// The transport parameters of every QUIC connection, sized for many mostly
+/// idle sessions on mobile networks.
+pub fn transport_config(
+    max_message_size: usize,
+    idle_timeout: Duration,
+    keep_alive: Option<Duration>,
+) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // One session stream per connection; extra bidirectional streams are
+    // refused by flow control, unidirectional ones are not allowed at all.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Room for one maximal message plus its header on the stream, and a
+    // little more on the connection: the windows bound what a client can
+    // make us buffer (defaults: 1.25 MB per stream, 15.6 MB per connection).
+    let window = (max_message_size + 4 + 1024) as u32;
+    t.stream_receive_window(VarInt::from_u32(window));
+    t.receive_window(VarInt::from_u32(window.saturating_mul(2)));
+    t.send_window(1024 * 1024);
+    t.datagram_receive_buffer_size(None);
+    t.datagram_send_buffer_size(0);
+    t.crypto_buffer_size(4096);
+    if let Ok(idle) = IdleTimeout::try_from(idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(keep_alive);
+    t
+}
+
+/// Builds the QUIC endpoint for `node`, bound to `addr`.
+pub fn endpoint(node: &Node, addr: SocketAddr) -> Result<(Endpoint, Identity), TlsError> {
+    let cfg = &node.config;
+    let identity = Identity::load_or_generate(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+    // Early data is accepted (QUIC requires 0 or u32::MAX), but the session
+    // acts on nothing before the handshake completes: see docs/protocol.md.
+    tls.max_early_data_size = u32::MAX;
+    let tickets: Arc<dyn rustls::server::ProducesTickets> = match &cfg.quic_ticket_key {
+        Some(key) => Arc::new(SharedTicketKey::new(key)?),
+        None => rustls::crypto::aws_lc_rs::Ticketer::new()
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+    };
+    tls.ticketer = Arc::new(CountingTickets {
+        inner: tickets,
+        resumed: node
+            .metrics
+            .quic_handshakes
+            .get_or_create(&ReasonLabel { reason: "resumed" })
+            .clone(),
+    });
+    tls.send_tls13_tickets = 2;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(
+        cfg.max_message_size,
+        cfg.quic_idle_timeout,
+        cfg.quic_keep_alive,
+    )));
+    server.migration(true);
+    let endpoint = Endpoint::server(server, addr)
+        .map_err(|e| TlsError::Config(format!("cannot bind the QUIC listener on {addr}: {e}")))?;
+    Ok((endpoint, identity))
+}
+
+/// Accepts QUIC connections until `stop`; each runs its handshake and its
+/// session in its own task.
+pub async fn accept_loop(
+    node: Arc<Node>,
+    endpoint: Endpoint,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(node.config.max_connections));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            node.metrics
+                .connections_refused
+                .get_or_create(&ReasonLabel { reason: "limit" })
+                .inc();
+            incoming.refuse();
+            continue;
+        };
+        if node.is_shutting_down() {
+            incoming.refuse();
+            continue;
+        }
+        let node = node.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let peer = incoming.remote_address();
+            let timeout = node.config.connect_timeout;
+            let conn = match incoming.accept() {
+                Ok(connecting) => match tokio::time::timeout(timeout, connecting).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "quic handshake failed");
+                        refused(&node, "handshake");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "quic handshake timed out");
+                        refused(&node, "handshake_timeout");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    debug!(%peer, error = %e, "quic connection refused");
+                    refused(&node, "handshake");
+                    return;
+                }
+            };
+            node.metrics.quic_handshakes.get_or_create(&ReasonLabel { reason: "completed" }).inc();
+            // The session stream: the client's first bidirectional stream.
+            let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "connection closed before opening its session stream");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "no session stream in time");
+                    node.metrics
+                        .disconnects
+                        .get_or_create(&crate::metrics::CodeLabel {
+                            code: CloseCode::ProtocolError.code(),
+                        })
+                        .inc();
+                    conn.close(VarInt::from(CloseCode::ProtocolError.code()), b"no session stream");
+                    return;
+                }
+            };
+            let conn_id = node.next_conn_id();
+            let transport = QuicTransport::new(conn, send, recv, node.config.max_message_size, node.clone());
+            session::run(node, transport, conn_id).await;
+        });
+    }
+    // New connections are refused from now on; live sessions are closed by
+    // the server's shutdown (4010), then the endpoint itself.
+    endpoint.set_server_config(None);
+    debug!("quic accept loop stopped");
+}
+
+fn refused(node: &Node, reason: &'static str) {
+    node.metrics
+        .connections_refused
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+}
+
+/// One QUIC connection's session stream.
+pub struct QuicTransport {
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    inbuf: BytesMut,
+    decoder: FrameDecoder,
+    /// Framed bytes handed to the stream but not yet accepted by it.
+    out: BytesMut,
+    last_addr: SocketAddr,
+    node: Arc<Node>,
+}
+
+impl QuicTransport {
+    pub fn new(
+        conn: Connection,
+        send: SendStream,
+        recv: RecvStream,
+        max_message_size: usize,
+        node: Arc<Node>,
+    ) -> Self {
+        let last_addr = conn.remote_address();
+        Self {
+            conn,
+            send,
+            recv,
+            inbuf: BytesMut::new(),
+            decoder: FrameDecoder::new(max_message_size),
+            out: BytesMut::new(),
+            last_addr,
+            node,
+        }
+    }
+
+    fn note_path(&mut self) {
+        let addr = self.conn.remote_address();
+        if addr != self.last_addr {
+            debug!(from = %self.last_addr, to = %addr, "client migrated");
+            self.last_addr = addr;
+            self.node.metrics.quic_migrations.inc();
+        }
+    }
+
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        while !self.out.is_empty() {
+            let n = ready!(Pin::new(&mut self.send).poll_write(cx, &self.out))
+                .map_err(|e| TransportError::Gone(e.to_string()))?;
+            self.out.advance(n);
+        }
+        // Release a burst's buffer once it has been written.
+        if self.out.capacity() > 64 * 1024 {
+            self.out = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for QuicTransport {
+    const NAME: &'static str = "quic";
+
+    fn encoding(&self) -> Encoding {
+        Encoding::MsgPack
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Inbound, TransportError>> {
+        loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(frame)) => {
+                    self.note_path();
+                    if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * READ_CHUNK {
+                        self.inbuf = BytesMut::new();
+                    }
+                    return Poll::Ready(Ok(Inbound::Message(frame)));
+                }
+                Ok(None) => {}
+                Err(_) => return Poll::Ready(Err(TransportError::TooLarge)),
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK {
+                self.inbuf.reserve(READ_CHUNK);
+            }
+            let n = match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.recv),
+                cx,
+                &mut self.inbuf
+            )) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(TransportError::Gone(e.to_string()))),
+            };
+            if n == 0 {
+                return Poll::Ready(if self.inbuf.is_empty() {
+                    Ok(Inbound::Closed)
+                } else {
+                    Err(TransportError::Protocol(
+                        "stream ended inside a frame".into(),
+                    ))
+                });
+            }
+        }
+    }
+
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut VecDeque<Frame>,
+        sent: &mut dyn FnMut(Frame),
+    ) -> Poll<Result<(), TransportError>> {
+        loop {
+            ready!(self.poll_write_out(cx))?;
+            if frames.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            // Batch: frame everything queued into one buffer, write once.
+            while let Some(f) = frames.pop_front() {
+                put_frame(&mut self.out, &f.bytes);
+                sent(f);
+            }
+        }
+    }
+
+    async fn close(&mut self, code: CloseCode, last: Option<Bytes>) {
+        if let Some(bytes) = last {
+            put_frame(&mut self.out, &bytes);
+        }
+        let out = std::mem::take(&mut self.out);
+        if !out.is_empty() && self.send.write_all(&out).await.is_ok() {
+            let _ = self.send.finish();
+            // Give the peer the chance to read the `disconnect` before the
+            // connection close discards what is in flight.
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.send.stopped()).await;
+        }
+        self.conn
+            .close(VarInt::from(code.code()), code.reason().as_bytes());
+    }
+}
