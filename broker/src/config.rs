@@ -182,6 +182,23 @@ impl std::fmt::Debug for ClientAuth {
     }
 }
 
+/// APNs token-auth settings (all four given, or none).
+#[derive(Debug, Clone)]
+pub struct ApnsSettings {
+    pub key_file: PathBuf,
+    pub key_id: String,
+    pub team_id: String,
+    pub topic: String,
+    pub endpoint: Option<String>,
+}
+
+/// FCM HTTP v1 settings.
+#[derive(Debug, Clone)]
+pub struct FcmSettings {
+    pub service_account: PathBuf,
+    pub endpoint: Option<String>,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -216,8 +233,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    pub apns_configured: bool,
-    pub fcm_configured: bool,
+    pub apns: Option<ApnsSettings>,
+    pub fcm: Option<FcmSettings>,
     pub quic_idle_timeout: Duration,
     pub quic_keep_alive: Option<Duration>,
     pub quic_ticket_key: Option<[u8; 32]>,
@@ -465,6 +482,16 @@ impl Settings {
             self.apns_team_id.is_some(),
             self.apns_topic.is_some(),
         ];
+        for (given, setting) in [
+            (&self.apns_endpoint, "apns-endpoint"),
+            (&self.fcm_endpoint, "fcm-endpoint"),
+        ] {
+            if let Some(url) = given
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(invalid(setting, "must be an http:// or https:// URL"));
+            }
+        }
         if apns.iter().any(|b| *b) && !apns.iter().all(|b| *b) {
             return Err(invalid(
                 "apns-key-file",
@@ -522,8 +549,25 @@ impl Settings {
             shutdown_timeout,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
-            apns_configured: apns.iter().all(|b| *b),
-            fcm_configured: self.fcm_service_account.is_some(),
+            apns: match (
+                self.apns_key_file,
+                self.apns_key_id,
+                self.apns_team_id,
+                self.apns_topic,
+            ) {
+                (Some(key_file), Some(key_id), Some(team_id), Some(topic)) => Some(ApnsSettings {
+                    key_file,
+                    key_id,
+                    team_id,
+                    topic,
+                    endpoint: self.apns_endpoint,
+                }),
+                _ => None,
+            },
+            fcm: self.fcm_service_account.map(|service_account| FcmSettings {
+                service_account,
+                endpoint: self.fcm_endpoint,
+            }),
             quic_idle_timeout,
             quic_keep_alive,
             quic_ticket_key,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod push;
 pub mod server;
 pub mod session;
 pub mod transport;

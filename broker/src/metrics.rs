@@ -34,6 +34,18 @@ pub struct RecoveredLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabel {
+    pub provider: &'static str,
+    pub outcome: &'static str,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -59,6 +71,11 @@ pub struct Metrics {
     pub quic_migrations: Counter,
     pub history_bytes: Gauge,
     pub history_messages: Gauge,
+    pub pushes: Family<PushLabel, Counter>,
+    pub push_devices_removed: Family<ProviderLabel, Counter>,
+    pub push_enqueue_failures: Counter,
+    pub push_outbox_depth: Gauge,
+    pub push_token_refreshes: Family<ProviderLabel, Gauge>,
 }
 
 impl Metrics {
@@ -85,6 +102,11 @@ impl Metrics {
             quic_migrations: Counter::default(),
             history_bytes: Gauge::default(),
             history_messages: Gauge::default(),
+            pushes: Family::default(),
+            push_devices_removed: Family::default(),
+            push_enqueue_failures: Counter::default(),
+            push_outbox_depth: Gauge::default(),
+            push_token_refreshes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tether");
         r.register(
@@ -176,6 +198,31 @@ impl Metrics {
             "history_messages",
             "Messages retained in channel histories",
             m.history_messages.clone(),
+        );
+        r.register(
+            "pushes",
+            "Push attempts by provider and outcome (delivered, retry, dead_token, failed, skipped) and reason",
+            m.pushes.clone(),
+        );
+        r.register(
+            "push_devices_removed",
+            "Devices removed because the provider said their token is dead",
+            m.push_devices_removed.clone(),
+        );
+        r.register(
+            "push_enqueue_failures",
+            "Push jobs that could not be written to the outbox",
+            m.push_enqueue_failures.clone(),
+        );
+        r.register(
+            "push_outbox_depth",
+            "Push jobs waiting in the durable outbox",
+            m.push_outbox_depth.clone(),
+        );
+        r.register(
+            "push_token_refreshes",
+            "Provider tokens made: APNs provider JWTs signed, FCM OAuth grants",
+            m.push_token_refreshes.clone(),
         );
         m
     }

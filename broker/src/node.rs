@@ -79,15 +79,22 @@ pub struct Node {
     pub sessions: SessionTable,
     pub resume_keys: ResumeKeys,
     pub resumes: ResumeRegistry,
+    pub push: crate::push::Push,
     next_conn: AtomicU64,
     ready: AtomicBool,
     shutting_down: AtomicBool,
 }
 
 impl Node {
-    pub fn new(config: Config) -> Result<Arc<Node>, KeyError> {
+    /// Builds a node; `make_push` gets the node's metrics and builds the push
+    /// side (it needs a running tokio runtime for the gateway).
+    pub fn new(
+        config: Config,
+        make_push: impl FnOnce(&Config, &Metrics) -> crate::push::Push,
+    ) -> Result<Arc<Node>, KeyError> {
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
+        let push = make_push(&config, &metrics);
         let verifier = Verifier::new(&config.client_auth)?;
         let hub = Hub::new(
             HubConfig {
@@ -109,6 +116,7 @@ impl Node {
             sessions: SessionTable::new(),
             resume_keys,
             resumes: ResumeRegistry::default(),
+            push,
             next_conn: AtomicU64::new(1),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),

@@ -41,6 +41,15 @@ pub enum ServerError {
     ClusterUnavailable,
     #[error(transparent)]
     Tls(#[from] crate::transport::tls::TlsError),
+    #[error("setting `data-dir`: {0}")]
+    Store(#[from] tether_push_gateway::StoreError),
+    #[error("setting `data-dir`: cannot create {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Provider(#[from] tether_push_gateway::ConfigError),
 }
 
 /// A node with its listeners bound, not yet serving.
@@ -49,6 +58,7 @@ pub struct Server {
     client: TcpListener,
     api: TcpListener,
     quic: Option<(quinn::Endpoint, Identity)>,
+    push_stop: CancellationToken,
 }
 
 impl Server {
@@ -57,7 +67,67 @@ impl Server {
         if config.redis_url.is_some() {
             return Err(ServerError::ClusterUnavailable);
         }
-        let node = Node::new(config)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = tether_push_gateway::Store::open(&config.data_dir)?;
+        let apns = match &config.apns {
+            Some(a) => {
+                let mut c = tether_push_gateway::ApnsConfig::from_key_file(
+                    &a.key_file,
+                    &a.key_id,
+                    &a.team_id,
+                )?
+                .with_topic(&a.topic);
+                if let Some(e) = &a.endpoint {
+                    c = c.with_endpoint(e);
+                }
+                Some(Arc::new(tether_push_gateway::ApnsClient::new(c)?))
+            }
+            None => None,
+        };
+        let fcm = match &config.fcm {
+            Some(f) => {
+                let account = tether_push_gateway::ServiceAccount::from_file(&f.service_account)?;
+                let mut c = tether_push_gateway::FcmConfig::new(account);
+                if let Some(e) = &f.endpoint {
+                    c = c.with_endpoint(e);
+                }
+                Some(Arc::new(tether_push_gateway::FcmClient::new(c)?))
+            }
+            None => None,
+        };
+        let push_stop = CancellationToken::new();
+        let make_push = |config: &Config, metrics: &crate::metrics::Metrics| {
+            let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+            tokio::spawn(crate::push::count_events(events_rx, metrics.clone()));
+            tokio::spawn(count_token_refreshes(
+                apns.clone(),
+                fcm.clone(),
+                metrics.clone(),
+                push_stop.clone(),
+            ));
+            let gateway = tether_push_gateway::Gateway::start(
+                store,
+                apns.clone()
+                    .map(|a| a as Arc<dyn tether_push_gateway::Provider>),
+                fcm.clone()
+                    .map(|f| f as Arc<dyn tether_push_gateway::Provider>),
+                tether_push_gateway::GatewayConfig::default(),
+                events_tx,
+                push_stop.clone(),
+            );
+            crate::push::Push::new(
+                gateway,
+                config.ack_timeout,
+                apns.is_some(),
+                fcm.is_some(),
+                metrics.clone(),
+                push_stop.clone(),
+            )
+        };
+        let node = Node::new(config, make_push)?;
         let cfg = &node.config;
         let client =
             TcpListener::bind(cfg.client_addr)
@@ -83,6 +153,7 @@ impl Server {
             client,
             api,
             quic,
+            push_stop,
         })
     }
 
@@ -110,6 +181,7 @@ impl Server {
             client,
             api,
             quic,
+            push_stop,
         } = self;
         let cfg = &node.config;
         let client_addr = client.local_addr().ok();
@@ -148,10 +220,8 @@ impl Server {
                 "no resume-secret configured: resume tokens are signed with a random key for this run"
             );
         }
-        if cfg.apns_configured || cfg.fcm_configured {
-            warn!(
-                "APNs/FCM settings are given, but the push gateway is not available in this build yet"
-            );
+        if cfg.apns.is_none() && cfg.fcm.is_none() {
+            info!("no APNs or FCM credentials: devices can be registered, offline push is off");
         }
 
         let tracker = TaskTracker::new();
@@ -204,6 +274,9 @@ impl Server {
                         _ = tick.tick() => {
                             node.hub.sweep();
                             node.resumes.sweep();
+                            if let Ok(depth) = node.push.gateway().outbox_depth().await {
+                                node.metrics.push_outbox_depth.set(depth as i64);
+                            }
                         }
                         _ = stop.cancelled() => break,
                     }
@@ -236,6 +309,11 @@ impl Server {
             );
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
+        // Push: pending ack checks decide now, then the gateway stops; jobs
+        // not delivered stay in the durable outbox for the next start.
+        push_stop.cancel();
+        node.push.drain(Duration::from_secs(2)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(6), node.push.gateway().stopped()).await;
         sweeper.abort();
         stop_api.cancel();
         let _ = tokio::time::timeout(crate::api::DRAIN, api_task).await;
@@ -306,4 +384,32 @@ async fn accept_loop(
         });
     }
     debug!("accept loop stopped; client listener closed");
+}
+
+/// Publishes the providers' token counts (APNs JWTs signed, FCM grants).
+async fn count_token_refreshes(
+    apns: Option<Arc<tether_push_gateway::ApnsClient>>,
+    fcm: Option<Arc<tether_push_gateway::FcmClient>>,
+    metrics: crate::metrics::Metrics,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        if let Some(a) = &apns {
+            metrics
+                .push_token_refreshes
+                .get_or_create(&crate::metrics::ProviderLabel { provider: "apns" })
+                .set(a.tokens_signed() as i64);
+        }
+        if let Some(f) = &fcm {
+            metrics
+                .push_token_refreshes
+                .get_or_create(&crate::metrics::ProviderLabel { provider: "fcm" })
+                .set(f.grants() as i64);
+        }
+    }
 }

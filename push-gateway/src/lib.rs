@@ -1,1 +1,40 @@
-//! placeholder
+//! Tether's push gateway: delivers notifications to offline devices through
+//! APNs and FCM, durably, with retries and dead-token pruning.
+//!
+//! The broker registers devices and *enqueues* [`NewPushJob`]s; everything
+//! after that happens here:
+//! - [`store`]: devices and the push outbox in one embedded redb file,
+//!   `{data_dir}/push.redb`. redb because it is pure Rust (no C library to
+//!   build, unlike SQLite through rusqlite's `bundled`), ACID with
+//!   crash-safe commits, and a typed key–value API that fits three small
+//!   tables; what we need (point lookups, one index range scan, an ordered
+//!   due-queue) needs no SQL.
+//! - [`gateway`]: the delivery task — bounded concurrency per provider,
+//!   jittered exponential backoff honouring `Retry-After`, removal of
+//!   devices whose token is dead, events for metrics, bounded shutdown.
+//! - [`apns`] and [`fcm`]: the two [`Provider`]s, written by hand on
+//!   reqwest (HTTP/2, rustls with aws-lc-rs).
+//! - [`outcome`]: what a provider's answer means ([`Outcome`]).
+//! - [`validate`]: checks for device registrations (typed errors for
+//!   HTTP 400).
+//!
+//! Nothing here logs device tokens, keys or JWTs.
+
+pub mod apns;
+pub mod backoff;
+pub mod fcm;
+pub mod gateway;
+pub mod outcome;
+pub mod provider;
+pub mod store;
+pub mod types;
+pub mod validate;
+
+pub use apns::{ApnsClient, ApnsConfig};
+pub use fcm::{FcmClient, FcmConfig, ServiceAccount};
+pub use gateway::{Gateway, GatewayConfig, GatewayEvent};
+pub use outcome::Outcome;
+pub use provider::{ConfigError, Provider, SendFuture};
+pub use store::{FailedJob, OutboxEntry, Store, StoreError};
+pub use types::{Device, NewPushJob, Notification, Platform, Priority, PushJob, unix_now};
+pub use validate::DeviceError;

@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod fakes;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};
@@ -66,13 +67,28 @@ pub struct TestBroker {
     /// SHA-256 fingerprint of the QUIC certificate, when self-signed.
     pub quic_fingerprint: Option<String>,
     log: Arc<Mutex<Vec<String>>>,
-    _data_dir: tempfile::TempDir,
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl TestBroker {
-    /// Starts a broker with test defaults plus `args` (later flags win).
+    /// Starts a broker with test defaults plus `args` (later flags win), on
+    /// a fresh temporary data directory.
     pub fn start(args: &[&str]) -> Result<TestBroker> {
-        let data_dir = tempfile::tempdir()?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().to_owned();
+        Self::start_inner(&path, Some(dir), args)
+    }
+
+    /// Starts a broker on an existing data directory (restart tests).
+    pub fn start_in(data_dir: &std::path::Path, args: &[&str]) -> Result<TestBroker> {
+        Self::start_inner(data_dir, None, args)
+    }
+
+    fn start_inner(
+        data_dir_path: &std::path::Path,
+        data_dir: Option<tempfile::TempDir>,
+        args: &[&str],
+    ) -> Result<TestBroker> {
         let mut cmd = Command::new(broker_bin()?);
         cmd.args([
             "--client-addr",
@@ -85,7 +101,7 @@ impl TestBroker {
             "test-node",
             "--data-dir",
         ])
-        .arg(data_dir.path())
+        .arg(data_dir_path)
         .args(args)
         .env("TETHER_LOG", "info")
         .env_remove("RUST_LOG")

@@ -43,13 +43,14 @@ impl IdempotencyCache {
 
     /// The remembered answer for `key` on `channel`, or the answer of
     /// `publish`, run once (the lock is held across it: `publish` never
-    /// waits on I/O, so concurrent duplicates cannot both publish).
+    /// waits on I/O, so concurrent duplicates cannot both publish); and
+    /// whether the answer is new (`false`: a repeat, nothing published).
     pub fn get_or_publish(
         &self,
         channel: &ChannelName,
         key: String,
         publish: impl FnOnce() -> PublishAnswer,
-    ) -> PublishAnswer {
+    ) -> (PublishAnswer, bool) {
         let now = Instant::now();
         let mut inner = self.inner.lock();
         while let Some((at, _)) = inner.order.front() {
@@ -62,12 +63,12 @@ impl IdempotencyCache {
         }
         let k = (channel.clone(), key);
         if let Some(a) = inner.answers.get(&k) {
-            return a.clone();
+            return (a.clone(), false);
         }
         let answer = publish();
         inner.answers.insert(k.clone(), answer.clone());
         inner.order.push_back((now, k));
-        answer
+        (answer, true)
     }
 }
 
@@ -89,18 +90,19 @@ mod tests {
         let c = IdempotencyCache::new(Duration::from_secs(60), 10);
         let ch = ChannelName::new("c").expect("valid");
         let mut calls = 0;
-        let a = c.get_or_publish(&ch, "k".into(), || {
+        let (a, fresh_a) = c.get_or_publish(&ch, "k".into(), || {
             calls += 1;
             answer(1)
         });
-        let b = c.get_or_publish(&ch, "k".into(), || {
+        let (b, fresh_b) = c.get_or_publish(&ch, "k".into(), || {
             calls += 1;
             answer(2)
         });
         assert_eq!(a, b);
+        assert!(fresh_a && !fresh_b);
         assert_eq!(calls, 1);
         let other = ChannelName::new("d").expect("valid");
-        let d = c.get_or_publish(&other, "k".into(), || answer(3));
+        let (d, _) = c.get_or_publish(&other, "k".into(), || answer(3));
         assert_eq!(d.offset, Offset(3));
     }
 
@@ -111,7 +113,7 @@ mod tests {
         c.get_or_publish(&ch, "k".into(), || answer(1));
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(
-            c.get_or_publish(&ch, "k".into(), || answer(2)).offset,
+            c.get_or_publish(&ch, "k".into(), || answer(2)).0.offset,
             Offset(2)
         );
 

@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
         .route("/v1/channels/{channel}/history", get(history))
+        .route("/v1/devices", get(list_devices))
+        .route(
+            "/v1/devices/{device_id}",
+            put(put_device).delete(delete_device),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -167,14 +172,38 @@ struct PublishBody {
     data: Value,
     #[serde(default)]
     idempotency_key: Option<String>,
-    /// Offline push (§11): accepted here, delivered by the push gateway.
+    /// Offline push (§11), for `user:{id}` channels.
     #[serde(default)]
-    #[allow(dead_code)]
-    push: Option<Value>,
+    push: Option<tether_push_gateway::Notification>,
+}
+
+/// A publication accepted, and the push it asks for (when it is new and on
+/// a personal channel).
+struct Accepted {
+    answer: PublishAnswer,
+    push: Option<(String, tether_push_gateway::Notification)>,
+}
+
+impl Accepted {
+    async fn finish(self, state: &AppState) -> PublishAnswer {
+        if let Some((user, notification)) = self.push {
+            state
+                .node
+                .push
+                .on_publish(
+                    &user,
+                    &self.answer.channel,
+                    self.answer.offset,
+                    notification,
+                )
+                .await;
+        }
+        self.answer
+    }
 }
 
 /// Parses and validates one publication, then publishes it.
-fn publish_one(state: &AppState, body: Value) -> Result<PublishAnswer, ApiError> {
+fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
     let body: PublishBody = serde_json::from_value(body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
     let channel = ChannelName::new(body.channel)
@@ -211,10 +240,15 @@ fn publish_one(state: &AppState, body: Value) -> Result<PublishAnswer, ApiError>
             offset: pos.offset,
         }
     };
-    Ok(match body.idempotency_key {
+    let (answer, fresh) = match body.idempotency_key {
         Some(key) => state.idempotency.get_or_publish(&channel, key, do_publish),
-        None => do_publish(),
-    })
+        None => (do_publish(), true),
+    };
+    let push = match (fresh, body.push, channel.personal_user()) {
+        (true, Some(n), Some(user)) => Some((user.to_owned(), n)),
+        _ => None,
+    };
+    Ok(Accepted { answer, push })
 }
 
 /// Parses a JSON request body with the nesting limit of §2.
@@ -239,7 +273,8 @@ async fn publish(
     body: Bytes,
 ) -> Result<Json<PublishAnswer>, ApiError> {
     let body = parse_body(&body)?;
-    publish_one(&state, body).map(Json)
+    let accepted = publish_one(&state, body)?;
+    Ok(Json(accepted.finish(&state).await))
 }
 
 async fn publish_batch(
@@ -259,13 +294,13 @@ async fn publish_batch(
             format!("at most {MAX_BATCH} publications per batch"),
         ));
     }
-    let results: Vec<Value> = messages
-        .into_iter()
-        .map(|m| match publish_one(&state, m) {
-            Ok(a) => serde_json::to_value(a).unwrap_or(Value::Null),
+    let mut results: Vec<Value> = Vec::with_capacity(messages.len());
+    for m in messages {
+        results.push(match publish_one(&state, m) {
+            Ok(a) => serde_json::to_value(a.finish(&state).await).unwrap_or(Value::Null),
             Err(e) => e.body(),
-        })
-        .collect();
+        });
+    }
     Ok(Json(json!({ "results": results })))
 }
 
@@ -319,6 +354,91 @@ async fn history(
         "recovered": page.recovered,
         "messages": messages,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+struct DeviceBody {
+    user: String,
+    platform: String,
+    token: String,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    sandbox: bool,
+}
+
+fn store_error(e: tether_push_gateway::StoreError) -> ApiError {
+    tracing::warn!(error = %e, "device store error");
+    ApiError::new(ErrorCode::Internal, "device store error")
+}
+
+fn bad(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, e.to_string())
+}
+
+async fn put_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<tether_push_gateway::Device>, ApiError> {
+    let body: DeviceBody = serde_json::from_value(parse_body(&body)?)
+        .map_err(|e| bad(format!("invalid device: {e}")))?;
+    let device = tether_push_gateway::Device {
+        device_id,
+        user: body.user,
+        platform: tether_push_gateway::validate::parse_platform(&body.platform).map_err(bad)?,
+        token: body.token,
+        topic: body.topic,
+        sandbox: body.sandbox,
+        updated_at: 0,
+    };
+    device.validate().map_err(bad)?;
+    let saved = state
+        .node
+        .push
+        .store()
+        .put_device(device)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(saved))
+}
+
+async fn delete_device(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    tether_push_gateway::validate::validate_device_id(&device_id).map_err(bad)?;
+    state
+        .node
+        .push
+        .store()
+        .delete_device(&device_id)
+        .await
+        .map_err(store_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct DevicesQuery {
+    user: Option<String>,
+}
+
+async fn list_devices(
+    State(state): State<AppState>,
+    Query(q): Query<DevicesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let user = q
+        .user
+        .ok_or_else(|| bad("the user query parameter is required"))?;
+    tether_push_gateway::validate::validate_user(&user).map_err(bad)?;
+    let devices = state
+        .node
+        .push
+        .store()
+        .devices_for_user(&user)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({ "devices": devices })))
 }
 
 /// How long the API server waits for in-flight requests at shutdown.

@@ -31,6 +31,7 @@ use crate::auth::{AuthError, Grant};
 use crate::hub::{Position, Subscriber, SubscriptionId};
 use crate::metrics::{CodeLabel, OutcomeLabel, RecoveredLabel, TransportLabel};
 use crate::node::Node;
+use crate::push::AckCell;
 use crate::transport::{Inbound, Transport, TransportError};
 use outbox::{Drained, Frame, Outbox};
 use resume::{Claim, Refusal, ResumeClaims, SessionRecord, SubRecord};
@@ -128,6 +129,10 @@ struct Session {
     last_seen: Instant,
     next_ping: Instant,
     transport: &'static str,
+    /// The device this session runs on (`connect.device`), for push.
+    device: Option<String>,
+    /// Personal channels this device is live on, with their acks.
+    push_acks: Vec<(ChannelName, Arc<AckCell>)>,
 }
 
 fn unix_secs() -> u64 {
@@ -180,6 +185,8 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
         last_seen: now,
         next_ping: now,
         transport: T::NAME,
+        device: None,
+        push_acks: Vec::new(),
         conn_id,
         node,
     };
@@ -442,6 +449,16 @@ impl Session {
         tracing::Span::current().record("user", user.as_str());
         self.token_deadline = grant.expires.map(deadline_at_unix);
         self.grant = Some(grant);
+        self.device = match c.device.as_deref() {
+            Some(d) if tether_push_gateway::validate::validate_device_id(d).is_ok() => {
+                Some(d.to_owned())
+            }
+            Some(_) => {
+                debug!("connect.device is not a valid device id: ignored");
+                None
+            }
+            None => None,
+        };
 
         let mut restored: Option<(String, SessionRecord)> = None;
         if let Some(resume) = &c.resume {
@@ -563,6 +580,10 @@ impl Session {
                 },
             );
             self.by_channel.insert(sub.channel.clone(), n);
+            self.track_presence(
+                &sub.channel,
+                if result.recovered { sub.acked } else { None },
+            );
             out.insert(
                 sub.channel,
                 ChannelRecovery {
@@ -573,6 +594,43 @@ impl Session {
             );
         }
         out
+    }
+
+    /// Marks this session's device live on a personal channel of its user
+    /// (for the offline-push decision), starting from `acked`.
+    fn track_presence(&mut self, channel: &ChannelName, acked: Option<Offset>) {
+        let Some(device) = &self.device else {
+            return;
+        };
+        let Some(owner) = channel.personal_user() else {
+            return;
+        };
+        if let Some(user) = &self.grant().user
+            && user.as_str() != owner
+        {
+            return;
+        }
+        let cell = Arc::new(AckCell::default());
+        if let Some(a) = acked {
+            cell.ack(a);
+        }
+        self.node
+            .push
+            .presence()
+            .register(device, self.conn_id, channel.clone(), cell.clone());
+        self.push_acks.push((channel.clone(), cell));
+    }
+
+    fn untrack_presence(&mut self, channel: &ChannelName) {
+        if let Some(device) = &self.device
+            && let Some(i) = self.push_acks.iter().position(|(c, _)| c == channel)
+        {
+            self.node
+                .push
+                .presence()
+                .unregister(device, self.conn_id, channel);
+            self.push_acks.swap_remove(i);
+        }
     }
 
     fn new_sub_number(&mut self) -> u32 {
@@ -624,6 +682,7 @@ impl Session {
             ClientMessage::Unsubscribe(u) => {
                 if let Some(n) = self.by_channel.remove(&u.channel) {
                     self.subs.remove(&n);
+                    self.untrack_presence(&u.channel);
                     self.node.hub.unsubscribe(
                         &u.channel,
                         SubscriptionId {
@@ -669,6 +728,9 @@ impl Session {
                     let offset = a.offset.min(sub.delivered);
                     if sub.acked.is_none_or(|acked| offset > acked) {
                         sub.acked = Some(offset);
+                    }
+                    if let Some((_, cell)) = self.push_acks.iter().find(|(c, _)| c == &a.channel) {
+                        cell.ack(offset);
                     }
                 }
             }
@@ -734,6 +796,7 @@ impl Session {
                         acked: None,
                     },
                 );
+                self.track_presence(&sub.channel, None);
                 self.by_channel.insert(sub.channel, n);
             }
             Err(_) => {
@@ -788,6 +851,10 @@ impl Session {
             });
         }
         self.by_channel.clear();
+        let tracked: Vec<ChannelName> = self.push_acks.iter().map(|(c, _)| c.clone()).collect();
+        for c in tracked {
+            self.untrack_presence(&c);
+        }
         self.node.sessions.remove(self.conn_id);
         if matches!(self.phase, Phase::Active) {
             self.node.resumes.detach(

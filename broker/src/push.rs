@@ -1,0 +1,328 @@
+//! Offline fallback to push (PROTOCOL.md §11): decides which devices of a
+//! user are offline and hands jobs to the push gateway. Delivery, retries and
+//! provider logic live in `tether-push-gateway`; the broker only enqueues.
+//!
+//! A device is **live** while a session that connected with that `device`
+//! is subscribed to the user's personal channel `user:{id}` (only then does
+//! the publication reach it in real time). For each registered device of the
+//! user, a publication on `user:{id}` carrying `push` is either pushed at
+//! once (no live session), or — with `--ack-timeout` — pushed when the
+//! timeout passes without any live session of that device acking it.
+//! Exactly one push per device per message: the two cases are decided once,
+//! when the message is published.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tether_protocol::{ChannelName, Offset};
+use tether_push_gateway::{
+    Device, Gateway, GatewayEvent, NewPushJob, Notification, Platform, Store,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::metrics::{Metrics, PushLabel};
+
+/// Most ack-timeout checks waiting at once; past that, messages are pushed
+/// at once instead of waiting (a push too many rather than one too few).
+const MAX_PENDING_ACK_CHECKS: usize = 100_000;
+
+/// What a live session exposes for the ack timeout: the last offset acked on
+/// the user's personal channel.
+#[derive(Debug, Default)]
+pub struct AckCell {
+    acked: AtomicU64,
+}
+
+impl AckCell {
+    pub fn ack(&self, offset: Offset) {
+        self.acked.fetch_max(offset.get(), Ordering::Relaxed);
+    }
+
+    pub fn acked(&self) -> Offset {
+        Offset(self.acked.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Debug)]
+struct LiveSession {
+    conn_id: u64,
+    channel: ChannelName,
+    acks: Arc<AckCell>,
+}
+
+/// Live sessions by device id.
+#[derive(Debug, Default)]
+pub struct Presence {
+    devices: Mutex<HashMap<String, Vec<LiveSession>>>,
+}
+
+impl Presence {
+    /// A session with `device` subscribed to the personal `channel`.
+    pub fn register(&self, device: &str, conn_id: u64, channel: ChannelName, acks: Arc<AckCell>) {
+        self.devices
+            .lock()
+            .entry(device.to_owned())
+            .or_default()
+            .push(LiveSession {
+                conn_id,
+                channel,
+                acks,
+            });
+    }
+
+    /// The session left `channel`.
+    pub fn unregister(&self, device: &str, conn_id: u64, channel: &ChannelName) {
+        let mut map = self.devices.lock();
+        if let Some(list) = map.get_mut(device) {
+            list.retain(|s| !(s.conn_id == conn_id && &s.channel == channel));
+            if list.is_empty() {
+                map.remove(device);
+            }
+        }
+    }
+
+    /// Whether `device` has a live session on `channel`.
+    pub fn is_live(&self, device: &str, channel: &ChannelName) -> bool {
+        self.devices
+            .lock()
+            .get(device)
+            .is_some_and(|l| l.iter().any(|s| &s.channel == channel))
+    }
+
+    /// Whether a live session of `device` on `channel` acked `offset`.
+    pub fn acked(&self, device: &str, channel: &ChannelName, offset: Offset) -> bool {
+        self.devices.lock().get(device).is_some_and(|l| {
+            l.iter()
+                .any(|s| &s.channel == channel && s.acks.acked() >= offset)
+        })
+    }
+}
+
+/// The broker's side of push: device registry, presence, fallback rules.
+#[derive(Clone)]
+pub struct Push {
+    gateway: Gateway,
+    presence: Arc<Presence>,
+    ack_timeout: Option<Duration>,
+    configured: [bool; 2],
+    metrics: Metrics,
+    timers: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Push {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Push")
+            .field("ack_timeout", &self.ack_timeout)
+            .field("configured", &self.configured)
+            .finish_non_exhaustive()
+    }
+}
+
+fn slot(p: Platform) -> usize {
+    match p {
+        Platform::Apns => 0,
+        Platform::Fcm => 1,
+    }
+}
+
+impl Push {
+    pub fn new(
+        gateway: Gateway,
+        ack_timeout: Option<Duration>,
+        apns: bool,
+        fcm: bool,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Push {
+        Push {
+            gateway,
+            presence: Arc::new(Presence::default()),
+            ack_timeout,
+            configured: [apns, fcm],
+            metrics,
+            timers: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        self.gateway.store()
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    fn count(&self, platform: Platform, outcome: &'static str, reason: &'static str) {
+        self.metrics
+            .pushes
+            .get_or_create(&PushLabel {
+                provider: platform.as_str(),
+                outcome,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A publication on `user:{user}` at `offset` carried `push`.
+    pub async fn on_publish(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+        offset: Offset,
+        notification: Notification,
+    ) {
+        let devices = match self.store().devices_for_user(user).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "device lookup failed; no push for this publication");
+                return;
+            }
+        };
+        let mut now = Vec::new();
+        for device in devices {
+            if !self.configured[slot(device.platform)] {
+                self.count(device.platform, "skipped", "provider_off");
+                continue;
+            }
+            if !self.presence.is_live(&device.device_id, channel) {
+                now.push(NewPushJob::for_device(
+                    &device,
+                    notification.clone(),
+                    channel.as_str(),
+                    offset.get(),
+                ));
+                continue;
+            }
+            match self.ack_timeout {
+                None => {} // live, no ack timeout: delivered in real time only
+                Some(timeout) => self.check_ack_later(
+                    device,
+                    channel.clone(),
+                    offset,
+                    notification.clone(),
+                    timeout,
+                ),
+            }
+        }
+        self.enqueue(now).await;
+    }
+
+    async fn enqueue(&self, jobs: Vec<NewPushJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let n = jobs.len();
+        if let Err(e) = self.gateway.enqueue(jobs).await {
+            warn!(error = %e, jobs = n, "push outbox write failed; these pushes are lost");
+            self.metrics.push_enqueue_failures.inc_by(n as u64);
+        }
+    }
+
+    fn check_ack_later(
+        &self,
+        device: Device,
+        channel: ChannelName,
+        offset: Offset,
+        notification: Notification,
+        timeout: Duration,
+    ) {
+        if self.timers.len() >= MAX_PENDING_ACK_CHECKS {
+            // Too many waiting: push now rather than hold more state.
+            let this = self.clone();
+            tokio::spawn(async move {
+                let job =
+                    NewPushJob::for_device(&device, notification, channel.as_str(), offset.get());
+                this.enqueue(vec![job]).await;
+            });
+            return;
+        }
+        let this = self.clone();
+        self.timers.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {}
+                // At shutdown, decide now: what is not acked yet is pushed.
+                _ = this.shutdown.cancelled() => {}
+            }
+            if this.presence.acked(&device.device_id, &channel, offset) {
+                debug!(channel = %channel, offset = offset.get(), "acked in time: no push");
+                return;
+            }
+            let job = NewPushJob::for_device(&device, notification, channel.as_str(), offset.get());
+            this.enqueue(vec![job]).await;
+        });
+    }
+
+    /// Waits for pending ack checks (they resolve at once once `shutdown`
+    /// is cancelled), up to `grace`.
+    pub async fn drain(&self, grace: Duration) {
+        self.timers.close();
+        let _ = tokio::time::timeout(grace, self.timers.wait()).await;
+    }
+}
+
+/// Turns gateway events into metrics.
+pub async fn count_events(mut events: mpsc::Receiver<GatewayEvent>, metrics: Metrics) {
+    while let Some(e) = events.recv().await {
+        match e {
+            GatewayEvent::Outcome {
+                platform,
+                outcome,
+                reason,
+                ..
+            } => {
+                metrics
+                    .pushes
+                    .get_or_create(&PushLabel {
+                        provider: platform.as_str(),
+                        outcome,
+                        reason: reason.unwrap_or_default(),
+                    })
+                    .inc();
+            }
+            GatewayEvent::DeviceRemoved { platform, .. } => {
+                metrics
+                    .push_devices_removed
+                    .get_or_create(&crate::metrics::ProviderLabel {
+                        provider: platform.as_str(),
+                    })
+                    .inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_tracks_live_sessions_per_device_and_their_acks() {
+        let p = Presence::default();
+        let ch = ChannelName::new("user:alice").expect("valid");
+        let other = ChannelName::new("user:bob").expect("valid");
+        let acks = Arc::new(AckCell::default());
+        assert!(!p.is_live("phone", &ch));
+        p.register("phone", 1, ch.clone(), acks.clone());
+        assert!(p.is_live("phone", &ch));
+        assert!(!p.is_live("phone", &other));
+        assert!(!p.acked("phone", &ch, Offset(3)));
+        acks.ack(Offset(5));
+        acks.ack(Offset(2)); // cumulative: never goes back
+        assert!(p.acked("phone", &ch, Offset(3)));
+        p.unregister("phone", 1, &ch);
+        assert!(!p.is_live("phone", &ch));
+        assert!(!p.acked("phone", &ch, Offset(3)));
+    }
+}

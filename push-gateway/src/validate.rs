@@ -1,0 +1,187 @@
+//! Checks on what the backend registers (PROTOCOL.md §10 devices): device
+//! ids, users, platforms, tokens and topics. Each refusal is a typed error
+//! whose message the broker can return as-is in an HTTP 400.
+
+use std::str::FromStr;
+
+use tether_protocol::UserId;
+use tether_protocol::names::NameError;
+
+use crate::types::{Device, Platform};
+
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID_LEN: usize = 255;
+/// Shortest APNs device token, in hex digits (today's tokens are 64).
+pub const MIN_APNS_TOKEN_LEN: usize = 64;
+/// Longest APNs device token accepted, in hex digits.
+pub const MAX_APNS_TOKEN_LEN: usize = 200;
+/// Longest FCM registration token accepted, in characters.
+pub const MAX_FCM_TOKEN_LEN: usize = 4096;
+/// Longest APNs topic, in bytes.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// Why a device registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "device_id must be 1 to {MAX_DEVICE_ID_LEN} bytes of ASCII letters, digits and _ - : . @ /"
+    )]
+    BadDeviceId,
+    #[error("user: {0}")]
+    BadUser(#[from] NameError),
+    #[error("platform must be \"apns\" or \"fcm\", not {0:?}")]
+    BadPlatform(String),
+    #[error(
+        "APNs token must be an even number of hex digits, {MIN_APNS_TOKEN_LEN} to {MAX_APNS_TOKEN_LEN}"
+    )]
+    BadApnsToken,
+    #[error("FCM token must be 1 to {MAX_FCM_TOKEN_LEN} characters of A-Z a-z 0-9 _ : . -")]
+    BadFcmToken,
+    #[error("topic must be 1 to {MAX_TOPIC_LEN} bytes of ASCII letters, digits and _ - .")]
+    BadTopic,
+}
+
+fn name_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b':' | b'.' | b'@' | b'/')
+}
+
+/// A device id: 1–255 bytes of channel-name characters.
+pub fn validate_device_id(id: &str) -> Result<(), DeviceError> {
+    if id.is_empty() || id.len() > MAX_DEVICE_ID_LEN || !id.bytes().all(name_char) {
+        return Err(DeviceError::BadDeviceId);
+    }
+    Ok(())
+}
+
+/// A user id: channel-name characters, at most 250 bytes (as `UserId`).
+pub fn validate_user(user: &str) -> Result<(), DeviceError> {
+    UserId::new(user)?;
+    Ok(())
+}
+
+/// `"apns"` or `"fcm"`.
+pub fn parse_platform(s: &str) -> Result<Platform, DeviceError> {
+    s.parse()
+}
+
+impl FromStr for Platform {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
+        match s {
+            "apns" => Ok(Platform::Apns),
+            "fcm" => Ok(Platform::Fcm),
+            other => Err(DeviceError::BadPlatform(other.to_owned())),
+        }
+    }
+}
+
+/// A provider token: APNs an even number (64–200) of hex digits; FCM 1–4096
+/// characters of `[A-Za-z0-9_:.-]`.
+pub fn validate_token(platform: Platform, token: &str) -> Result<(), DeviceError> {
+    match platform {
+        Platform::Apns => {
+            let n = token.len();
+            if !(MIN_APNS_TOKEN_LEN..=MAX_APNS_TOKEN_LEN).contains(&n)
+                || !n.is_multiple_of(2)
+                || !token.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(DeviceError::BadApnsToken);
+            }
+        }
+        Platform::Fcm => {
+            if token.is_empty()
+                || token.len() > MAX_FCM_TOKEN_LEN
+                || !token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
+            {
+                return Err(DeviceError::BadFcmToken);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An APNs topic (bundle id, maybe with a `.voip`-style suffix).
+pub fn validate_topic(topic: &str) -> Result<(), DeviceError> {
+    if topic.is_empty()
+        || topic.len() > MAX_TOPIC_LEN
+        || !topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(DeviceError::BadTopic);
+    }
+    Ok(())
+}
+
+impl Device {
+    /// Every check above, in the order the fields appear.
+    pub fn validate(&self) -> Result<(), DeviceError> {
+        validate_device_id(&self.device_id)?;
+        validate_user(&self.user)?;
+        validate_token(self.platform, &self.token)?;
+        if let Some(topic) = &self.topic {
+            validate_topic(topic)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn apns_tokens_are_even_length_hex_of_64_to_200() {
+        let ok = "a1".repeat(32);
+        assert_eq!(validate_token(Platform::Apns, &ok), Ok(()));
+        assert_eq!(validate_token(Platform::Apns, &"AB".repeat(100)), Ok(()));
+        for bad in [
+            "a1".repeat(31),
+            format!("{ok}a"),
+            "zz".repeat(32),
+            "ab".repeat(101),
+            String::new(),
+        ] {
+            assert_eq!(
+                validate_token(Platform::Apns, &bad),
+                Err(DeviceError::BadApnsToken)
+            );
+        }
+    }
+
+    #[test]
+    fn fcm_tokens_are_1_to_4096_safe_chars() {
+        assert_eq!(validate_token(Platform::Fcm, "abc:DEF_1.2-3"), Ok(()));
+        assert_eq!(validate_token(Platform::Fcm, &"x".repeat(4096)), Ok(()));
+        for bad in ["", "a b", "a/b", "tok\n"] {
+            assert_eq!(
+                validate_token(Platform::Fcm, bad),
+                Err(DeviceError::BadFcmToken)
+            );
+        }
+        assert!(validate_token(Platform::Fcm, &"x".repeat(4097)).is_err());
+    }
+
+    #[test]
+    fn users_device_ids_platforms_and_topics() {
+        assert!(validate_user("alice@example.com").is_ok());
+        assert!(validate_user(&"u".repeat(250)).is_ok());
+        assert!(validate_user(&"u".repeat(251)).is_err());
+        assert!(validate_user("a b").is_err());
+        assert!(validate_device_id("phone-1").is_ok());
+        assert_eq!(validate_device_id(""), Err(DeviceError::BadDeviceId));
+        assert_eq!(validate_device_id("a?b"), Err(DeviceError::BadDeviceId));
+        assert_eq!(parse_platform("apns"), Ok(Platform::Apns));
+        assert_eq!(
+            parse_platform("gcm"),
+            Err(DeviceError::BadPlatform("gcm".into()))
+        );
+        assert!(validate_topic("com.example.app").is_ok());
+        assert!(validate_topic("com example").is_err());
+        let msg = validate_user("").unwrap_err().to_string();
+        assert!(msg.starts_with("user: "), "{msg}");
+    }
+}
