@@ -58,6 +58,7 @@ pub struct Server {
     client: TcpListener,
     api: TcpListener,
     quic: Option<(quinn::Endpoint, Identity)>,
+    wss: Option<tokio_rustls::TlsAcceptor>,
     push_stop: CancellationToken,
 }
 
@@ -144,6 +145,12 @@ impl Server {
                 addr: cfg.api_addr,
                 source,
             })?;
+        let wss = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::transport::stream::tls_acceptor(
+                &Identity::load_or_generate(Some(cert), Some(key))?,
+            )?),
+            _ => None,
+        };
         let quic = match cfg.quic_addr {
             Some(addr) => Some(quic::endpoint(&node, addr)?),
             None => None,
@@ -153,6 +160,7 @@ impl Server {
             client,
             api,
             quic,
+            wss,
             push_stop,
         })
     }
@@ -181,13 +189,15 @@ impl Server {
             client,
             api,
             quic,
+            wss,
             push_stop,
         } = self;
         let cfg = &node.config;
         let client_addr = client.local_addr().ok();
         let api_addr = api.local_addr().ok();
         if let Some(addr) = client_addr {
-            info!(listener = "client", %addr, "listening on {addr} (WebSocket at ws://{addr}{})", ws::PATH);
+            let scheme = if wss.is_some() { "wss" } else { "ws" };
+            info!(listener = "client", %addr, "listening on {addr} (WebSocket at {scheme}://{addr}{})", ws::PATH);
         }
         if let Some(addr) = api_addr {
             info!(listener = "api", %addr, "listening on {addr} (backend API)");
@@ -232,6 +242,7 @@ impl Server {
             accept_loop(
                 node.clone(),
                 client,
+                wss,
                 stop_accepting.clone(),
                 tracker.clone(),
             )
@@ -324,11 +335,13 @@ impl Server {
 async fn accept_loop(
     node: Arc<Node>,
     listener: TcpListener,
+    wss: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(node.config.max_connections));
     let ws_config = ws::ws_config(node.config.max_message_size, node.config.ws_read_buffer);
+    let tls = wss.map(Arc::new);
     loop {
         // The connection limit is taken before accept: over it, clients wait
         // in the kernel's backlog rather than costing us memory.
@@ -355,12 +368,14 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let timeout = node.config.connect_timeout;
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let conn_id = node.next_conn_id();
             // The handshake runs here, in the connection's own task, under a
             // timeout: a slow client never stalls the accept loop.
-            match tokio::time::timeout(timeout, ws::accept(stream, ws_config)).await {
+            match tokio::time::timeout(timeout, ws::accept(stream, tls.as_deref(), ws_config)).await
+            {
                 Ok(Ok(transport)) => session::run(node, transport, conn_id).await,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "websocket upgrade refused");

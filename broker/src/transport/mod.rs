@@ -4,6 +4,7 @@
 //! connection and the single session implementation.
 
 pub mod quic;
+pub mod stream;
 pub mod tls;
 pub mod ws;
 

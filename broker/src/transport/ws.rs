@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
+use super::stream::ClientStream;
 use super::{Inbound, Transport, TransportError};
 use crate::session::outbox::Frame;
 
@@ -44,6 +45,8 @@ pub fn ws_config(max_message_size: usize, read_buffer: usize) -> WebSocketConfig
 pub enum UpgradeError {
     #[error("websocket handshake failed: {0}")]
     Handshake(#[from] WsError),
+    #[error("tls handshake failed: {0}")]
+    Tls(#[from] std::io::Error),
 }
 
 fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
@@ -56,8 +59,13 @@ fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
 /// negotiates the subprotocol (§2) and applies the limits.
 pub async fn accept(
     stream: TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
     config: WebSocketConfig,
 ) -> Result<WsTransport, UpgradeError> {
+    let stream = match tls {
+        Some(acceptor) => ClientStream::Tls(Box::new(acceptor.accept(stream).await?)),
+        None => ClientStream::Plain(stream),
+    };
     let mut chosen = Encoding::Json;
     // The callback's signature is tungstenite's.
     #[allow(clippy::result_large_err)]
@@ -105,7 +113,7 @@ pub async fn accept(
 
 /// An upgraded WebSocket connection.
 pub struct WsTransport {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ClientStream>,
     encoding: Encoding,
     /// Frames were handed to tungstenite and a flush is owed.
     flushing: bool,

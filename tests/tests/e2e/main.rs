@@ -10,3 +10,4 @@ mod push;
 mod quic;
 mod resume;
 mod sessions;
+mod tls;
