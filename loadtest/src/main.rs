@@ -1,1 +1,287 @@
-fn main() {}
+//! `loadtest`: load scenarios against a Tether broker on this machine.
+//!
+//! - `idle`: broker memory per idle, subscribed WebSocket connection;
+//! - `fanout`: publish → deliver latency and broker CPU per delivery when one
+//!   channel is fanned out to many subscribers;
+//! - `connect-rate`: how fast clients connect and subscribe.
+//!
+//! Every scenario prints a report for people on stdout (and with `--json` a
+//! single JSON line after it), stops by itself, and is bounded by
+//! `--timeout`. Only loopback addresses are ever targeted. Progress and
+//! warnings go to stderr (`LOADTEST_LOG=debug` for more).
+//!
+//! One process holds at most ~19,900 sockets and one loopback source address
+//! has ~28,000 ephemeral ports: for bigger runs, give `--source-ips
+//! 127.0.0.2,127.0.0.3,…` and start several processes, each with its share
+//! of `--connections` (see BENCHMARKS.md).
+
+// The report is this binary's output, and it goes to stdout.
+#![allow(clippy::print_stdout)]
+
+mod client;
+mod connect_rate;
+mod fanout;
+mod fleet;
+mod idle;
+mod proc;
+mod publisher;
+mod report;
+mod target;
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tether_protocol::Encoding;
+
+use crate::fleet::FleetOptions;
+use crate::report::Report;
+use crate::target::Target;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Load scenarios against a Tether broker on this machine"
+)]
+struct Cli {
+    /// Also print the summary as one JSON line at the end.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Hard limit on the whole run, in seconds: past it the run is abandoned
+    /// with an error.
+    #[arg(long, global = true, default_value_t = 300, value_name = "SECS")]
+    timeout: u64,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Broker RSS per idle, subscribed connection.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Distinct channels, client i on `idle:<i mod channels>` (default: one per connection).
+        #[arg(long)]
+        channels: Option<usize>,
+        /// Seconds to wait, answering heartbeats, before reading the RSS again.
+        #[arg(long, default_value_t = 5.0)]
+        settle: f64,
+    },
+    /// One channel fanned out to many subscribers: latency and broker CPU.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        /// Backend API base URL (loopback only).
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        api: String,
+        /// Subscribers, all on one channel.
+        #[arg(long, default_value_t = 5_000)]
+        subscribers: usize,
+        /// Publications per second.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Bytes of padding in each publication.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// The channel.
+        #[arg(long, default_value = "fanout")]
+        channel: String,
+        /// Publications per request (> 1 uses POST /v1/publish/batch).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Publish requests in flight at most.
+        #[arg(long, default_value_t = 32)]
+        max_in_flight: usize,
+        /// Seconds to wait for the last deliveries after publishing.
+        #[arg(long, default_value_t = 10.0)]
+        drain_timeout: f64,
+    },
+    /// How fast clients connect and subscribe.
+    ConnectRate {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long, default_value_t = 5_000)]
+        connections: usize,
+        /// Distinct channels (default: one per connection).
+        #[arg(long)]
+        channels: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EncodingArg {
+    Json,
+    Msgpack,
+}
+
+/// Options every scenario shares: where to connect and how fast.
+#[derive(Debug, Args)]
+struct Common {
+    /// WebSocket URL of the broker (loopback only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
+    url: String,
+    /// Subprotocol: tether.v1.json or tether.v1.msgpack.
+    #[arg(long, value_enum, default_value = "json")]
+    encoding: EncodingArg,
+    /// Loopback source addresses to bind client sockets to, round-robin
+    /// (each has ~28k ephemeral ports).
+    #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
+    source_ips: Vec<IpAddr>,
+    /// Client setups started per second.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// Client setups in flight at once; keep it at or below the broker's
+    /// listen backlog, or a burst overflows it (SYN retried after 1 s).
+    #[arg(long, default_value_t = 128)]
+    connect_concurrency: usize,
+    /// Retries of a failed setup (with backoff) before it counts as failed.
+    #[arg(long, default_value_t = 3)]
+    connect_retries: u32,
+    /// Seconds one setup attempt may take.
+    #[arg(long, default_value_t = 15.0)]
+    attempt_timeout: f64,
+    /// PID of the broker, to read its RSS (/proc/PID/status) and CPU time (/proc/PID/stat).
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Prefix of the per-connection channel names (idle: `idle:`,
+    /// connect-rate: `connect:`).
+    #[arg(long)]
+    channel_prefix: Option<String>,
+}
+
+impl Common {
+    async fn fleet_options(&self) -> Result<FleetOptions> {
+        let target = Target::resolve(&self.url).await?;
+        target::check_source_ips(&self.source_ips, target.addr)?;
+        if !self.connect_rate.is_finite() || self.connect_rate <= 0.0 {
+            anyhow::bail!("--connect-rate must be above 0");
+        }
+        Ok(FleetOptions {
+            target,
+            encoding: match self.encoding {
+                EncodingArg::Json => Encoding::Json,
+                EncodingArg::Msgpack => Encoding::MsgPack,
+            },
+            source_ips: self.source_ips.clone(),
+            connect_rate: self.connect_rate,
+            concurrency: self.connect_concurrency.max(1),
+            retries: self.connect_retries,
+            attempt_timeout: seconds(self.attempt_timeout, "--attempt-timeout")?,
+        })
+    }
+}
+
+fn seconds(v: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).with_context(|| format!("{what} {v} is not a number of seconds"))
+}
+
+async fn run(scenario: Scenario) -> Result<Report> {
+    match scenario {
+        Scenario::Idle {
+            common,
+            connections,
+            channels,
+            settle,
+        } => {
+            let opts = idle::IdleOptions {
+                connections,
+                channels,
+                settle: seconds(settle, "--settle")?,
+                broker_pid: common.broker_pid,
+                channel_prefix: common
+                    .channel_prefix
+                    .clone()
+                    .unwrap_or_else(|| "idle:".into()),
+            };
+            idle::run(opts, common.fleet_options().await?).await
+        }
+        Scenario::Fanout {
+            common,
+            api,
+            subscribers,
+            rate,
+            duration,
+            payload,
+            channel,
+            batch,
+            max_in_flight,
+            drain_timeout,
+        } => {
+            let opts = fanout::FanoutOptions {
+                subscribers,
+                plan: publisher::PublishPlan {
+                    api: target::loopback_url(&api, "--api")?,
+                    channel,
+                    rate,
+                    duration: seconds(duration, "--duration")?,
+                    payload,
+                    batch,
+                    max_in_flight,
+                },
+                drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
+                broker_pid: common.broker_pid,
+            };
+            fanout::run(opts, common.fleet_options().await?).await
+        }
+        Scenario::ConnectRate {
+            common,
+            connections,
+            channels,
+        } => {
+            let opts = connect_rate::ConnectRateOptions {
+                connections,
+                channels,
+                channel_prefix: common
+                    .channel_prefix
+                    .clone()
+                    .unwrap_or_else(|| "connect:".into()),
+            };
+            connect_rate::run(opts, common.fleet_options().await?).await
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOADTEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let limit = Duration::from_secs(cli.timeout);
+    match tokio::time::timeout(limit, run(cli.scenario)).await {
+        Ok(Ok(report)) => {
+            print!("{}", report.render());
+            if cli.json {
+                println!("{}", report.json_line());
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!(
+                "loadtest: the run did not finish within --timeout {} s; abandoned",
+                cli.timeout
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Scenario `fanout`: latency and server CPU of one channel fanned out to
+//! many subscribers.
+//!
+//! Every subscriber joins one channel; once all are subscribed, the
+//! publisher POSTs `--rate` publications per second for `--duration`
+//! seconds, each carrying `{"sent_us": <unix µs at send>, "pad": "xxx…"}`.
+//! Each subscriber records `now - sent_us` into its own HDR histogram (no
+//! lock per message; merged at the end), counts deliveries and checks that
+//! offsets rise by exactly one. The broker's CPU time (utime + stime) is
+//! read when the first publication is sent and again when the last expected
+//! delivery arrived (or the drain timeout passed).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use hdrhistogram::Histogram;
+use tether_protocol::{ChannelName, Epoch};
+
+use crate::client::{Client, Event};
+use crate::fleet::{Counters, Fleet, FleetOptions, Ready};
+use crate::proc::{self, Pid};
+use crate::publisher::{self, PublishPlan, unix_micros};
+use crate::report::{self, Latency, Report};
+
+#[derive(Debug, Clone)]
+pub struct FanoutOptions {
+    pub subscribers: usize,
+    pub plan: PublishPlan,
+    /// How long to wait for deliveries after the last publication was answered.
+    pub drain_timeout: Duration,
+    pub broker_pid: Option<u32>,
+}
+
+/// What one subscriber saw.
+#[derive(Debug)]
+struct SubscriberStats {
+    latency: Histogram<u32>,
+    delivered: u64,
+    /// Offsets skipped over (a gap of 3 counts 3).
+    skipped: u64,
+    /// Deliveries whose offset was not above the previous one.
+    not_increasing: u64,
+    epoch_changes: u64,
+    /// Deliveries whose data carried no `sent_us`.
+    bad_payload: u64,
+    last_delivery: Option<Instant>,
+    /// The connection ended before the stop (close code, if any).
+    dropped: Option<Option<u16>>,
+}
+
+/// Receives until the fleet stops, measuring every delivery.
+async fn subscribe_and_measure(
+    mut client: Client,
+    mut ready: Ready,
+    template: Arc<Histogram<u32>>,
+    delivered_total: Arc<AtomicU64>,
+) -> SubscriberStats {
+    let mut s = SubscriberStats {
+        latency: (*template).clone(),
+        delivered: 0,
+        skipped: 0,
+        not_increasing: 0,
+        epoch_changes: 0,
+        bad_payload: 0,
+        last_delivery: None,
+        dropped: None,
+    };
+    let channel = ready.subscribed.channel.clone();
+    let mut epoch: Epoch = ready.subscribed.epoch.clone();
+    let mut last = ready.subscribed.offset.0;
+    loop {
+        let ev = tokio::select! {
+            _ = ready.stopped() => {
+                client.close().await;
+                return s;
+            }
+            ev = client.next_event() => ev,
+        };
+        let p = match ev {
+            Ok(Event::Message(p)) if p.channel == channel => p,
+            Ok(Event::Message(_) | Event::Other(_)) => continue,
+            Ok(Event::Closed(code)) => {
+                s.dropped = Some(code);
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(client = ready.index, error = %format!("{e:#}"), "subscriber failed");
+                s.dropped = Some(None);
+                break;
+            }
+        };
+        let now = unix_micros();
+        s.last_delivery = Some(Instant::now());
+        s.delivered += 1;
+        delivered_total.fetch_add(1, Ordering::Relaxed);
+        match p.data.get("sent_us").and_then(serde_json::Value::as_u64) {
+            Some(sent) => s.latency.saturating_record(now.saturating_sub(sent).max(1)),
+            None => s.bad_payload += 1,
+        }
+        if p.epoch != epoch {
+            s.epoch_changes += 1;
+            epoch = p.epoch;
+        } else if p.offset.0 <= last {
+            s.not_increasing += 1;
+        } else {
+            s.skipped += p.offset.0 - last - 1;
+        }
+        last = p.offset.0;
+    }
+    ready.dropped();
+    s
+}
+
+pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report> {
+    if opts.subscribers == 0 {
+        bail!("--subscribers must be at least 1");
+    }
+    if !opts.plan.rate.is_finite() || opts.plan.rate <= 0.0 {
+        bail!("--rate must be a number above 0");
+    }
+    let channel = ChannelName::new(opts.plan.channel.clone())?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.plan.max_in_flight)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    publisher::check_ready(&http, &opts.plan.api).await?;
+    let broker = opts.broker_pid.map(Pid::Other);
+    if let Some(pid) = opts.broker_pid {
+        let name = proc::check_running(pid)?;
+        tracing::info!(pid, name, "measuring the broker's CPU");
+    }
+
+    let template = Arc::new(report::latency_histogram::<u32>()?);
+    let delivered_total = Arc::new(AtomicU64::new(0));
+    let fleet = {
+        let (template, delivered_total) = (template.clone(), delivered_total.clone());
+        Fleet::launch(
+            opts.subscribers,
+            fleet_opts,
+            move |_| Ok(channel.clone()),
+            move |client, ready| {
+                subscribe_and_measure(client, ready, template.clone(), delivered_total.clone())
+            },
+        )
+    };
+    let setup_time = fleet.wait_settled("fanout").await;
+    let subscribed = Counters::get(&fleet.counters.established);
+    if subscribed == 0 {
+        bail!(
+            "no subscriber could subscribe: {:?}",
+            fleet.counters.failure_reasons().first()
+        );
+    }
+    tracing::info!(
+        "fanout: {subscribed} subscribers in {:.1} s; publishing {} × {}/s",
+        setup_time.as_secs_f64(),
+        opts.plan.total(),
+        opts.plan.rate
+    );
+
+    // The measured window opens with the first publication.
+    let broker_cpu0 = broker.map(proc::cpu_time).transpose()?;
+    let own_cpu0 = proc::cpu_time(Pid::Current)?;
+    let t0 = Instant::now();
+    let published = publisher::run(http, &opts.plan).await?;
+    let expected = published.ok * subscribed;
+    let drain_deadline = Instant::now() + opts.drain_timeout;
+    while delivered_total.load(Ordering::Relaxed) < expected
+        && Instant::now() < drain_deadline
+        && Counters::get(&fleet.counters.dropped) < subscribed
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let window = t0.elapsed();
+    let broker_cpu = match (broker_cpu0, broker.map(proc::cpu_time).transpose()?) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
+    let own_rss = proc::rss_bytes(Pid::Current)?;
+    let failed = Counters::get(&fleet.counters.failed);
+    let retried = Counters::get(&fleet.counters.retried);
+    let reasons = fleet.counters.failure_reasons();
+
+    let stats = fleet.stop().await;
+    let mut latency = report::latency_histogram::<u64>()?;
+    let mut delivered = 0;
+    let (mut skipped, mut not_increasing, mut epoch_changes, mut bad_payload) = (0, 0, 0, 0);
+    let mut last_delivery: Option<Instant> = None;
+    let mut dropped = Vec::new();
+    for s in &stats {
+        report::merge_into(&mut latency, &s.latency);
+        delivered += s.delivered;
+        skipped += s.skipped;
+        not_increasing += s.not_increasing;
+        epoch_changes += s.epoch_changes;
+        bad_payload += s.bad_payload;
+        last_delivery = last_delivery.max(s.last_delivery);
+        dropped.extend(s.dropped);
+    }
+    let delivery_span = last_delivery.map(|t| t.saturating_duration_since(t0));
+
+    let mut r = Report::new("fanout");
+    r.count(
+        "subscribers_requested",
+        "subscribers requested",
+        opts.subscribers as u64,
+    );
+    r.count("subscribers", "subscribers subscribed", subscribed);
+    r.count("connect_failures", "connect failures", failed);
+    r.count("connect_retries", "connect attempts retried", retried);
+    if let Some((reason, n)) = reasons.first() {
+        r.text(
+            "top_failure",
+            "most frequent failure",
+            format!("{n} × {reason}"),
+        );
+    }
+    r.number(
+        "setup_seconds",
+        "time to subscribe them all",
+        setup_time.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number(
+        "rate_target",
+        "publication rate asked",
+        opts.plan.rate,
+        "/s",
+        1,
+    );
+    r.count("payload_bytes", "payload padding", opts.plan.payload as u64);
+    r.count("publications", "publications accepted", published.ok);
+    r.count("publish_failures", "publications failed", published.failed);
+    if let Some((reason, n)) = published.errors.iter().max_by_key(|(_, n)| **n) {
+        r.text(
+            "top_publish_failure",
+            "most frequent publish failure",
+            format!("{n} × {reason}"),
+        );
+    }
+    r.number(
+        "publish_seconds",
+        "publishing time",
+        published.elapsed.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.count(
+        "deliveries_expected",
+        "deliveries expected (pubs × subscribers)",
+        expected,
+    );
+    r.count("deliveries", "deliveries received", delivered);
+    r.count(
+        "lost",
+        "deliveries lost",
+        expected.saturating_sub(delivered),
+    );
+    r.count("offsets_skipped", "offsets skipped (gaps)", skipped);
+    r.count(
+        "offsets_not_increasing",
+        "offsets not increasing (dup/reorder)",
+        not_increasing,
+    );
+    r.count("epoch_changes", "epoch changes", epoch_changes);
+    r.count("bad_payloads", "deliveries without sent_us", bad_payload);
+    let (dropped_count, dropped_codes) = report::close_codes(dropped);
+    r.count(
+        "subscribers_dropped",
+        "subscribers disconnected during the run",
+        dropped_count,
+    );
+    r.text("dropped_close_codes", "their close codes", dropped_codes);
+    r.number(
+        "window_seconds",
+        "measured window (first publish → last delivery)",
+        window.as_secs_f64(),
+        "s",
+        3,
+    );
+    match delivery_span {
+        Some(span) if span > Duration::ZERO => r.number(
+            "deliveries_per_second",
+            "deliveries per second",
+            delivered as f64 / span.as_secs_f64(),
+            "/s",
+            0,
+        ),
+        _ => r.missing(
+            "deliveries_per_second",
+            "deliveries per second",
+            "no delivery",
+        ),
+    }
+    Latency::of(&latency).add_to(
+        &mut r,
+        [
+            "latency_p50_ms",
+            "latency_p90_ms",
+            "latency_p99_ms",
+            "latency_p999_ms",
+            "latency_max_ms",
+        ],
+        [
+            "publish→deliver p50",
+            "publish→deliver p90",
+            "publish→deliver p99",
+            "publish→deliver p99.9",
+            "publish→deliver max",
+        ],
+    );
+    let secs = window.as_secs_f64().max(1e-9);
+    match broker_cpu {
+        Some(cpu) => {
+            r.number(
+                "broker_cpu_seconds",
+                "broker CPU (user + system)",
+                cpu.as_secs_f64(),
+                "s",
+                2,
+            );
+            r.number(
+                "broker_cpu_cores",
+                "broker CPU, cores busy on average",
+                cpu.as_secs_f64() / secs,
+                "",
+                2,
+            );
+            if delivered > 0 {
+                let us = cpu.as_secs_f64() * 1e6 / delivered as f64;
+                r.number(
+                    "broker_cpu_us_per_delivery",
+                    "broker CPU per delivery (incl. HTTP publish)",
+                    us,
+                    "µs",
+                    3,
+                );
+            } else {
+                r.missing(
+                    "broker_cpu_us_per_delivery",
+                    "broker CPU per delivery (incl. HTTP publish)",
+                    "no delivery",
+                );
+            }
+        }
+        None => {
+            r.missing(
+                "broker_cpu_seconds",
+                "broker CPU (user + system)",
+                "no --broker-pid",
+            );
+            r.missing(
+                "broker_cpu_us_per_delivery",
+                "broker CPU per delivery (incl. HTTP publish)",
+                "no --broker-pid",
+            );
+        }
+    }
+    r.number(
+        "loadtest_cpu_seconds",
+        "loadtest CPU (same machine)",
+        own_cpu.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number(
+        "loadtest_cpu_cores",
+        "loadtest CPU, cores busy on average",
+        own_cpu.as_secs_f64() / secs,
+        "",
+        2,
+    );
+    r.bytes(
+        "loadtest_rss_bytes",
+        "loadtest RSS (for information)",
+        own_rss as f64,
+    );
+    Ok(r)
+}

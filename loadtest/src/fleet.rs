@@ -1,0 +1,321 @@
+//! Many clients, opened at a paced rate with bounded concurrency.
+//!
+//! Client `i` starts its setup at `start + i / rate` (`--connect-rate`), and
+//! at most `--connect-concurrency` setups (TCP connect, upgrade, `connect`,
+//! `subscribe`) are in flight at once, so that the broker's accept backlog
+//! is never overrun. A failed setup is retried with jittered exponential
+//! backoff (`--connect-retries`), then counted as a failure with its reason.
+//! Once subscribed, each client runs the scenario's task until [`Fleet::stop`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tether_protocol::{ChannelName, Encoding, Subscribed};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::client::{Client, Event};
+use crate::target::Target;
+
+/// How clients are opened.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub target: Target,
+    pub encoding: Encoding,
+    /// Source addresses, used round-robin; empty: the kernel chooses.
+    pub source_ips: Vec<IpAddr>,
+    /// Setups started per second.
+    pub connect_rate: f64,
+    /// Setups in flight at once.
+    pub concurrency: usize,
+    /// Attempts after the first failed one.
+    pub retries: u32,
+    /// Time allowed for one attempt.
+    pub attempt_timeout: Duration,
+}
+
+/// Counters shared by the clients of a fleet.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Clients connected and subscribed.
+    pub established: AtomicU64,
+    /// Clients whose every attempt failed.
+    pub failed: AtomicU64,
+    /// Attempts that failed and were retried.
+    pub retried: AtomicU64,
+    /// Established clients whose connection ended before `stop`.
+    pub dropped: AtomicU64,
+    /// Why setups failed, and how often.
+    reasons: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    fn record_failure(&self, e: &anyhow::Error) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        // The outermost context says which step failed; the root cause why.
+        let reason = if e.chain().count() > 1 {
+            format!("{e}: {}", e.root_cause())
+        } else {
+            e.to_string()
+        };
+        if let Ok(mut m) = self.reasons.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Setup failure reasons, most frequent first.
+    pub fn failure_reasons(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .reasons
+            .lock()
+            .map(|m| m.iter().map(|(k, n)| (k.clone(), *n)).collect())
+            .unwrap_or_default();
+        v.sort_by_key(|r| std::cmp::Reverse(r.1));
+        v
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// What a client's task is handed once it is subscribed.
+#[derive(Debug)]
+pub struct Ready {
+    pub index: usize,
+    pub subscribed: Subscribed,
+    /// From the first attempt to `subscribed`, retries included.
+    pub setup: Duration,
+    /// Changes to `true` when the fleet is stopped.
+    pub stop: watch::Receiver<bool>,
+    /// For the task to count its connection as dropped.
+    pub counters: Arc<Counters>,
+}
+
+impl Ready {
+    /// Resolves when the fleet is stopped.
+    pub async fn stopped(&mut self) {
+        while !*self.stop.borrow_and_update() {
+            if self.stop.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Counts this client's connection as ended before the stop.
+    pub fn dropped(&self) {
+        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How a held connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Still open when the fleet stopped; then closed by us.
+    Stopped,
+    /// Closed by the server (with this close code, if any) or failed.
+    Dropped(Option<u16>),
+}
+
+/// Holds a connection open, answering pings and ignoring everything else,
+/// until the fleet stops; a connection that ends before is counted dropped.
+pub async fn hold(mut client: Client, ready: &mut Ready) -> Ended {
+    loop {
+        tokio::select! {
+            _ = ready.stopped() => {
+                client.close().await;
+                return Ended::Stopped;
+            }
+            ev = client.next_event() => match ev {
+                Ok(Event::Message(_) | Event::Other(_)) => {}
+                Ok(Event::Closed(code)) => {
+                    ready.dropped();
+                    return Ended::Dropped(code);
+                }
+                Err(e) => {
+                    tracing::debug!(client = ready.index, error = %format!("{e:#}"), "connection failed");
+                    ready.dropped();
+                    return Ended::Dropped(None);
+                }
+            },
+        }
+    }
+}
+
+/// Clients being opened or running.
+pub struct Fleet<T> {
+    pub counters: Arc<Counters>,
+    pub size: usize,
+    started: Instant,
+    handles: Vec<JoinHandle<Option<T>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl<T: Send + 'static> Fleet<T> {
+    /// Starts opening `size` clients; client `i` subscribes to `channel_of(i)`
+    /// and then runs `run(client, ready)`.
+    pub fn launch<C, F, Fut>(size: usize, opts: FleetOptions, channel_of: C, run: F) -> Fleet<T>
+    where
+        C: Fn(usize) -> Result<ChannelName>,
+        F: Fn(Client, Ready) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let counters = Arc::new(Counters::default());
+        let (stop, _) = watch::channel(false);
+        let opts = Arc::new(opts);
+        let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+        let started = Instant::now();
+        let rate = opts.connect_rate.max(0.001);
+        let mut handles = Vec::with_capacity(size);
+        for index in 0..size {
+            let slot = started + Duration::from_secs_f64(index as f64 / rate);
+            let channel = channel_of(index);
+            let (opts, permits, counters) = (opts.clone(), permits.clone(), counters.clone());
+            let stop_rx = stop.subscribe();
+            let run = run.clone();
+            handles.push(tokio::spawn(async move {
+                tokio::time::sleep_until(slot.into()).await;
+                let setup = async {
+                    let channel = channel?;
+                    let _permit = permits.acquire().await?;
+                    let t0 = Instant::now();
+                    let (client, subscribed) =
+                        open_with_retries(&opts, index, &channel, &counters).await?;
+                    anyhow::Ok((client, subscribed, t0.elapsed()))
+                };
+                match setup.await {
+                    Ok((client, subscribed, setup)) => {
+                        counters.established.fetch_add(1, Ordering::Relaxed);
+                        let ready = Ready {
+                            index,
+                            subscribed,
+                            setup,
+                            stop: stop_rx,
+                            counters,
+                        };
+                        Some(run(client, ready).await)
+                    }
+                    Err(e) => {
+                        tracing::debug!(client = index, error = %format!("{e:#}"), "setup failed");
+                        counters.record_failure(&e);
+                        None
+                    }
+                }
+            }));
+        }
+        Fleet {
+            counters,
+            size,
+            started,
+            handles,
+            stop,
+        }
+    }
+
+    /// Clients whose setup has finished, one way or the other.
+    pub fn settled(&self) -> u64 {
+        Counters::get(&self.counters.established) + Counters::get(&self.counters.failed)
+    }
+
+    /// Waits until every client is subscribed or has failed, logging progress;
+    /// returns the time since launch.
+    pub async fn wait_settled(&self, what: &str) -> Duration {
+        let mut last_log = Instant::now();
+        while self.settled() < self.size as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if last_log.elapsed() >= Duration::from_secs(2) {
+                last_log = Instant::now();
+                tracing::info!(
+                    "{what}: {} of {} subscribed, {} failed",
+                    Counters::get(&self.counters.established),
+                    self.size,
+                    Counters::get(&self.counters.failed)
+                );
+            }
+        }
+        self.started.elapsed()
+    }
+
+    /// Tells every client to stop and collects what their tasks returned.
+    pub async fn stop(self) -> Vec<T> {
+        let _ = self.stop.send(true);
+        let mut out = Vec::with_capacity(self.handles.len());
+        for h in self.handles {
+            match h.await {
+                Ok(Some(t)) => out.push(t),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "a client task failed"),
+            }
+        }
+        out
+    }
+}
+
+async fn open_with_retries(
+    opts: &FleetOptions,
+    index: usize,
+    channel: &ChannelName,
+    counters: &Counters,
+) -> Result<(Client, Subscribed)> {
+    let source =
+        (!opts.source_ips.is_empty()).then(|| opts.source_ips[index % opts.source_ips.len()]);
+    let mut attempt = 0;
+    loop {
+        let once = async {
+            let mut client = Client::open(&opts.target, source, opts.encoding).await?;
+            let subscribed = client.connect_and_subscribe(channel).await?;
+            anyhow::Ok((client, subscribed))
+        };
+        let result = match tokio::time::timeout(opts.attempt_timeout, once).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!(
+                "setup took longer than {:?}",
+                opts.attempt_timeout
+            )),
+        };
+        match result {
+            Ok(ok) => return Ok(ok),
+            Err(e) if attempt >= opts.retries => return Err(e),
+            Err(_) => {
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff(attempt, index)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// 100 ms doubling per attempt up to 3.2 s, plus up to as much again of
+/// jitter derived from the client index and attempt (no RNG needed).
+pub fn backoff(attempt: u32, index: usize) -> Duration {
+    let base_ms = 100u64 << attempt.min(5);
+    let mut x = (index as u64) ^ (u64::from(attempt) << 48) ^ 0x9E37_79B9_7F4A_7C15;
+    // splitmix64
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    Duration::from_millis(base_ms + x % (base_ms + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_jittered() {
+        for attempt in 0..8 {
+            let base = 100u64 << attempt.min(5);
+            for index in 0..50 {
+                let d = backoff(attempt, index).as_millis() as u64;
+                assert!((base..=2 * base).contains(&d), "attempt {attempt}: {d} ms");
+            }
+        }
+        let spread: std::collections::BTreeSet<_> = (0..50).map(|i| backoff(1, i)).collect();
+        assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
+    }
+}

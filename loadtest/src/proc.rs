@@ -1,0 +1,146 @@
+//! What the kernel says about a process: resident memory (`VmRSS` of
+//! `/proc/PID/status`) and CPU time (`utime + stime` of `/proc/PID/stat`,
+//! in clock ticks, converted with the rate `getconf CLK_TCK` gives).
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// A process to observe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pid {
+    /// The load tester itself.
+    Current,
+    Other(u32),
+}
+
+impl Pid {
+    fn path(self, file: &str) -> String {
+        match self {
+            Pid::Current => format!("/proc/self/{file}"),
+            Pid::Other(pid) => format!("/proc/{pid}/{file}"),
+        }
+    }
+}
+
+/// Resident memory of `pid`, in bytes.
+pub fn rss_bytes(pid: Pid) -> Result<u64> {
+    let path = pid.path("status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_vmrss(&text).with_context(|| format!("no VmRSS line in {path}"))
+}
+
+/// The name of `pid` (the `Name:` line of its status), to log what we watch.
+pub fn process_name(pid: Pid) -> Result<String> {
+    let path = pid.path("status");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}: is the process running?"))?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("Name:"))
+        .map(|n| n.trim().to_owned())
+        .unwrap_or_default())
+}
+
+/// CPU time `pid` has used so far (user + system).
+pub fn cpu_time(pid: Pid) -> Result<Duration> {
+    let path = pid.path("stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let ticks = parse_stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
+    Ok(ticks_to_duration(ticks, clock_ticks_per_second()))
+}
+
+/// `VmRSS:   1234 kB` → bytes.
+pub fn parse_vmrss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut parts = line.split_whitespace();
+    let n: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") | None => Some(n * 1024),
+        Some(_) => None,
+    }
+}
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line, in ticks.
+/// The command name (field 2) is in parentheses and may itself hold spaces
+/// and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
+    let close = stat.rfind(')').context("no ')' after the command name")?;
+    // After ')': field 3 (state) is the first; utime is field 14.
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let field = |n: usize| -> Result<u64> {
+        let s = fields
+            .get(n - 3)
+            .with_context(|| format!("stat has no field {n}"))?;
+        s.parse::<u64>()
+            .with_context(|| format!("stat field {n} is {s:?}, not a number"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+pub fn ticks_to_duration(ticks: u64, per_second: u64) -> Duration {
+    let per_second = per_second.max(1);
+    Duration::from_secs(ticks / per_second)
+        + Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second)
+}
+
+/// The kernel's clock tick rate (`getconf CLK_TCK`), asked once; 100 when
+/// `getconf` cannot tell.
+pub fn clock_ticks_per_second() -> u64 {
+    static TCK: OnceLock<u64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// Checks that `pid` names a running process; returns its name.
+pub fn check_running(pid: u32) -> Result<String> {
+    if pid == 0 {
+        bail!("--broker-pid 0 is not a process id");
+    }
+    process_name(Pid::Other(pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vmrss_in_bytes() {
+        let status = "Name:\tbroker\nVmPeak:\t  9999 kB\nVmRSS:\t   2048 kB\nThreads:\t3\n";
+        assert_eq!(parse_vmrss(status), Some(2048 * 1024));
+        assert_eq!(parse_vmrss("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn parses_utime_and_stime_after_an_awkward_command_name() {
+        // comm holds a space and a ')': fields must be counted from the last ')'.
+        let stat = "4242 (my ) broker) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
+                    350 25 0 0 20 0 3 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(parse_stat_cpu_ticks(stat).expect("parses"), 375);
+        assert!(parse_stat_cpu_ticks("4242 (x) S 1 2").is_err());
+        assert!(parse_stat_cpu_ticks("no parens at all").is_err());
+    }
+
+    #[test]
+    fn converts_ticks_with_the_tick_rate() {
+        assert_eq!(ticks_to_duration(250, 100), Duration::from_millis(2500));
+        assert_eq!(ticks_to_duration(3, 1000), Duration::from_millis(3));
+    }
+
+    #[test]
+    fn reads_its_own_process() {
+        assert!(rss_bytes(Pid::Current).expect("rss") > 0);
+        cpu_time(Pid::Current).expect("cpu");
+        assert!(clock_ticks_per_second() > 0);
+    }
+}

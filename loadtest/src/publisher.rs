@@ -1,0 +1,201 @@
+//! The backend side of the fan-out scenario: publications over the HTTP API
+//! at a fixed rate, each stamped with the time it was sent.
+//!
+//! Publication `k` is sent at `start + k / rate` (in batches of `batch` with
+//! `POST /v1/publish/batch` when `batch > 1`). Requests run concurrently, at
+//! most `max_in_flight` at once, so that one slow answer does not shift the
+//! schedule of the next ones.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use reqwest::Url;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Clone)]
+pub struct PublishPlan {
+    pub api: Url,
+    pub channel: String,
+    /// Publications per second.
+    pub rate: f64,
+    pub duration: Duration,
+    /// Bytes of padding in each publication's data.
+    pub payload: usize,
+    /// Publications per request.
+    pub batch: usize,
+    pub max_in_flight: usize,
+}
+
+impl PublishPlan {
+    /// Publications in the whole run.
+    pub fn total(&self) -> u64 {
+        (self.rate * self.duration.as_secs_f64()).round().max(1.0) as u64
+    }
+}
+
+/// What the publisher did.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Publications the API accepted.
+    pub ok: u64,
+    /// Publications refused or whose request failed.
+    pub failed: u64,
+    /// Why, and how often.
+    pub errors: BTreeMap<String, u64>,
+    /// From the first request sent to the last answer received.
+    pub elapsed: Duration,
+}
+
+/// Unix time in microseconds.
+pub fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Checks that the API answers `GET /readyz` with 200.
+pub async fn check_ready(http: &reqwest::Client, api: &Url) -> Result<()> {
+    let url = api.join("/readyz")?;
+    let resp = http
+        .get(url.clone())
+        .send()
+        .await
+        .with_context(|| format!("GET {url}: is the broker's API listening there?"))?;
+    if !resp.status().is_success() {
+        bail!("GET {url} answered {}", resp.status());
+    }
+    Ok(())
+}
+
+/// Publishes according to `plan`.
+pub async fn run(http: reqwest::Client, plan: &PublishPlan) -> Result<Published> {
+    let batch = plan.batch.max(1);
+    let single = plan.api.join("/v1/publish")?;
+    let multi = plan.api.join("/v1/publish/batch")?;
+    let pad = "x".repeat(plan.payload);
+    let total = plan.total();
+    let requests = total.div_ceil(batch as u64);
+    let period = Duration::from_secs_f64(batch as f64 / plan.rate.max(0.001));
+    let in_flight = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
+    let mut tasks = JoinSet::new();
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for _ in 0..requests {
+        ticks.tick().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let n = (total - sent).min(batch as u64);
+        sent += n;
+        let data =
+            || json!({"channel": plan.channel, "data": {"sent_us": unix_micros(), "pad": pad}});
+        let (url, body) = if batch == 1 {
+            (single.clone(), data())
+        } else {
+            let messages: Vec<Value> = (0..n).map(|_| data()).collect();
+            (multi.clone(), json!({ "messages": messages }))
+        };
+        let http = http.clone();
+        tasks.spawn(async move {
+            let r = post(&http, url, &body, n).await;
+            drop(permit);
+            (n, r)
+        });
+    }
+    let mut out = Published::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (n, result) = joined.context("a publish task failed")?;
+        match result {
+            Ok(refused) => {
+                out.ok += n - refused.len() as u64;
+                out.failed += refused.len() as u64;
+                for e in refused {
+                    *out.errors.entry(e).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                out.failed += n;
+                *out.errors.entry(format!("{e:#}")).or_default() += n;
+            }
+        }
+    }
+    out.elapsed = started.elapsed();
+    Ok(out)
+}
+
+/// Sends one request; returns the refusals of a batch (empty: all accepted).
+async fn post(http: &reqwest::Client, url: Url, body: &Value, n: u64) -> Result<Vec<String>> {
+    let resp = http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .context("publish request")?;
+    let status = resp.status();
+    let answer: Value = resp.json().await.context("publish answer")?;
+    if !status.is_success() {
+        bail!(
+            "HTTP {status}: {}",
+            answer["error"]["code"].as_str().unwrap_or("?")
+        );
+    }
+    if n == 1 && answer.get("results").is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(batch_refusals(&answer))
+}
+
+/// The `error.code`s of a batch answer's results.
+pub fn batch_refusals(answer: &Value) -> Vec<String> {
+    answer["results"]
+        .as_array()
+        .map(|results| {
+            results
+                .iter()
+                .filter_map(|r| r.get("error"))
+                .map(|e| e["code"].as_str().unwrap_or("unknown").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_round_to_whole_publications() {
+        let plan = PublishPlan {
+            api: Url::parse("http://127.0.0.1:8081").expect("url"),
+            channel: "fanout".into(),
+            rate: 20.0,
+            duration: Duration::from_secs(10),
+            payload: 100,
+            batch: 1,
+            max_in_flight: 8,
+        };
+        assert_eq!(plan.total(), 200);
+        let short = PublishPlan {
+            rate: 0.5,
+            duration: Duration::from_secs(1),
+            ..plan
+        };
+        assert_eq!(short.total(), 1);
+    }
+
+    #[test]
+    fn batch_answers_are_sorted_into_refusals() {
+        let answer = json!({"results": [
+            {"channel": "c", "epoch": "e", "offset": 1},
+            {"error": {"code": "too_large", "message": "…"}},
+            {"channel": "c", "epoch": "e", "offset": 2},
+        ]});
+        assert_eq!(batch_refusals(&answer), vec!["too_large".to_owned()]);
+        assert!(batch_refusals(&json!({"channel": "c"})).is_empty());
+    }
+}
