@@ -113,7 +113,7 @@ pub struct Settings {
     /// Most client connections at once; more are refused at accept [default: 100000]
     #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// WebSocket read buffer per connection, bytes [default: 4096]
+    /// WebSocket read buffer per connection, bytes [default: 2048]
     #[arg(long, env = "TETHER_WS_READ_BUFFER")]
     pub ws_read_buffer: Option<usize>,
     /// Seconds a graceful shutdown may take [default: 10]
@@ -436,7 +436,7 @@ impl Settings {
         if max_connections == 0 {
             return Err(invalid("max-connections", "must be at least 1"));
         }
-        let ws_read_buffer = self.ws_read_buffer.unwrap_or(4096);
+        let ws_read_buffer = self.ws_read_buffer.unwrap_or(2048);
         if !(512..=1024 * 1024).contains(&ws_read_buffer) {
             return Err(invalid(
                 "ws-read-buffer",

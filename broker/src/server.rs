@@ -52,6 +52,21 @@ pub enum ServerError {
     Provider(#[from] tether_push_gateway::ConfigError),
 }
 
+/// Connections the kernel queues for the client listener before `accept`
+/// (a wave of reconnects arrives at once; the kernel caps it at somaxconn).
+const CLIENT_BACKLOG: u32 = 4096;
+
+fn bind_with_backlog(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A node with its listeners bound, not yet serving.
 pub struct Server {
     node: Arc<Node>,
@@ -130,14 +145,13 @@ impl Server {
         };
         let node = Node::new(config, make_push)?;
         let cfg = &node.config;
-        let client =
-            TcpListener::bind(cfg.client_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    listener: "client",
-                    addr: cfg.client_addr,
-                    source,
-                })?;
+        let client = bind_with_backlog(cfg.client_addr, CLIENT_BACKLOG).map_err(|source| {
+            ServerError::Bind {
+                listener: "client",
+                addr: cfg.client_addr,
+                source,
+            }
+        })?;
         let api = TcpListener::bind(cfg.api_addr)
             .await
             .map_err(|source| ServerError::Bind {

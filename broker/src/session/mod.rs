@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
 use tether_protocol::codec::{decode_client, encode_server};
 use tether_protocol::{
     ChannelName, ChannelRecovery, ClientMessage, CloseCode, Connected, DecodeError, Disconnect,
@@ -128,11 +129,13 @@ struct Session {
     rate: RateLimit,
     last_seen: Instant,
     next_ping: Instant,
-    transport: &'static str,
     /// The device this session runs on (`connect.device`), for push.
     device: Option<String>,
     /// Personal channels this device is live on, with their acks.
     push_acks: Vec<(ChannelName, Arc<AckCell>)>,
+    /// This transport's series, looked up once.
+    messages_in: Counter,
+    messages_out: Counter,
 }
 
 fn unix_secs() -> u64 {
@@ -169,6 +172,8 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
     node.sessions.insert(conn_id, outbox.clone());
     debug!("connection open");
 
+    let messages_in = node.metrics.messages_in.get_or_create(&label).clone();
+    let messages_out = node.metrics.messages_out.get_or_create(&label).clone();
     let mut s = Session {
         encoding: transport.encoding(),
         outbox: outbox.clone(),
@@ -184,9 +189,10 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
         rate: RateLimit::new(node.config.client_rate, now),
         last_seen: now,
         next_ping: now,
-        transport: T::NAME,
         device: None,
         push_acks: Vec::new(),
+        messages_in,
+        messages_out,
         conn_id,
         node,
     };
@@ -213,7 +219,10 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
         let step = match event {
             Event::Inbound(Ok(Inbound::Message(bytes))) => {
                 s.last_seen = Instant::now();
-                s.handle_frame(&bytes).await
+                // Boxed: `connect` (auth, resume, takeover wait) makes this
+                // future large, and an idle session should not carry its
+                // size for its whole life.
+                Box::pin(s.handle_frame(&bytes)).await
             }
             Event::Inbound(Ok(Inbound::Activity)) => {
                 s.last_seen = Instant::now();
@@ -260,7 +269,7 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
                 }
                 transport.close(code, Some(last)).await;
             };
-            let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(close)).await;
         }
         End::Gone => debug!("connection closed by peer"),
     }
@@ -280,12 +289,8 @@ fn poll_event<T: Transport>(
     if let Some(code) = outbox.urgent_close(cx) {
         return Poll::Ready(Event::Close(code));
     }
-    let metrics = &s.node.metrics;
-    let out_label = TransportLabel {
-        transport: s.transport,
-    };
-    let out_counter = metrics.messages_out.get_or_create(&out_label).clone();
-    let latency = metrics.delivery_latency.clone();
+    let out_counter = &s.messages_out;
+    let latency = &s.node.metrics.delivery_latency;
     let subs = &mut s.subs;
     let mut rounds = 0;
     loop {
@@ -386,10 +391,7 @@ impl Session {
 
     async fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), End> {
         let now = Instant::now();
-        let label = TransportLabel {
-            transport: self.transport,
-        };
-        self.node.metrics.messages_in.get_or_create(&label).inc();
+        self.messages_in.inc();
         if let Err(retry_after_ms) = self.rate.take(now) {
             return Err(End::Close(CloseCode::RateLimited, Some(retry_after_ms)));
         }
