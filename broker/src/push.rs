@@ -19,7 +19,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tether_protocol::{ChannelName, Offset};
 use tether_push_gateway::{
-    Device, Gateway, GatewayEvent, NewPushJob, Notification, Platform, Store,
+    Device, DeviceRegistry, Gateway, GatewayEvent, NewPushJob, Notification, Platform,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -108,6 +108,7 @@ impl Presence {
 #[derive(Clone)]
 pub struct Push {
     gateway: Gateway,
+    devices: Arc<dyn DeviceRegistry>,
     presence: Arc<Presence>,
     ack_timeout: Option<Duration>,
     configured: [bool; 2],
@@ -135,6 +136,7 @@ fn slot(p: Platform) -> usize {
 impl Push {
     pub fn new(
         gateway: Gateway,
+        devices: Arc<dyn DeviceRegistry>,
         ack_timeout: Option<Duration>,
         apns: bool,
         fcm: bool,
@@ -143,6 +145,7 @@ impl Push {
     ) -> Push {
         Push {
             gateway,
+            devices,
             presence: Arc::new(Presence::default()),
             ack_timeout,
             configured: [apns, fcm],
@@ -152,8 +155,9 @@ impl Push {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        self.gateway.store()
+    /// The device registry (API and fallback decisions).
+    pub fn devices(&self) -> &dyn DeviceRegistry {
+        self.devices.as_ref()
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -183,7 +187,7 @@ impl Push {
         offset: Offset,
         notification: Notification,
     ) {
-        let devices = match self.store().devices_for_user(user).await {
+        let devices = match self.devices.devices_for_user(user).await {
             Ok(d) => d,
             Err(e) => {
                 warn!(error = %e, "device lookup failed; no push for this publication");

@@ -124,6 +124,7 @@ impl Server {
                 metrics.clone(),
                 push_stop.clone(),
             ));
+            let devices: Arc<dyn tether_push_gateway::DeviceRegistry> = Arc::new(store.clone());
             let gateway = tether_push_gateway::Gateway::start(
                 store,
                 apns.clone()
@@ -136,6 +137,7 @@ impl Server {
             );
             crate::push::Push::new(
                 gateway,
+                devices,
                 config.ack_timeout,
                 apns.is_some(),
                 fcm.is_some(),

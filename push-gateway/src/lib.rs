@@ -22,6 +22,7 @@
 
 pub mod apns;
 pub mod backoff;
+pub mod devices;
 pub mod fcm;
 pub mod gateway;
 pub mod outcome;
@@ -31,6 +32,7 @@ pub mod types;
 pub mod validate;
 
 pub use apns::{ApnsClient, ApnsConfig};
+pub use devices::{DeviceRegistry, RegistryFuture};
 pub use fcm::{FcmClient, FcmConfig, ServiceAccount};
 pub use gateway::{Gateway, GatewayConfig, GatewayEvent};
 pub use outcome::Outcome;

@@ -396,7 +396,7 @@ async fn put_device(
     let saved = state
         .node
         .push
-        .store()
+        .devices()
         .put_device(device)
         .await
         .map_err(store_error)?;
@@ -411,7 +411,7 @@ async fn delete_device(
     state
         .node
         .push
-        .store()
+        .devices()
         .delete_device(&device_id)
         .await
         .map_err(store_error)?;
@@ -434,7 +434,7 @@ async fn list_devices(
     let devices = state
         .node
         .push
-        .store()
+        .devices()
         .devices_for_user(&user)
         .await
         .map_err(store_error)?;

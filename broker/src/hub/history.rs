@@ -1,7 +1,14 @@
 //! One channel's bounded history: the last `size` publications, none older
-//! than `ttl`. Entries keep `data` as compact JSON text only (about 40 bytes
-//! of bookkeeping per entry on top of the payload); frames are encoded again
-//! on the rare replay rather than kept in every encoding.
+//! than `ttl`, behind the [`History`] trait. [`MemoryHistory`] keeps `data`
+//! as compact JSON text only (about 40 bytes of bookkeeping per entry on top
+//! of the payload); frames are encoded again on the rare replay rather than
+//! kept in every encoding.
+//!
+//! The hub calls these methods under the channel's lock, which is what makes
+//! a replay and the live traffic after it seamless. A history kept outside
+//! the process (Redis, for a cluster) cannot be read under that lock; its
+//! implementation buffers live traffic during the read and merges by
+//! offset, and implements this trait over a local tail.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,16 +27,61 @@ pub struct Entry {
     pub data: Box<RawValue>,
 }
 
-/// The retained tail of a channel.
+/// A channel's retained publications, oldest first.
+pub trait History: Default + Send + 'static {
+    /// Appends `entry`, then drops what is over `size` or older than `ttl`.
+    fn push(&mut self, entry: Entry, size: usize, ttl: Duration, now: Instant);
+
+    /// Drops entries older than `ttl`.
+    fn expire(&mut self, ttl: Duration, now: Instant);
+
+    /// The oldest retained offset.
+    fn first_offset(&self) -> Option<Offset>;
+
+    /// Number of retained entries.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Payload bytes retained (for the memory gauge).
+    fn payload_bytes(&self) -> usize;
+
+    /// Entries with an offset above `since`, oldest first.
+    fn after(&self, since: Offset) -> impl Iterator<Item = &Entry>;
+
+    /// Whether the history holds every publication after `since`, given the
+    /// channel's latest offset.
+    fn reaches_back_to(&self, since: Offset, latest: Offset) -> bool {
+        if since > latest {
+            return false;
+        }
+        if since == latest {
+            return true;
+        }
+        self.first_offset()
+            .is_some_and(|first| first <= since.next())
+    }
+}
+
+/// The in-memory history of a single node.
 #[derive(Debug, Default)]
-pub struct History {
+pub struct MemoryHistory {
     entries: VecDeque<Entry>,
     bytes: usize,
 }
 
-impl History {
-    /// Appends `entry`, then drops what is over `size` or older than `ttl`.
-    pub fn push(&mut self, entry: Entry, size: usize, ttl: Duration, now: Instant) {
+impl MemoryHistory {
+    fn pop_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.bytes -= e.data.get().len();
+        }
+    }
+}
+
+impl History for MemoryHistory {
+    fn push(&mut self, entry: Entry, size: usize, ttl: Duration, now: Instant) {
         self.bytes += entry.data.get().len();
         self.entries.push_back(entry);
         while self.entries.len() > size {
@@ -38,9 +90,8 @@ impl History {
         self.expire(ttl, now);
     }
 
-    /// Drops entries older than `ttl`. Entries are in time order, so this
-    /// stops at the first live one.
-    pub fn expire(&mut self, ttl: Duration, now: Instant) {
+    /// Entries are in time order, so this stops at the first live one.
+    fn expire(&mut self, ttl: Duration, now: Instant) {
         while self
             .entries
             .front()
@@ -53,45 +104,19 @@ impl History {
         }
     }
 
-    fn pop_front(&mut self) {
-        if let Some(e) = self.entries.pop_front() {
-            self.bytes -= e.data.get().len();
-        }
-    }
-
-    /// The oldest retained offset.
-    pub fn first_offset(&self) -> Option<Offset> {
+    fn first_offset(&self) -> Option<Offset> {
         self.entries.front().map(|e| e.offset)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Payload bytes retained.
-    pub fn payload_bytes(&self) -> usize {
+    fn payload_bytes(&self) -> usize {
         self.bytes
     }
 
-    /// Whether the history holds every publication after `since`, given the
-    /// channel's latest offset.
-    pub fn reaches_back_to(&self, since: Offset, latest: Offset) -> bool {
-        if since > latest {
-            return false;
-        }
-        if since == latest {
-            return true;
-        }
-        self.first_offset()
-            .is_some_and(|first| first <= since.next())
-    }
-
-    /// Entries with an offset above `since`, oldest first.
-    pub fn after(&self, since: Offset) -> impl Iterator<Item = &Entry> {
+    fn after(&self, since: Offset) -> impl Iterator<Item = &Entry> {
         let start = self.entries.partition_point(|e| e.offset <= since);
         self.entries.range(start..)
     }
@@ -113,7 +138,7 @@ mod tests {
     #[test]
     fn bounded_by_size() {
         let now = Instant::now();
-        let mut h = History::default();
+        let mut h = MemoryHistory::default();
         for i in 1..=10 {
             h.push(entry(i, now), 3, Duration::from_secs(60), now);
         }
@@ -129,7 +154,7 @@ mod tests {
     #[test]
     fn bounded_by_age() {
         let t0 = Instant::now();
-        let mut h = History::default();
+        let mut h = MemoryHistory::default();
         h.push(entry(1, t0), 100, Duration::from_secs(5), t0);
         h.push(
             entry(2, t0 + Duration::from_secs(3)),

@@ -27,7 +27,8 @@ use tether_protocol::{ChannelName, Encoding, Epoch, Offset, StreamPosition};
 
 use crate::metrics::Metrics;
 use crate::session::outbox::{Delivery, Frame, Outbox, PushError};
-use history::{Entry, History};
+use history::Entry;
+pub use history::{History, MemoryHistory};
 
 const SHARDS: usize = 64;
 
@@ -81,28 +82,28 @@ pub struct HistoryPage {
 }
 
 #[derive(Debug)]
-struct ChannelState {
+struct ChannelState<H> {
     epoch: Epoch,
     offset: Offset,
     subscribers: Vec<Subscriber>,
-    history: History,
+    history: H,
     last_activity: Instant,
     /// Set when the sweeper forgot this channel: lookups must start again.
     removed: bool,
 }
 
 #[derive(Debug)]
-struct Channel {
+struct Channel<H> {
     name: ChannelName,
-    state: Mutex<ChannelState>,
+    state: Mutex<ChannelState<H>>,
 }
 
-type Shard = RwLock<HashMap<ChannelName, Arc<Channel>>>;
+type Shard<H> = RwLock<HashMap<ChannelName, Arc<Channel<H>>>>;
 
 /// The sharded channel table of one node.
 #[derive(Debug)]
-pub struct Hub {
-    shards: Box<[Shard]>,
+pub struct Hub<H: History = MemoryHistory> {
+    shards: Box<[Shard<H>]>,
     hasher: RandomState,
     config: HubConfig,
     metrics: Metrics,
@@ -119,8 +120,8 @@ fn new_epoch() -> Epoch {
     Epoch::new(format!("{:016x}", rand::random::<u64>()))
 }
 
-impl Hub {
-    pub fn new(config: HubConfig, metrics: Metrics) -> Hub {
+impl<H: History> Hub<H> {
+    pub fn new(config: HubConfig, metrics: Metrics) -> Hub<H> {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
@@ -129,16 +130,16 @@ impl Hub {
         }
     }
 
-    fn shard(&self, name: &ChannelName) -> &Shard {
+    fn shard(&self, name: &ChannelName) -> &Shard<H> {
         let i = (self.hasher.hash_one(name) as usize) % self.shards.len();
         &self.shards[i]
     }
 
-    fn lookup(&self, name: &ChannelName) -> Option<Arc<Channel>> {
+    fn lookup(&self, name: &ChannelName) -> Option<Arc<Channel<H>>> {
         self.shard(name).read().get(name).cloned()
     }
 
-    fn get_or_create(&self, name: &ChannelName) -> Arc<Channel> {
+    fn get_or_create(&self, name: &ChannelName) -> Arc<Channel<H>> {
         if let Some(c) = self.lookup(name) {
             return c;
         }
@@ -153,7 +154,7 @@ impl Hub {
                         epoch: new_epoch(),
                         offset: Offset::ZERO,
                         subscribers: Vec::new(),
-                        history: History::default(),
+                        history: H::default(),
                         last_activity: Instant::now(),
                         removed: false,
                     }),
@@ -164,7 +165,7 @@ impl Hub {
 
     /// Keeps the history gauges true after `h` changed from `before`
     /// (messages, payload bytes).
-    fn account(&self, before: (usize, usize), h: &History) {
+    fn account(&self, before: (usize, usize), h: &H) {
         let m = &self.metrics;
         m.history_messages.inc_by(h.len() as i64 - before.0 as i64);
         m.history_bytes
@@ -175,7 +176,7 @@ impl Hub {
     fn with_channel<R>(
         &self,
         name: &ChannelName,
-        mut f: impl FnMut(&Channel, &mut ChannelState) -> R,
+        mut f: impl FnMut(&Channel<H>, &mut ChannelState<H>) -> R,
     ) -> R {
         loop {
             let channel = self.get_or_create(name);
@@ -547,7 +548,7 @@ mod tests {
 
     #[test]
     fn sweeping_forgets_idle_channels_only() {
-        let hub = Hub::new(
+        let hub: Hub = Hub::new(
             HubConfig {
                 history_size: 10,
                 history_ttl: Duration::from_millis(1),
@@ -598,7 +599,7 @@ mod interleavings {
     proptest! {
         #[test]
         fn recovered_subscribers_see_every_offset_once_in_order(ops in prop::collection::vec(op(), 1..120)) {
-            let hub = Hub::new(
+            let hub: Hub = Hub::new(
                 HubConfig {
                     history_size: 10,
                     history_ttl: Duration::from_secs(60),
