@@ -110,6 +110,9 @@ pub struct Settings {
     /// Messages queued for one client before it is closed as slow (4008) [default: 4096]
     #[arg(long, env = "TETHER_MAX_OUTBOX_MESSAGES")]
     pub max_outbox_messages: Option<usize>,
+    /// Most channels one session may subscribe to [default: 1024]
+    #[arg(long, env = "TETHER_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
     /// Most client connections at once; more are refused at accept [default: 100000]
     #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -228,6 +231,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub max_outbox_bytes: usize,
     pub max_outbox_messages: usize,
+    pub max_subscriptions: usize,
     pub max_connections: usize,
     pub ws_read_buffer: usize,
     pub shutdown_timeout: Duration,
@@ -323,6 +327,7 @@ impl Settings {
             connect_timeout,
             max_outbox_bytes,
             max_outbox_messages,
+            max_subscriptions,
             max_connections,
             ws_read_buffer,
             shutdown_timeout,
@@ -431,6 +436,10 @@ impl Settings {
         let max_outbox_messages = self.max_outbox_messages.unwrap_or(4096);
         if max_outbox_messages < 16 {
             return Err(invalid("max-outbox-messages", "must be at least 16"));
+        }
+        let max_subscriptions = self.max_subscriptions.unwrap_or(1024);
+        if max_subscriptions == 0 {
+            return Err(invalid("max-subscriptions", "must be at least 1"));
         }
         let max_connections = self.max_connections.unwrap_or(100_000);
         if max_connections == 0 {
@@ -544,6 +553,7 @@ impl Settings {
             connect_timeout,
             max_outbox_bytes,
             max_outbox_messages,
+            max_subscriptions,
             max_connections,
             ws_read_buffer,
             shutdown_timeout,

@@ -743,6 +743,17 @@ impl Session {
     }
 
     fn on_subscribe(&mut self, sub: tether_protocol::Subscribe) {
+        if self.by_channel.len() >= self.node.config.max_subscriptions {
+            self.error(
+                Some(sub.id),
+                ErrorCode::BadRequest,
+                format!(
+                    "at most {} subscriptions per session",
+                    self.node.config.max_subscriptions
+                ),
+            );
+            return;
+        }
         if self.by_channel.contains_key(&sub.channel) {
             self.error(
                 Some(sub.id),

@@ -203,3 +203,39 @@ async fn websocket_control_pings_are_answered() {
         other => panic!("expected a pong frame, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn subscriptions_per_session_are_bounded() {
+    let broker = TestBroker::start(&["--max-subscriptions", "2"]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("one").await.unwrap();
+    c.subscribe("two").await.unwrap();
+    let id = c.id();
+    c.send(&ClientMessage::Subscribe(Subscribe {
+        id,
+        channel: ChannelName::new("three").unwrap(),
+        since: None,
+    }))
+    .await
+    .unwrap();
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => {
+            assert_eq!(e.id, Some(id));
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert!(e.message.contains("at most 2"), "{}", e.message);
+        }
+        other => panic!("expected error, got {other:?}"),
+    }
+    let id = c.id();
+    c.send(&ClientMessage::Unsubscribe(Unsubscribe {
+        id,
+        channel: ChannelName::new("one").unwrap(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.recv_skip_pings().await.unwrap(),
+        ServerMessage::Unsubscribed(_)
+    ));
+    c.subscribe("three").await.unwrap();
+}
