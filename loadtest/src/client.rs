@@ -1,17 +1,22 @@
-//! A small protocol client over one WebSocket, built on the codec of the
-//! `tether-protocol` crate: open (optionally from a given source address),
-//! `connect` + `subscribe`, then a stream of events in which the server's
-//! `ping`s are answered with `pong` on the way.
+//! A small protocol client over one WebSocket or one QUIC connection.
+//!
+//! Over WebSocket it is built here on the codec of `tether-protocol` (open
+//! from a given source address, small buffers); over QUIC it wraps
+//! `tether-client` (MessagePack on the session stream, certificate pinning),
+//! connecting through one of a few shared endpoints (UDP sockets). Either
+//! way: `connect` + `subscribe`, then a stream of events in which the
+//! server's `ping`s are answered with `pong` on the way.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
+use tether_client::ClientError;
 use tether_protocol::codec::{decode_server, encode_client};
 use tether_protocol::{
-    ChannelName, ClientMessage, Connect, Encoding, Publication, ServerMessage, Subscribe,
-    Subscribed,
+    ChannelName, ClientMessage, Connect, Connected, Encoding, Publication, ServerMessage,
+    Subscribe, Subscribed,
 };
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -50,9 +55,15 @@ pub enum Event {
     Closed(Option<u16>),
 }
 
+/// The connection under a client.
+enum Conn {
+    Ws(Box<WebSocketStream<TcpStream>>),
+    Quic(Box<tether_client::Client>),
+}
+
 /// One protocol client.
 pub struct Client {
-    ws: WebSocketStream<TcpStream>,
+    conn: Conn,
     encoding: Encoding,
     next_id: u64,
 }
@@ -99,24 +110,45 @@ impl Client {
             bail!("the server chose subprotocol {chosen:?}, not {encoding:?}");
         }
         Ok(Client {
-            ws,
+            conn: Conn::Ws(Box::new(ws)),
             encoding,
             next_id: 0,
         })
     }
 
-    /// Sends `connect`, waits for `connected`, then subscribes to `channel`
-    /// and returns `subscribed`.
-    pub async fn connect_and_subscribe(&mut self, channel: &ChannelName) -> Result<Subscribed> {
+    /// Opens a QUIC connection to `addr` through `endpoint` (whose client
+    /// configuration pins the server's certificate) and its session stream.
+    /// QUIC always carries MessagePack.
+    pub async fn open_quic(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Client> {
+        let c = tether_client::Client::connect_quic_on(endpoint, addr, server_name)
+            .await
+            .with_context(|| format!("QUIC connect to {addr}"))?;
+        Ok(Client {
+            encoding: c.encoding(),
+            conn: Conn::Quic(Box::new(c)),
+            next_id: 0,
+        })
+    }
+
+    /// Sends `connect`, waits for `connected`, then subscribes to `channel`;
+    /// returns both replies.
+    pub async fn connect_and_subscribe(
+        &mut self,
+        channel: &ChannelName,
+    ) -> Result<(Connected, Subscribed)> {
         let id = self.fresh_id();
         let connect = ClientMessage::Connect(Connect {
             id,
             ..Connect::default()
         });
-        match self.request(&connect, id).await? {
-            ServerMessage::Connected(_) => {}
+        let connected = match self.request(&connect, id).await? {
+            ServerMessage::Connected(c) => c,
             other => bail!("expected connected, got {}", kind(&other)),
-        }
+        };
         let id = self.fresh_id();
         let subscribe = ClientMessage::Subscribe(Subscribe {
             id,
@@ -124,7 +156,7 @@ impl Client {
             since: None,
         });
         match self.request(&subscribe, id).await? {
-            ServerMessage::Subscribed(s) => Ok(s),
+            ServerMessage::Subscribed(s) => Ok((connected, s)),
             other => bail!("expected subscribed, got {}", kind(&other)),
         }
     }
@@ -133,18 +165,10 @@ impl Client {
     /// between events.
     pub async fn next_event(&mut self) -> Result<Event> {
         loop {
-            let msg = match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    decode_server(t.as_bytes(), Encoding::Json, usize::MAX)?
-                }
-                Some(Ok(Message::Binary(b))) => decode_server(&b, Encoding::MsgPack, usize::MAX)?,
-                Some(Ok(Message::Close(frame))) => {
-                    return Ok(Event::Closed(frame.map(|f| u16::from(f.code))));
-                }
-                // WebSocket control pings are answered by tungstenite itself.
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e).context("reading from the WebSocket"),
-                None => return Ok(Event::Closed(None)),
+            let msg = self.next_message().await?;
+            let msg = match msg {
+                Ok(m) => m,
+                Err(closed) => return Ok(closed),
             };
             match msg {
                 ServerMessage::Ping => self.send(&ClientMessage::Pong).await?,
@@ -154,35 +178,89 @@ impl Client {
         }
     }
 
-    /// Closes the WebSocket, waiting a little for the server's close frame.
-    pub async fn close(mut self) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            if self.ws.close(None).await.is_ok() {
-                while let Some(Ok(_)) = self.ws.next().await {}
+    /// The next server message, or `Err(Event::Closed)` once the connection
+    /// has ended.
+    async fn next_message(&mut self) -> Result<Result<ServerMessage, Event>> {
+        let ws = match &mut self.conn {
+            Conn::Ws(ws) => ws,
+            Conn::Quic(q) => {
+                return match q.recv().await {
+                    Ok(m) => Ok(Ok(m)),
+                    Err(ClientError::Closed(c)) => Ok(Err(Event::Closed(
+                        c.code.and_then(|code| u16::try_from(code).ok()),
+                    ))),
+                    Err(e) => Err(e).context("reading from the QUIC session stream"),
+                };
             }
-        })
-        .await;
-    }
-
-    async fn send(&mut self, msg: &ClientMessage) -> Result<()> {
-        let bytes = encode_client(msg, self.encoding);
-        let frame = match self.encoding {
-            Encoding::Json => Message::Text(bytes.try_into().context("JSON is UTF-8")?),
-            Encoding::MsgPack => Message::Binary(bytes),
         };
-        self.ws
-            .send(frame)
-            .await
-            .context("writing to the WebSocket")
+        loop {
+            let msg = match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    decode_server(t.as_bytes(), Encoding::Json, usize::MAX)?
+                }
+                Some(Ok(Message::Binary(b))) => decode_server(&b, Encoding::MsgPack, usize::MAX)?,
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok(Err(Event::Closed(frame.map(|f| u16::from(f.code)))));
+                }
+                // WebSocket control pings are answered by tungstenite itself.
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e).context("reading from the WebSocket"),
+                None => return Ok(Err(Event::Closed(None))),
+            };
+            return Ok(Ok(msg));
+        }
     }
 
-    fn fresh_id(&mut self) -> u64 {
+    /// Closes the connection: over WebSocket with the close handshake
+    /// (waiting a little for the server's close frame), over QUIC with a
+    /// CONNECTION_CLOSE (application code 4000, normal close).
+    pub async fn close(self) {
+        match self.conn {
+            Conn::Ws(mut ws) => {
+                // The stream's own close (with a close frame), not
+                // `SinkExt::close` of the box.
+                let ws: &mut WebSocketStream<TcpStream> = &mut ws;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    if ws.close(None).await.is_ok() {
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                })
+                .await;
+            }
+            Conn::Quic(q) => {
+                if let Some(c) = q.quic_connection() {
+                    c.close(quinn::VarInt::from_u32(4000), b"done");
+                }
+            }
+        }
+    }
+
+    /// Sends one protocol message.
+    pub async fn send(&mut self, msg: &ClientMessage) -> Result<()> {
+        match &mut self.conn {
+            Conn::Ws(ws) => {
+                let bytes = encode_client(msg, self.encoding);
+                let frame = match self.encoding {
+                    Encoding::Json => Message::Text(bytes.try_into().context("JSON is UTF-8")?),
+                    Encoding::MsgPack => Message::Binary(bytes),
+                };
+                ws.send(frame).await.context("writing to the WebSocket")
+            }
+            Conn::Quic(q) => q
+                .send(msg)
+                .await
+                .context("writing to the QUIC session stream"),
+        }
+    }
+
+    /// A request id not used before on this client.
+    pub fn fresh_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
     }
 
     /// Sends `msg` and waits for the reply carrying `id`.
-    async fn request(&mut self, msg: &ClientMessage, id: u64) -> Result<ServerMessage> {
+    pub async fn request(&mut self, msg: &ClientMessage, id: u64) -> Result<ServerMessage> {
         self.send(msg).await?;
         let what = msg.kind();
         let wait = async {
@@ -218,7 +296,7 @@ fn reply_id(m: &ServerMessage) -> Option<u64> {
 }
 
 /// The wire `type` of a server message, for error texts.
-fn kind(m: &ServerMessage) -> &'static str {
+pub fn kind(m: &ServerMessage) -> &'static str {
     match m {
         ServerMessage::Connected(_) => "connected",
         ServerMessage::Subscribed(_) => "subscribed",

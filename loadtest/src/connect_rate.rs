@@ -36,6 +36,8 @@ pub async fn run(opts: ConnectRateOptions, fleet_opts: FleetOptions) -> Result<R
     let channels = opts.channels.unwrap_or(opts.connections).max(1);
     let (rate, concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
     let prefix = opts.channel_prefix.clone();
+    let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
+    let udp_drops0 = crate::quic::udp_drops(&transport);
     let fleet = Fleet::launch(
         opts.connections,
         fleet_opts,
@@ -44,16 +46,19 @@ pub async fn run(opts: ConnectRateOptions, fleet_opts: FleetOptions) -> Result<R
     );
     let elapsed = fleet.wait_settled("connect-rate").await;
     let established = Counters::get(&fleet.counters.established);
+    let udp_drops1 = crate::quic::udp_drops(&transport);
     let failed = Counters::get(&fleet.counters.failed);
     let retried = Counters::get(&fleet.counters.retried);
     let reasons = fleet.counters.failure_reasons();
     let setups = fleet.stop().await;
+    transport.finish().await;
 
     let mut hist = report::latency_histogram::<u64>()?;
     for d in &setups {
         hist.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
     }
     let mut r = Report::new("connect-rate");
+    transport.describe(encoding, &mut r);
     r.count(
         "connections_requested",
         "connections requested",
@@ -116,5 +121,6 @@ pub async fn run(opts: ConnectRateOptions, fleet_opts: FleetOptions) -> Result<R
             "setup time max",
         ],
     );
+    crate::quic::UdpDrops::add_to(&mut r, udp_drops0, udp_drops1, "while connecting");
     Ok(r)
 }

@@ -22,6 +22,7 @@ use crate::client::{Client, Event};
 use crate::fleet::{Counters, Fleet, FleetOptions, Ready};
 use crate::proc::{self, Pid};
 use crate::publisher::{self, PublishPlan, unix_micros};
+use crate::quic::{UdpDrops, udp_drops};
 use crate::report::{self, Latency, Report};
 
 #[derive(Debug, Clone)]
@@ -134,6 +135,7 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
 
     let template = Arc::new(report::latency_histogram::<u32>()?);
     let delivered_total = Arc::new(AtomicU64::new(0));
+    let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
     let fleet = {
         let (template, delivered_total) = (template.clone(), delivered_total.clone());
         Fleet::launch(
@@ -163,6 +165,7 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
     // The measured window opens with the first publication.
     let broker_cpu0 = broker.map(proc::cpu_time).transpose()?;
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
+    let udp_drops0 = udp_drops(&transport);
     let t0 = Instant::now();
     let published = publisher::run(http, &opts.plan).await?;
     let expected = published.ok * subscribed;
@@ -179,12 +182,14 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
         _ => None,
     };
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
+    let udp_drops = udp_drops(&transport);
     let own_rss = proc::rss_bytes(Pid::Current)?;
     let failed = Counters::get(&fleet.counters.failed);
     let retried = Counters::get(&fleet.counters.retried);
     let reasons = fleet.counters.failure_reasons();
 
     let stats = fleet.stop().await;
+    transport.finish().await;
     let mut latency = report::latency_histogram::<u64>()?;
     let mut delivered = 0;
     let (mut skipped, mut not_increasing, mut epoch_changes, mut bad_payload) = (0, 0, 0, 0);
@@ -203,6 +208,7 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
     let delivery_span = last_delivery.map(|t| t.saturating_duration_since(t0));
 
     let mut r = Report::new("fanout");
+    transport.describe(encoding, &mut r);
     r.count(
         "subscribers_requested",
         "subscribers requested",
@@ -379,5 +385,6 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
         "loadtest RSS (for information)",
         own_rss as f64,
     );
+    UdpDrops::add_to(&mut r, udp_drops0, udp_drops, "in the measured window");
     Ok(r)
 }

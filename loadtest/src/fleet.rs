@@ -1,4 +1,5 @@
-//! Many clients, opened at a paced rate with bounded concurrency.
+//! Many clients, opened at a paced rate with bounded concurrency, over
+//! WebSocket or QUIC.
 //!
 //! Client `i` starts its setup at `start + i / rate` (`--connect-rate`), and
 //! at most `--connect-concurrency` setups (TCP connect, upgrade, `connect`,
@@ -15,19 +16,95 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tether_protocol::{ChannelName, Encoding, Subscribed};
+use tether_protocol::{ChannelName, Connected, Encoding, Subscribed};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::client::{Client, Event};
+use crate::quic::QuicTarget;
 use crate::target::Target;
+
+/// Where clients connect, and over what.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Ws(Target),
+    Quic(QuicTarget),
+}
+
+impl Transport {
+    /// `ws` or `quic`, for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Ws(_) => "ws",
+            Transport::Quic(_) => "quic",
+        }
+    }
+
+    /// Opens client `index`'s connection.
+    pub async fn open(
+        &self,
+        index: usize,
+        source: Option<IpAddr>,
+        encoding: Encoding,
+    ) -> Result<Client> {
+        match self {
+            Transport::Ws(target) => Client::open(target, source, encoding).await,
+            Transport::Quic(q) => {
+                Client::open_quic(q.endpoint(index), q.addr, &q.server_name).await
+            }
+        }
+    }
+
+    /// Adds the transport's rows to a report: transport, encoding and, for
+    /// QUIC, the client endpoints and their socket buffers.
+    pub fn describe(&self, encoding: Encoding, r: &mut crate::report::Report) {
+        r.text("transport", "transport", self.name());
+        match self {
+            Transport::Ws(_) => r.text(
+                "encoding",
+                "encoding",
+                match encoding {
+                    Encoding::Json => "json",
+                    Encoding::MsgPack => "msgpack",
+                },
+            ),
+            Transport::Quic(q) => {
+                r.text("encoding", "encoding", "msgpack");
+                r.count(
+                    "quic_endpoints",
+                    "client QUIC endpoints (UDP sockets)",
+                    q.endpoints() as u64,
+                );
+                r.text(
+                    "quic_socket_buffers",
+                    "their kernel buffers, receive / send (as reported)",
+                    format!(
+                        "{} / {}",
+                        crate::report::human_bytes(q.socket_buffers.0 as f64),
+                        crate::report::human_bytes(q.socket_buffers.1 as f64)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Lets the closes of QUIC connections reach the broker (at most 5 s);
+    /// nothing to wait for over WebSocket.
+    pub async fn finish(&self) {
+        if let Transport::Quic(q) = self {
+            q.wait_idle(Duration::from_secs(5)).await;
+        }
+    }
+}
 
 /// How clients are opened.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
-    pub target: Target,
+    pub transport: Transport,
+    /// The encoding over WebSocket (QUIC always carries MessagePack).
     pub encoding: Encoding,
-    /// Source addresses, used round-robin; empty: the kernel chooses.
+    /// Source addresses of WebSocket clients, used round-robin; empty: the
+    /// kernel chooses. (QUIC endpoints are bound when they are made.)
     pub source_ips: Vec<IpAddr>,
     /// Setups started per second.
     pub connect_rate: f64,
@@ -55,14 +132,13 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn record_failure(&self, e: &anyhow::Error) {
+    pub fn record_failure(&self, e: &anyhow::Error) {
         self.failed.fetch_add(1, Ordering::Relaxed);
-        // The outermost context says which step failed; the root cause why.
-        let reason = if e.chain().count() > 1 {
-            format!("{e}: {}", e.root_cause())
-        } else {
-            e.to_string()
-        };
+        self.record_reason(failure_reason(e));
+    }
+
+    /// Counts one more failure for `reason` (without counting a failed client).
+    pub fn record_reason(&self, reason: String) {
         if let Ok(mut m) = self.reasons.lock() {
             *m.entry(reason).or_default() += 1;
         }
@@ -84,26 +160,49 @@ impl Counters {
     }
 }
 
+/// The text a failure is counted under: the outermost context says which
+/// step failed, the root cause why.
+pub fn failure_reason(e: &anyhow::Error) -> String {
+    if e.chain().count() > 1 {
+        format!("{e}: {}", e.root_cause())
+    } else {
+        e.to_string()
+    }
+}
+
 /// What a client's task is handed once it is subscribed.
 #[derive(Debug)]
 pub struct Ready {
     pub index: usize,
+    pub connected: Connected,
     pub subscribed: Subscribed,
     /// From the first attempt to `subscribed`, retries included.
     pub setup: Duration,
     /// Changes to `true` when the fleet is stopped.
     pub stop: watch::Receiver<bool>,
+    /// How long after the stop this client closes (see [`close_delay`]).
+    pub close_delay: Duration,
+    close_at: Option<Instant>,
     /// For the task to count its connection as dropped.
     pub counters: Arc<Counters>,
 }
 
 impl Ready {
-    /// Resolves when the fleet is stopped.
+    /// Resolves when the fleet is stopped (and this client's close delay
+    /// has passed).
     pub async fn stopped(&mut self) {
         while !*self.stop.borrow_and_update() {
             if self.stop.changed().await.is_err() {
-                return;
+                break;
             }
+        }
+        if !self.close_delay.is_zero() {
+            // Fixed at the first call: a select! that polls this again after
+            // an event must not restart the delay.
+            let at = *self
+                .close_at
+                .get_or_insert_with(|| Instant::now() + self.close_delay);
+            tokio::time::sleep_until(at.into()).await;
         }
     }
 
@@ -184,18 +283,21 @@ impl<T: Send + 'static> Fleet<T> {
                     let channel = channel?;
                     let _permit = permits.acquire().await?;
                     let t0 = Instant::now();
-                    let (client, subscribed) =
+                    let (client, (connected, subscribed)) =
                         open_with_retries(&opts, index, &channel, &counters).await?;
-                    anyhow::Ok((client, subscribed, t0.elapsed()))
+                    anyhow::Ok((client, connected, subscribed, t0.elapsed()))
                 };
                 match setup.await {
-                    Ok((client, subscribed, setup)) => {
+                    Ok((client, connected, subscribed, setup)) => {
                         counters.established.fetch_add(1, Ordering::Relaxed);
                         let ready = Ready {
                             index,
+                            connected,
                             subscribed,
                             setup,
                             stop: stop_rx,
+                            close_delay: close_delay(&opts.transport, index),
+                            close_at: None,
                             counters,
                         };
                         Some(run(client, ready).await)
@@ -261,13 +363,13 @@ async fn open_with_retries(
     index: usize,
     channel: &ChannelName,
     counters: &Counters,
-) -> Result<(Client, Subscribed)> {
+) -> Result<(Client, (Connected, Subscribed))> {
     let source =
         (!opts.source_ips.is_empty()).then(|| opts.source_ips[index % opts.source_ips.len()]);
     let mut attempt = 0;
     loop {
         let once = async {
-            let mut client = Client::open(&opts.target, source, opts.encoding).await?;
+            let mut client = opts.transport.open(index, source, opts.encoding).await?;
             let subscribed = client.connect_and_subscribe(channel).await?;
             anyhow::Ok((client, subscribed))
         };
@@ -287,6 +389,19 @@ async fn open_with_retries(
                 attempt += 1;
             }
         }
+    }
+}
+
+/// QUIC clients closed all at once send the broker thousands of
+/// CONNECTION_CLOSE datagrams in a burst; one that the broker's socket
+/// drops (receive buffer full) is never sent again, and the broker keeps
+/// that session until its idle timeout (60 s), still subscribed. So QUIC
+/// clients close in steps of 100 every 10 ms (10,000/s); WebSocket clients
+/// close at once.
+pub fn close_delay(transport: &Transport, index: usize) -> Duration {
+    match transport {
+        Transport::Ws(_) => Duration::ZERO,
+        Transport::Quic(_) => Duration::from_millis((index / 100) as u64 * 10),
     }
 }
 

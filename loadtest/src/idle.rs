@@ -38,6 +38,8 @@ pub async fn run(opts: IdleOptions, fleet_opts: FleetOptions) -> Result<Report> 
     let rss_before = broker.map(proc::rss_bytes).transpose()?;
 
     let prefix = opts.channel_prefix.clone();
+    let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
+    let udp_drops0 = crate::quic::udp_drops(&transport);
     let fleet = Fleet::launch(
         opts.connections,
         fleet_opts,
@@ -57,6 +59,7 @@ pub async fn run(opts: IdleOptions, fleet_opts: FleetOptions) -> Result<Report> 
 
     let rss_after = broker.map(proc::rss_bytes).transpose()?;
     let own_rss = proc::rss_bytes(Pid::Current)?;
+    let udp_drops1 = crate::quic::udp_drops(&transport);
     let established = Counters::get(&fleet.counters.established);
     let failed = Counters::get(&fleet.counters.failed);
     let dropped_before_measure = Counters::get(&fleet.counters.dropped);
@@ -65,12 +68,14 @@ pub async fn run(opts: IdleOptions, fleet_opts: FleetOptions) -> Result<Report> 
     let reasons = fleet.counters.failure_reasons();
 
     let held = fleet.stop().await;
+    transport.finish().await;
     let (_, dropped_codes) = report::close_codes(held.iter().filter_map(|h| match h {
         Ended::Dropped(code) => Some(*code),
         Ended::Stopped => None,
     }));
 
     let mut r = Report::new("idle");
+    transport.describe(encoding, &mut r);
     r.count(
         "connections_requested",
         "connections requested",
@@ -164,6 +169,12 @@ pub async fn run(opts: IdleOptions, fleet_opts: FleetOptions) -> Result<Report> 
         "dropped_close_codes",
         "close codes of dropped connections",
         dropped_codes,
+    );
+    crate::quic::UdpDrops::add_to(
+        &mut r,
+        udp_drops0,
+        udp_drops1,
+        "from the first connect to the measurement",
     );
     Ok(r)
 }

@@ -1,9 +1,15 @@
 //! `loadtest`: load scenarios against a Tether broker on this machine.
 //!
-//! - `idle`: broker memory per idle, subscribed WebSocket connection;
+//! - `idle`: broker memory per idle, subscribed connection;
 //! - `fanout`: publish → deliver latency and broker CPU per delivery when one
 //!   channel is fanned out to many subscribers;
-//! - `connect-rate`: how fast clients connect and subscribe.
+//! - `connect-rate`: how fast clients connect and subscribe;
+//! - `resume`: many clients dropped at once, messages published while they
+//!   are away, then all resumed: is everything recovered, and how fast.
+//!
+//! `idle`, `fanout` and `connect-rate` run over WebSocket (`--transport ws`,
+//! the default) or QUIC (`--transport quic --quic-addr … --quic-fingerprint
+//! …`); `resume` over WebSocket.
 //!
 //! Every scenario prints a report for people on stdout (and with `--json` a
 //! single JSON line after it), stops by itself, and is bounded by
@@ -25,10 +31,12 @@ mod fleet;
 mod idle;
 mod proc;
 mod publisher;
+mod quic;
 mod report;
+mod resume;
 mod target;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -36,7 +44,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_protocol::Encoding;
 
-use crate::fleet::FleetOptions;
+use crate::fleet::{FleetOptions, Transport};
 use crate::report::Report;
 use crate::target::Target;
 
@@ -117,6 +125,46 @@ enum Scenario {
         #[arg(long)]
         channels: Option<usize>,
     },
+    /// Clients dropped at once and resumed: recovery and time to reconnect
+    /// (WebSocket only).
+    Resume {
+        #[command(flatten)]
+        common: Common,
+        /// Backend API base URL (loopback only).
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        api: String,
+        /// Clients, client i on its own channel `<prefix><i>`.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Messages published to each channel while its client is away.
+        #[arg(long, default_value_t = 5)]
+        missed: usize,
+        /// Bytes of padding in each missed message.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Publications per POST /v1/publish/batch (at most 1000).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Reconnects started per second (default: unpaced).
+        #[arg(long, default_value_t = 1_000_000.0)]
+        reconnect_rate: f64,
+        /// Reconnects in flight at once (TCP connect to `connected`).
+        #[arg(long, default_value_t = 256)]
+        reconnect_concurrency: usize,
+        /// Seconds to wait for the broker to count the dropped connections
+        /// gone (`tether_connections{transport="ws"}` = 0 in GET /metrics).
+        #[arg(long, default_value_t = 30.0)]
+        drop_timeout: f64,
+        /// Seconds a resumed client waits for its missed messages.
+        #[arg(long, default_value_t = 20.0)]
+        message_timeout: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Ws,
+    Quic,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,17 +176,41 @@ enum EncodingArg {
 /// Options every scenario shares: where to connect and how fast.
 #[derive(Debug, Args)]
 struct Common {
+    /// Transport of the clients.
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: TransportArg,
     /// WebSocket URL of the broker (loopback only).
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
-    /// Subprotocol: tether.v1.json or tether.v1.msgpack.
+    /// WebSocket subprotocol: tether.v1.json or tether.v1.msgpack (QUIC
+    /// always carries MessagePack).
     #[arg(long, value_enum, default_value = "json")]
     encoding: EncodingArg,
+    /// QUIC address of the broker (UDP, loopback only).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    quic_addr: SocketAddr,
+    /// SHA-256 fingerprint (hex) of the broker's self-signed certificate, as
+    /// it logs it at start (`fingerprint=<hex>`); required with `--transport quic`.
+    #[arg(long, value_name = "HEX")]
+    quic_fingerprint: Option<String>,
+    /// TLS server name for QUIC.
+    #[arg(long, default_value = "localhost")]
+    quic_server_name: String,
+    /// QUIC clients per client endpoint (UDP socket); clients are spread
+    /// round-robin over ceil(clients / this) endpoints.
+    #[arg(long, default_value_t = 1000)]
+    quic_clients_per_endpoint: usize,
+    /// Kernel receive and send buffer asked for each QUIC endpoint's socket,
+    /// in bytes (capped by net.core.rmem_max / wmem_max; 0: kernel default).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    quic_socket_buffer: usize,
     /// Loopback source addresses to bind client sockets to, round-robin
-    /// (each has ~28k ephemeral ports).
+    /// (each has ~28k ephemeral ports; with QUIC, the endpoints'
+    /// addresses).
     #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
     source_ips: Vec<IpAddr>,
-    /// Client setups started per second.
+    /// Client setups started per second (resume: the first connections;
+    /// the reconnect wave has --reconnect-rate).
     #[arg(long, default_value_t = 2000.0)]
     connect_rate: f64,
     /// Client setups in flight at once; keep it at or below the broker's
@@ -155,20 +227,41 @@ struct Common {
     #[arg(long)]
     broker_pid: Option<u32>,
     /// Prefix of the per-connection channel names (idle: `idle:`,
-    /// connect-rate: `connect:`).
+    /// connect-rate: `connect:`, resume: `resume:`).
     #[arg(long)]
     channel_prefix: Option<String>,
 }
 
 impl Common {
-    async fn fleet_options(&self) -> Result<FleetOptions> {
-        let target = Target::resolve(&self.url).await?;
-        target::check_source_ips(&self.source_ips, target.addr)?;
+    /// How to open `clients` clients.
+    async fn fleet_options(&self, clients: usize) -> Result<FleetOptions> {
+        let transport = match self.transport {
+            TransportArg::Ws => {
+                let target = Target::resolve(&self.url).await?;
+                target::check_source_ips(&self.source_ips, target.addr)?;
+                Transport::Ws(target)
+            }
+            TransportArg::Quic => {
+                let fingerprint = self.quic_fingerprint.clone().context(
+                    "--transport quic needs --quic-fingerprint (the broker logs it at start: \
+                     fingerprint=<hex>)",
+                )?;
+                Transport::Quic(quic::QuicTarget::new(quic::QuicSetup {
+                    addr: self.quic_addr,
+                    fingerprint,
+                    server_name: self.quic_server_name.clone(),
+                    clients,
+                    clients_per_endpoint: self.quic_clients_per_endpoint,
+                    source_ips: self.source_ips.clone(),
+                    socket_buffer: self.quic_socket_buffer,
+                })?)
+            }
+        };
         if !self.connect_rate.is_finite() || self.connect_rate <= 0.0 {
             anyhow::bail!("--connect-rate must be above 0");
         }
         Ok(FleetOptions {
-            target,
+            transport,
             encoding: match self.encoding {
                 EncodingArg::Json => Encoding::Json,
                 EncodingArg::Msgpack => Encoding::MsgPack,
@@ -204,7 +297,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     .clone()
                     .unwrap_or_else(|| "idle:".into()),
             };
-            idle::run(opts, common.fleet_options().await?).await
+            idle::run(opts, common.fleet_options(connections).await?).await
         }
         Scenario::Fanout {
             common,
@@ -232,7 +325,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
                 drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
                 broker_pid: common.broker_pid,
             };
-            fanout::run(opts, common.fleet_options().await?).await
+            fanout::run(opts, common.fleet_options(subscribers).await?).await
         }
         Scenario::ConnectRate {
             common,
@@ -247,7 +340,43 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     .clone()
                     .unwrap_or_else(|| "connect:".into()),
             };
-            connect_rate::run(opts, common.fleet_options().await?).await
+            connect_rate::run(opts, common.fleet_options(connections).await?).await
+        }
+        Scenario::Resume {
+            common,
+            api,
+            clients,
+            missed,
+            payload,
+            batch,
+            reconnect_rate,
+            reconnect_concurrency,
+            drop_timeout,
+            message_timeout,
+        } => {
+            if common.transport != TransportArg::Ws {
+                anyhow::bail!("the resume scenario runs over WebSocket only");
+            }
+            if !reconnect_rate.is_finite() || reconnect_rate <= 0.0 {
+                anyhow::bail!("--reconnect-rate must be above 0");
+            }
+            let opts = resume::ResumeOptions {
+                api: target::loopback_url(&api, "--api")?,
+                clients,
+                missed,
+                payload,
+                batch,
+                reconnect_rate,
+                reconnect_concurrency: reconnect_concurrency.max(1),
+                drop_timeout: seconds(drop_timeout, "--drop-timeout")?,
+                message_timeout: seconds(message_timeout, "--message-timeout")?,
+                broker_pid: common.broker_pid,
+                channel_prefix: common
+                    .channel_prefix
+                    .clone()
+                    .unwrap_or_else(|| "resume:".into()),
+            };
+            resume::run(opts, common.fleet_options(clients).await?).await
         }
     }
 }

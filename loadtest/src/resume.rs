@@ -1,0 +1,866 @@
+//! Scenario `resume`: many clients dropped at once and resumed.
+//!
+//! 1. Opens `--clients` WebSocket clients (paced by `--connect-rate`); client
+//!    `i` connects, subscribes to its own channel `resume:<i>` and keeps the
+//!    `resume_token` of its `connected`.
+//! 2. Drops them all at once: the sockets are simply closed, with no
+//!    WebSocket close handshake, as when a network goes away.
+//! 3. Polls `GET /metrics` until the broker counts no WebSocket connection
+//!    (`tether_connections{transport="ws"} 0`), at most `--drop-timeout`.
+//! 4. Publishes `--missed` messages to every client's channel through
+//!    `POST /v1/publish/batch` (`--batch` per request; a client's messages
+//!    all in one request, so their offsets are in order).
+//! 5. Reconnects every client as fast as allowed (`--reconnect-rate`,
+//!    `--reconnect-concurrency` attempts from TCP connect to `connected` in
+//!    flight at once) with `connect` carrying `resume: {token}`. Each must
+//!    get `connected` with `resumed: true` and its channel `recovered:
+//!    true`, then exactly the missed offsets, in order, once each; clients
+//!    stay connected (answering pings) until every one is done, so that a
+//!    late duplicate is seen too.
+//!
+//! Reported: clients resumed, failures by reason, messages lost and
+//! duplicated, the time from the first reconnect attempt to the last
+//! `connected` (and to the last missed message), and the distribution of
+//! one client's TCP connect → `connected` time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use reqwest::Url;
+use serde_json::{Value, json};
+use tether_protocol::{ChannelName, ClientMessage, Connect, Epoch, Resume, ServerMessage};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::client::{Client, Event, kind};
+use crate::fleet::{self, Counters, Fleet, FleetOptions, Transport};
+use crate::proc::{self, Pid};
+use crate::publisher::{self, batch_refusals};
+use crate::report::{self, Latency, Report};
+use crate::target::Target;
+
+#[derive(Debug, Clone)]
+pub struct ResumeOptions {
+    pub api: Url,
+    pub clients: usize,
+    /// Messages published to each channel while its client is away.
+    pub missed: usize,
+    pub payload: usize,
+    /// Publications per batch request.
+    pub batch: usize,
+    pub reconnect_rate: f64,
+    pub reconnect_concurrency: usize,
+    pub drop_timeout: Duration,
+    pub message_timeout: Duration,
+    pub broker_pid: Option<u32>,
+    pub channel_prefix: String,
+}
+
+/// The most publications one batch request may carry (PROTOCOL.md §10).
+const MAX_BATCH: usize = 1000;
+
+/// Batch requests in flight at once while publishing the missed messages.
+const PUBLISH_IN_FLIGHT: usize = 4;
+
+/// A client that was connected and subscribed, then dropped.
+#[derive(Debug, Clone)]
+struct Away {
+    index: usize,
+    channel: ChannelName,
+    token: String,
+    /// The channel's latest offset when the client subscribed.
+    base: u64,
+}
+
+/// What one reconnecting client saw.
+#[derive(Debug, Default)]
+struct Back {
+    /// When its first reconnect attempt started (after the pacing slot and
+    /// the concurrency permit).
+    first_attempt: Option<Instant>,
+    connected_at: Option<Instant>,
+    /// First attempt → `connected` (retries included).
+    latency: Option<Duration>,
+    /// When the last missed message arrived.
+    complete_at: Option<Instant>,
+    retries: u64,
+    /// Why this client does not count as resumed, if it does not.
+    failure: Option<String>,
+    /// Distinct missed offsets received.
+    received: u64,
+    /// Deliveries of an offset already received.
+    duplicates: u64,
+    /// Deliveries arriving after a higher offset (reordered).
+    reordered: u64,
+    /// Deliveries outside the missed offsets, or of another epoch.
+    unexpected: u64,
+}
+
+/// Phase 1's client: holds the connection, answering pings, until the
+/// fleet stops; then drops the socket without a close handshake and
+/// returns what is needed to resume.
+async fn hold_then_drop(mut client: Client, mut ready: fleet::Ready) -> Option<Away> {
+    loop {
+        tokio::select! {
+            _ = ready.stopped() => {
+                drop(client);
+                return Some(Away {
+                    index: ready.index,
+                    channel: ready.subscribed.channel.clone(),
+                    token: ready.connected.resume_token.clone(),
+                    base: ready.subscribed.offset.0,
+                });
+            }
+            ev = client.next_event() => match ev {
+                Ok(Event::Message(_) | Event::Other(_)) => {}
+                Ok(Event::Closed(_)) | Err(_) => {
+                    ready.dropped();
+                    return None;
+                }
+            },
+        }
+    }
+}
+
+/// The value of `tether_connections{transport="<transport>"}` in a
+/// Prometheus text exposition; `None` when no such sample is there.
+pub fn connections_gauge(metrics: &str, transport: &str) -> Option<f64> {
+    let label = format!("transport=\"{transport}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tether_connections{") && l.contains(&label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Polls `GET /metrics` until the broker counts no WebSocket connection, at
+/// most `limit`; returns the time it took (None: not within `limit`) and
+/// the last value read.
+async fn wait_gone(
+    http: &reqwest::Client,
+    api: &Url,
+    limit: Duration,
+) -> Result<(Option<Duration>, Option<f64>)> {
+    let url = api.join("/metrics")?;
+    let t0 = Instant::now();
+    let mut last = None;
+    loop {
+        let text = http
+            .get(url.clone())
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        last = connections_gauge(&text, "ws").or(last);
+        if last == Some(0.0) {
+            return Ok((Some(t0.elapsed()), last));
+        }
+        if t0.elapsed() >= limit {
+            return Ok((None, last));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What publishing the missed messages did.
+#[derive(Debug, Default)]
+struct MissedPublished {
+    ok: u64,
+    failed: u64,
+    /// Accepted with another offset than the one expected (channel not at
+    /// the offset its client last saw).
+    off_offset: u64,
+    errors: BTreeMap<String, u64>,
+    elapsed: Duration,
+}
+
+/// Publishes `missed` messages to every client's channel, each client's
+/// messages in one request (so in order), `PUBLISH_IN_FLIGHT` requests at
+/// once.
+async fn publish_missed(
+    http: &reqwest::Client,
+    api: &Url,
+    away: &[Away],
+    missed: usize,
+    payload: usize,
+    batch: usize,
+) -> Result<MissedPublished> {
+    let url = api.join("/v1/publish/batch")?;
+    let pad = "x".repeat(payload);
+    let clients_per_request = (batch.clamp(1, MAX_BATCH) / missed.max(1)).max(1);
+    let permits = Arc::new(Semaphore::new(PUBLISH_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    for group in away.chunks(clients_per_request) {
+        let mut messages = Vec::with_capacity(group.len() * missed);
+        let mut expected = Vec::with_capacity(group.len() * missed);
+        for a in group {
+            for k in 1..=missed as u64 {
+                messages.push(json!({
+                    "channel": a.channel.as_str(),
+                    "data": {"client": a.index, "k": k, "pad": pad},
+                }));
+                expected.push(a.base + k);
+            }
+        }
+        let body = json!({ "messages": messages });
+        let permit = permits.clone().acquire_owned().await?;
+        let (http, url) = (http.clone(), url.clone());
+        tasks.spawn(async move {
+            let r = post_batch(&http, url, &body).await;
+            drop(permit);
+            (expected, r)
+        });
+    }
+    let mut out = MissedPublished::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (expected, result) = joined.context("a publish task failed")?;
+        match result {
+            Ok(answer) => {
+                let refusals = batch_refusals(&answer);
+                out.failed += refusals.len() as u64;
+                for e in refusals {
+                    *out.errors.entry(e).or_default() += 1;
+                }
+                let results = answer["results"].as_array().cloned().unwrap_or_default();
+                for (r, want) in results.iter().zip(&expected) {
+                    if let Some(offset) = r.get("offset").and_then(Value::as_u64) {
+                        out.ok += 1;
+                        if offset != *want {
+                            out.off_offset += 1;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                out.failed += expected.len() as u64;
+                *out.errors.entry(format!("{e:#}")).or_default() += expected.len() as u64;
+            }
+        }
+    }
+    out.elapsed = started.elapsed();
+    Ok(out)
+}
+
+async fn post_batch(http: &reqwest::Client, url: Url, body: &Value) -> Result<Value> {
+    let resp = http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .context("publish request")?;
+    let status = resp.status();
+    let answer: Value = resp.json().await.context("publish answer")?;
+    if !status.is_success() {
+        bail!(
+            "HTTP {status}: {}",
+            answer["error"]["code"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(answer)
+}
+
+/// How the reconnect wave runs.
+#[derive(Debug)]
+struct Wave {
+    target: Target,
+    encoding: tether_protocol::Encoding,
+    source_ips: Vec<std::net::IpAddr>,
+    retries: u32,
+    attempt_timeout: Duration,
+    missed: u64,
+    message_timeout: Duration,
+    permits: Semaphore,
+    /// Clients done with their missed messages (or failed).
+    settled: AtomicU64,
+}
+
+/// One attempt: TCP connect, upgrade, `connect` with the resume token,
+/// `connected`.
+async fn resume_once(
+    wave: &Wave,
+    away: &Away,
+    source: Option<std::net::IpAddr>,
+) -> Result<(Client, tether_protocol::Connected)> {
+    let mut client = Client::open(&wave.target, source, wave.encoding).await?;
+    let id = client.fresh_id();
+    let connect = ClientMessage::Connect(Connect {
+        id,
+        resume: Some(Resume {
+            token: away.token.clone(),
+            channels: None,
+        }),
+        ..Connect::default()
+    });
+    match client.request(&connect, id).await? {
+        ServerMessage::Connected(c) => Ok((client, c)),
+        other => bail!("expected connected, got {}", kind(&other)),
+    }
+}
+
+/// Reconnects one client and checks what it gets; holds the connection
+/// until `stop`.
+async fn reconnect(
+    wave: Arc<Wave>,
+    away: Away,
+    slot: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> Back {
+    let mut back = Back::default();
+    let settle = |back: Back| {
+        wave.settled.fetch_add(1, Ordering::Relaxed);
+        back
+    };
+    tokio::time::sleep_until(slot.into()).await;
+    let source =
+        (!wave.source_ips.is_empty()).then(|| wave.source_ips[away.index % wave.source_ips.len()]);
+    let (mut client, connected) = {
+        let Ok(_permit) = wave.permits.acquire().await else {
+            back.failure = Some("the run was abandoned".into());
+            return settle(back);
+        };
+        let first = Instant::now();
+        back.first_attempt = Some(first);
+        let mut attempt = 0;
+        loop {
+            let once =
+                tokio::time::timeout(wave.attempt_timeout, resume_once(&wave, &away, source));
+            let result = match once.await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!(
+                    "resume took longer than {:?}",
+                    wave.attempt_timeout
+                )),
+            };
+            match result {
+                Ok(ok) => {
+                    let now = Instant::now();
+                    back.connected_at = Some(now);
+                    back.latency = Some(now - first);
+                    break ok;
+                }
+                Err(e) if attempt >= wave.retries => {
+                    back.failure = Some(fleet::failure_reason(&e));
+                    return settle(back);
+                }
+                Err(_) => {
+                    back.retries += 1;
+                    tokio::time::sleep(fleet::backoff(attempt, away.index)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    };
+
+    let own = connected
+        .channels
+        .as_ref()
+        .and_then(|m| m.get(&away.channel));
+    let epoch: Option<Epoch> = match own {
+        _ if !connected.resumed => {
+            back.failure = Some("connected with resumed: false".into());
+            None
+        }
+        None => {
+            back.failure = Some("its channel is missing from connected.channels".into());
+            None
+        }
+        Some(r) if !r.recovered => {
+            back.failure = Some("its channel has recovered: false".into());
+            None
+        }
+        Some(r) => Some(r.epoch.clone()),
+    };
+
+    // The missed messages, then anything extra until every client is done.
+    let first_offset = away.base + 1;
+    let last_offset = away.base + wave.missed;
+    let mut highest = away.base;
+    let mut seen = vec![false; wave.missed as usize];
+    let deadline = tokio::time::sleep(wave.message_timeout);
+    tokio::pin!(deadline);
+    let mut counted = false;
+    if wave.missed == 0 || epoch.is_none() {
+        wave.settled.fetch_add(1, Ordering::Relaxed);
+        counted = true;
+    }
+    loop {
+        let ev = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = &mut deadline, if !counted => {
+                back.failure.get_or_insert_with(|| "not every missed message arrived in time".into());
+                wave.settled.fetch_add(1, Ordering::Relaxed);
+                counted = true;
+                continue;
+            }
+            ev = client.next_event() => ev,
+        };
+        match ev {
+            Ok(Event::Message(p)) if p.channel == away.channel => {
+                let o = p.offset.0;
+                if Some(&p.epoch) != epoch.as_ref() || !(first_offset..=last_offset).contains(&o) {
+                    back.unexpected += 1;
+                } else if seen[(o - first_offset) as usize] {
+                    back.duplicates += 1;
+                } else {
+                    seen[(o - first_offset) as usize] = true;
+                    back.received += 1;
+                    if o < highest {
+                        back.reordered += 1;
+                    }
+                    if back.received == wave.missed && !counted {
+                        back.complete_at = Some(Instant::now());
+                        wave.settled.fetch_add(1, Ordering::Relaxed);
+                        counted = true;
+                    }
+                }
+                highest = highest.max(o);
+            }
+            Ok(Event::Message(_)) => back.unexpected += 1,
+            Ok(Event::Other(_)) => {}
+            Ok(Event::Closed(code)) => {
+                back.failure
+                    .get_or_insert_with(|| format!("closed after connected (code {code:?})"));
+                break;
+            }
+            Err(e) => {
+                back.failure.get_or_insert_with(|| {
+                    format!("failed after connected: {}", fleet::failure_reason(&e))
+                });
+                break;
+            }
+        }
+    }
+    if !counted {
+        wave.settled.fetch_add(1, Ordering::Relaxed);
+    }
+    if back.failure.is_none() && (back.duplicates > 0 || back.unexpected > 0 || back.reordered > 0)
+    {
+        back.failure = Some("duplicated, reordered or unexpected messages".into());
+    }
+    client.close().await;
+    back
+}
+
+pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report> {
+    if opts.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    if opts.missed > MAX_BATCH {
+        bail!("--missed must be at most {MAX_BATCH}");
+    }
+    let Transport::Ws(target) = fleet_opts.transport.clone() else {
+        bail!("the resume scenario runs over WebSocket only");
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(PUBLISH_IN_FLIGHT)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    publisher::check_ready(&http, &opts.api).await?;
+    let broker = opts.broker_pid.map(Pid::Other);
+    if let Some(pid) = opts.broker_pid {
+        let name = proc::check_running(pid)?;
+        tracing::info!(pid, name, "measuring the broker's CPU");
+    }
+    let (setup_rate, setup_concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
+    let wave = Arc::new(Wave {
+        target,
+        encoding: fleet_opts.encoding,
+        source_ips: fleet_opts.source_ips.clone(),
+        retries: fleet_opts.retries,
+        attempt_timeout: fleet_opts.attempt_timeout,
+        missed: opts.missed as u64,
+        message_timeout: opts.message_timeout,
+        permits: Semaphore::new(opts.reconnect_concurrency),
+        settled: AtomicU64::new(0),
+    });
+
+    // 1. Connect and subscribe.
+    let prefix = opts.channel_prefix.clone();
+    let fleet = Fleet::launch(
+        opts.clients,
+        fleet_opts,
+        move |i| Ok(ChannelName::new(format!("{prefix}{i}"))?),
+        hold_then_drop,
+    );
+    let setup_time = fleet.wait_settled("resume").await;
+    let established = Counters::get(&fleet.counters.established);
+    let setup_failed = Counters::get(&fleet.counters.failed);
+    let setup_reasons = fleet.counters.failure_reasons();
+    if established == 0 {
+        bail!(
+            "no client could connect and subscribe: {:?}",
+            setup_reasons.first()
+        );
+    }
+    tracing::info!(
+        "resume: {established} clients subscribed in {:.1} s; dropping them all",
+        setup_time.as_secs_f64()
+    );
+
+    // 2. Drop them all at once.
+    let dropped_at = Instant::now();
+    let away: Vec<Away> = fleet.stop().await.into_iter().flatten().collect();
+    let drop_spread = dropped_at.elapsed();
+    let lost_before_drop = established - away.len() as u64;
+
+    // 3. Until the broker has seen them go.
+    let (gone_after, gauge) = wait_gone(&http, &opts.api, opts.drop_timeout).await?;
+    match gone_after {
+        Some(d) => tracing::info!(
+            "resume: the broker counts no WebSocket connection after {:.2} s",
+            d.as_secs_f64()
+        ),
+        None => tracing::warn!(
+            "resume: the broker still counts {gauge:?} WebSocket connections after {:?}; going on",
+            opts.drop_timeout
+        ),
+    }
+
+    // 4. Publish what they miss.
+    let published = publish_missed(
+        &http,
+        &opts.api,
+        &away,
+        opts.missed,
+        opts.payload,
+        opts.batch,
+    )
+    .await?;
+    tracing::info!(
+        "resume: {} missed messages published in {:.2} s ({} failed); reconnecting {} clients",
+        published.ok,
+        published.elapsed.as_secs_f64(),
+        published.failed,
+        away.len()
+    );
+
+    // 5. Reconnect them all.
+    let broker_cpu0 = broker.map(proc::cpu_time).transpose()?;
+    let own_cpu0 = proc::cpu_time(Pid::Current)?;
+    let (stop, _) = watch::channel(false);
+    let wave_start = Instant::now();
+    let mut handles = Vec::with_capacity(away.len());
+    for (n, a) in away.iter().enumerate() {
+        let slot = wave_start + Duration::from_secs_f64(n as f64 / opts.reconnect_rate);
+        handles.push(tokio::spawn(reconnect(
+            wave.clone(),
+            a.clone(),
+            slot,
+            stop.subscribe(),
+        )));
+    }
+    let mut last_log = Instant::now();
+    while wave.settled.load(Ordering::Relaxed) < away.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if last_log.elapsed() >= Duration::from_secs(2) {
+            last_log = Instant::now();
+            tracing::info!(
+                "resume: {} of {} clients settled",
+                wave.settled.load(Ordering::Relaxed),
+                away.len()
+            );
+        }
+    }
+    let wave_window = wave_start.elapsed();
+    let broker_cpu = match (broker_cpu0, broker.map(proc::cpu_time).transpose()?) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
+    // A short grace for late duplicates, then everyone closes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop.send(true);
+    let mut backs = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(b) => backs.push(b),
+            Err(e) => tracing::warn!(error = %e, "a client task failed"),
+        }
+    }
+
+    // The figures.
+    let mut latency = report::latency_histogram::<u64>()?;
+    let mut reasons = BTreeMap::<String, u64>::new();
+    let (mut resumed, mut retries, mut received, mut duplicates, mut unexpected, mut reordered) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut first_attempt: Option<Instant> = None;
+    let mut last_connected: Option<Instant> = None;
+    let mut last_complete: Option<Instant> = None;
+    for b in &backs {
+        if let Some(l) = b.latency {
+            latency.saturating_record(u64::try_from(l.as_micros()).unwrap_or(u64::MAX).max(1));
+        }
+        first_attempt = match (first_attempt, b.first_attempt) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        last_connected = last_connected.max(b.connected_at);
+        last_complete = last_complete.max(b.complete_at);
+        retries += b.retries;
+        received += b.received;
+        duplicates += b.duplicates;
+        unexpected += b.unexpected;
+        reordered += b.reordered;
+        match &b.failure {
+            None => resumed += 1,
+            Some(reason) => *reasons.entry(reason.clone()).or_default() += 1,
+        }
+    }
+    let expected = published.ok;
+    let mut r = Report::new("resume");
+    r.text("transport", "transport", "ws");
+    r.count(
+        "clients_requested",
+        "clients requested",
+        opts.clients as u64,
+    );
+    r.count(
+        "clients_subscribed",
+        "clients connected and subscribed",
+        established,
+    );
+    r.count("setup_failures", "setup failures", setup_failed);
+    if let Some((reason, n)) = setup_reasons.first() {
+        r.text(
+            "top_setup_failure",
+            "most frequent setup failure",
+            format!("{n} × {reason}"),
+        );
+    }
+    r.text(
+        "setup_pacing",
+        "setup pacing",
+        format!("--connect-rate {setup_rate}/s, --connect-concurrency {setup_concurrency}"),
+    );
+    r.number(
+        "setup_seconds",
+        "time to subscribe them all",
+        setup_time.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.count(
+        "lost_before_drop",
+        "connections lost before the drop",
+        lost_before_drop,
+    );
+    r.count("dropped", "clients dropped at once", away.len() as u64);
+    r.number(
+        "drop_spread_ms",
+        "time to drop them all",
+        drop_spread.as_secs_f64() * 1000.0,
+        "ms",
+        1,
+    );
+    match gone_after {
+        Some(d) => r.number(
+            "broker_saw_drop_seconds",
+            "until the broker counted 0 ws connections",
+            d.as_secs_f64(),
+            "s",
+            2,
+        ),
+        None => r.missing(
+            "broker_saw_drop_seconds",
+            "until the broker counted 0 ws connections",
+            &format!("still {gauge:?} after {:?}", opts.drop_timeout),
+        ),
+    }
+    r.count(
+        "missed_per_client",
+        "messages missed per client",
+        opts.missed as u64,
+    );
+    r.count("published", "missed messages published", published.ok);
+    r.count("publish_failures", "publications failed", published.failed);
+    if let Some((reason, n)) = published.errors.iter().max_by_key(|(_, n)| **n) {
+        r.text(
+            "top_publish_failure",
+            "most frequent publish failure",
+            format!("{n} × {reason}"),
+        );
+    }
+    r.count(
+        "published_off_offset",
+        "publications not at the expected offset",
+        published.off_offset,
+    );
+    r.number(
+        "publish_seconds",
+        "publishing time",
+        published.elapsed.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.text(
+        "reconnect_pacing",
+        "reconnect pacing",
+        format!(
+            "--reconnect-rate {}/s, --reconnect-concurrency {}",
+            opts.reconnect_rate, opts.reconnect_concurrency
+        ),
+    );
+    r.count("resumed", "clients resumed with nothing lost", resumed);
+    r.count(
+        "resume_failures",
+        "clients not resumed cleanly",
+        backs.len() as u64 - resumed,
+    );
+    let reasons_text = if reasons.is_empty() {
+        "none".to_owned()
+    } else {
+        let mut v: Vec<_> = reasons.iter().collect();
+        v.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
+        v.iter()
+            .map(|(k, n)| format!("{n} × {k}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    r.text("failure_reasons", "failures by reason", reasons_text);
+    r.count("reconnect_retries", "reconnect attempts retried", retries);
+    r.count("messages_expected", "missed messages to recover", expected);
+    r.count("messages_received", "missed messages received", received);
+    r.count(
+        "messages_lost",
+        "missed messages lost",
+        expected.saturating_sub(received),
+    );
+    r.count("messages_duplicated", "messages duplicated", duplicates);
+    r.count("messages_reordered", "messages out of order", reordered);
+    r.count(
+        "messages_unexpected",
+        "messages of another offset or epoch",
+        unexpected,
+    );
+    match (first_attempt, last_connected) {
+        (Some(a), Some(b)) => r.number(
+            "first_to_last_connected_seconds",
+            "first reconnect attempt → last connected",
+            b.saturating_duration_since(a).as_secs_f64(),
+            "s",
+            3,
+        ),
+        _ => r.missing(
+            "first_to_last_connected_seconds",
+            "first reconnect attempt → last connected",
+            "no client connected",
+        ),
+    }
+    match (first_attempt, last_complete) {
+        (Some(a), Some(b)) => r.number(
+            "first_to_last_recovered_seconds",
+            "first reconnect attempt → last missed message",
+            b.saturating_duration_since(a).as_secs_f64(),
+            "s",
+            3,
+        ),
+        _ => r.missing(
+            "first_to_last_recovered_seconds",
+            "first reconnect attempt → last missed message",
+            "no client recovered",
+        ),
+    }
+    match last_connected {
+        Some(b) => r.number(
+            "drop_to_last_connected_seconds",
+            "drop → last connected (resume window 120 s)",
+            b.saturating_duration_since(dropped_at).as_secs_f64(),
+            "s",
+            2,
+        ),
+        None => r.missing(
+            "drop_to_last_connected_seconds",
+            "drop → last connected (resume window 120 s)",
+            "no client connected",
+        ),
+    }
+    Latency::of(&latency).add_to(
+        &mut r,
+        [
+            "connect_p50_ms",
+            "connect_p90_ms",
+            "connect_p99_ms",
+            "connect_p999_ms",
+            "connect_max_ms",
+        ],
+        [
+            "TCP connect → connected p50",
+            "TCP connect → connected p90",
+            "TCP connect → connected p99",
+            "TCP connect → connected p99.9",
+            "TCP connect → connected max",
+        ],
+    );
+    let secs = wave_window.as_secs_f64().max(1e-9);
+    r.number(
+        "wave_seconds",
+        "reconnect wave (until all settled)",
+        secs,
+        "s",
+        3,
+    );
+    match broker_cpu {
+        Some(cpu) => {
+            r.number(
+                "broker_cpu_seconds",
+                "broker CPU in the wave",
+                cpu.as_secs_f64(),
+                "s",
+                2,
+            );
+            r.number(
+                "broker_cpu_cores",
+                "broker CPU, cores busy on average",
+                cpu.as_secs_f64() / secs,
+                "",
+                2,
+            );
+        }
+        None => r.missing(
+            "broker_cpu_seconds",
+            "broker CPU in the wave",
+            "no --broker-pid",
+        ),
+    }
+    r.number(
+        "loadtest_cpu_seconds",
+        "loadtest CPU in the wave (same machine)",
+        own_cpu.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number(
+        "loadtest_cpu_cores",
+        "loadtest CPU, cores busy on average",
+        own_cpu.as_secs_f64() / secs,
+        "",
+        2,
+    );
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_ws_connections_gauge() {
+        let text = "# HELP tether_connections Open client connections.\n\
+                    # TYPE tether_connections gauge\n\
+                    tether_connections{transport=\"quic\"} 3\n\
+                    tether_connections{transport=\"ws\"} 12\n\
+                    tether_connections_accepted_total{transport=\"ws\"} 40\n";
+        assert_eq!(connections_gauge(text, "ws"), Some(12.0));
+        assert_eq!(connections_gauge(text, "quic"), Some(3.0));
+        assert_eq!(
+            connections_gauge("tether_connections{transport=\"ws\"} 0\n", "ws"),
+            Some(0.0)
+        );
+        assert_eq!(connections_gauge("# nothing\n", "ws"), None);
+    }
+}
