@@ -78,9 +78,11 @@ pub fn endpoint(node: &Node, addr: SocketAddr) -> Result<(Endpoint, Identity), T
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
-    // Early data is accepted (QUIC requires 0 or u32::MAX), but the session
-    // acts on nothing before the handshake completes: see docs/protocol.md.
-    tls.max_early_data_size = u32::MAX;
+    // No 0-RTT (QUIC allows 0 or u32::MAX): tickets are stateless so that
+    // nodes can share them, and rustls accepts early data only with
+    // stateful resumption; the session would not act on early data before
+    // the handshake completes anyway. See docs/protocol.md.
+    tls.max_early_data_size = 0;
     let tickets: Arc<dyn rustls::server::ProducesTickets> = match &cfg.quic_ticket_key {
         Some(key) => Arc::new(SharedTicketKey::new(key)?),
         None => rustls::crypto::aws_lc_rs::Ticketer::new()
