@@ -27,7 +27,7 @@ use tether_protocol::{ChannelName, Encoding, Epoch, Offset, StreamPosition};
 
 use crate::metrics::Metrics;
 use crate::session::outbox::{Delivery, Frame, Outbox, PushError};
-use history::Entry;
+use history::{Entry, EntryRef};
 pub use history::{History, MemoryHistory};
 
 const SHARDS: usize = 64;
@@ -202,12 +202,17 @@ impl<H: History> Hub<H> {
             st.offset = st.offset.next();
             st.last_activity = published_at;
             let offset = st.offset;
-            let json = encode_publication_json(&ch.name, &st.epoch, offset, &raw, ts);
+            // Encoded once per encoding, and only if someone needs it.
+            let json: OnceLock<Bytes> = OnceLock::new();
             let msgpack: OnceLock<Bytes> = OnceLock::new();
             let mut dropped = false;
             for s in &st.subscribers {
                 let bytes = match s.encoding {
-                    Encoding::Json => json.clone(),
+                    Encoding::Json => json
+                        .get_or_init(|| {
+                            encode_publication_json(&ch.name, &st.epoch, offset, &raw, ts)
+                        })
+                        .clone(),
                     Encoding::MsgPack => msgpack
                         .get_or_init(|| {
                             encode_publication_msgpack(&ch.name, &st.epoch, offset, data, ts)
@@ -243,12 +248,11 @@ impl<H: History> Hub<H> {
                 Entry {
                     offset,
                     ts,
-                    stored_at: published_at,
                     data: raw.clone(),
                 },
                 cfg.history_size,
                 cfg.history_ttl,
-                published_at,
+                ts,
             );
             self.account(before, &st.history);
             Position {
@@ -273,7 +277,7 @@ impl<H: History> Hub<H> {
         let ttl = self.config.history_ttl;
         let result = self.with_channel(channel, |ch, st| {
             let before = (st.history.len(), st.history.payload_bytes());
-            st.history.expire(ttl, now);
+            st.history.expire(ttl, unix_millis());
             self.account(before, &st.history);
             st.last_activity = now;
             let position = Position {
@@ -351,7 +355,7 @@ impl<H: History> Hub<H> {
         };
         let mut st = ch.state.lock();
         let before = (st.history.len(), st.history.payload_bytes());
-        st.history.expire(self.config.history_ttl, Instant::now());
+        st.history.expire(self.config.history_ttl, unix_millis());
         self.account(before, &st.history);
         HistoryPage {
             position: Position {
@@ -363,7 +367,7 @@ impl<H: History> Hub<H> {
                 .history
                 .after(since)
                 .take(limit)
-                .map(|e| (e.offset, e.data.clone(), e.ts))
+                .map(|e| (e.offset, e.data.to_owned(), e.ts))
                 .collect(),
         }
     }
@@ -373,12 +377,13 @@ impl<H: History> Hub<H> {
     /// Called periodically by the server, never on the publish path.
     pub fn sweep(&self) {
         let now = Instant::now();
+        let now_ms = unix_millis();
         for shard in self.shards.iter() {
             let mut map = shard.write();
             map.retain(|_, ch| {
                 let mut st = ch.state.lock();
                 let before = (st.history.len(), st.history.payload_bytes());
-                st.history.expire(self.config.history_ttl, now);
+                st.history.expire(self.config.history_ttl, now_ms);
                 self.account(before, &st.history);
                 let idle = st.subscribers.is_empty()
                     && st.history.is_empty()
@@ -399,9 +404,14 @@ impl<H: History> Hub<H> {
     }
 }
 
-fn encode_entry(channel: &ChannelName, epoch: &Epoch, e: &Entry, encoding: Encoding) -> Bytes {
+fn encode_entry(
+    channel: &ChannelName,
+    epoch: &Epoch,
+    e: EntryRef<'_>,
+    encoding: Encoding,
+) -> Bytes {
     match encoding {
-        Encoding::Json => encode_publication_json(channel, epoch, e.offset, &e.data, e.ts),
+        Encoding::Json => encode_publication_json(channel, epoch, e.offset, e.data, e.ts),
         Encoding::MsgPack => {
             let data: Value = serde_json::from_str(e.data.get()).unwrap_or(Value::Null);
             encode_publication_msgpack(channel, epoch, e.offset, &data, e.ts)
