@@ -1,6 +1,6 @@
 //! One channel's bounded history: the last `size` publications, none older
 //! than `ttl`, behind the [`History`] trait. [`MemoryHistory`] keeps `data`
-//! as compact JSON text only (about 40 bytes of bookkeeping per entry on top
+//! as compact JSON text only (24 bytes of bookkeeping per entry on top
 //! of the payload); frames are encoded again on the rare replay rather than
 //! kept in every encoding.
 //!
