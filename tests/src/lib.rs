@@ -180,10 +180,6 @@ impl TestBroker {
         format!("http://{}{}", self.api_addr, path)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Everything the broker has logged so far.
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
@@ -207,11 +203,6 @@ impl TestBroker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// An HTTP client for the API.

@@ -208,9 +208,9 @@ fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
     let channel = ChannelName::new(body.channel)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    let size = serde_json::to_vec(&body.data)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
+    // Encoded once: sized here, stored and fanned out by the hub.
+    let raw = crate::hub::encode_data(&body.data);
+    let size = raw.get().len();
     let max = state.node.config.max_message_size;
     if size > max {
         return Err(ApiError::new(
@@ -227,7 +227,7 @@ fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
         ));
     }
     let do_publish = || {
-        let pos = state.node.hub.publish(&channel, &body.data);
+        let pos = state.node.hub.publish_encoded(&channel, &body.data, raw);
         state
             .node
             .metrics

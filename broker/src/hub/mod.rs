@@ -192,8 +192,17 @@ impl<H: History> Hub<H> {
     /// Publishes `data` on `channel`: assigns the next offset, appends to
     /// history and feeds every subscriber. Never waits on a client.
     pub fn publish(&self, channel: &ChannelName, data: &Value) -> Position {
-        let raw = serde_json::value::to_raw_value(data)
-            .unwrap_or_else(|_| RawValue::from_string("null".into()).unwrap_or_default());
+        self.publish_encoded(channel, data, encode_data(data))
+    }
+
+    /// [`Hub::publish`] for a caller that already has `data` as JSON text
+    /// (`raw` must be `data` encoded; the API sizes publications with it).
+    pub fn publish_encoded(
+        &self,
+        channel: &ChannelName,
+        data: &Value,
+        raw: Box<RawValue>,
+    ) -> Position {
         let ts = unix_millis();
         let published_at = Instant::now();
         let cfg = &self.config;
@@ -397,11 +406,13 @@ impl<H: History> Hub<H> {
             });
         }
     }
+}
 
-    /// Number of channels with state on this node.
-    pub fn channel_count(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
-    }
+/// `data` as compact JSON text. A `Value` always serializes; the fallback
+/// only keeps this total.
+pub fn encode_data(data: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(data)
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).unwrap_or_default())
 }
 
 fn encode_entry(
