@@ -228,14 +228,14 @@ impl<H: History> Hub<H> {
                         })
                         .clone(),
                 };
-                let frame = Frame {
+                let frame = Frame::message(
                     bytes,
-                    published_at: Some(published_at),
-                    delivery: Some(Delivery {
+                    Some(published_at),
+                    Delivery {
                         sub: s.id.sub,
                         offset,
-                    }),
-                };
+                    },
+                );
                 match s.outbox.push(frame) {
                     Ok(()) => {}
                     Err(PushError::Full) => {
@@ -303,14 +303,14 @@ impl<H: History> Hub<H> {
             if let (true, Some(s)) = (recovered, since) {
                 for e in st.history.after(s.offset) {
                     let bytes = encode_entry(&ch.name, &st.epoch, e, subscriber.encoding);
-                    subscriber.outbox.push(Frame {
+                    subscriber.outbox.push(Frame::message(
                         bytes,
-                        published_at: None,
-                        delivery: Some(Delivery {
+                        None,
+                        Delivery {
                             sub: subscriber.id.sub,
                             offset: e.offset,
-                        }),
-                    })?;
+                        },
+                    ))?;
                     replayed += 1;
                 }
             }

@@ -34,7 +34,7 @@ use crate::metrics::{CodeLabel, OutcomeLabel, RecoveredLabel, TransportLabel};
 use crate::node::Node;
 use crate::push::AckCell;
 use crate::transport::{Inbound, Transport, TransportError};
-use outbox::{Drained, Frame, Outbox};
+use outbox::{Direct, Drained, Frame, Outbox};
 use resume::{Claim, Refusal, ResumeClaims, SessionRecord, SubRecord};
 
 /// Frames moved from the outbox per batch: one flush each.
@@ -174,6 +174,13 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
 
     let messages_in = node.metrics.messages_in.get_or_create(&label).clone();
     let messages_out = node.metrics.messages_out.get_or_create(&label).clone();
+    if let Some(writer) = transport.direct() {
+        outbox.attach_direct(Direct {
+            writer,
+            messages_out: messages_out.clone(),
+            latency: node.metrics.delivery_latency.clone(),
+        });
+    }
     let mut s = Session {
         encoding: transport.encoding(),
         outbox: outbox.clone(),
@@ -228,6 +235,12 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
                 s.last_seen = Instant::now();
                 Ok(())
             }
+            Event::Inbound(Ok(Inbound::Reply(bytes))) => {
+                s.last_seen = Instant::now();
+                // A full outbox closes the session (4008): nothing else to do.
+                let _ = s.outbox.push(Frame::raw(bytes));
+                Ok(())
+            }
             Event::Inbound(Ok(Inbound::Closed)) => Err(End::Gone),
             Event::Inbound(Err(TransportError::TooLarge)) => {
                 Err(End::Close(CloseCode::TooLarge, None))
@@ -250,6 +263,8 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
         sleep.as_mut().reset(s.next_deadline());
     };
 
+    // From here the session writes its last frames itself.
+    outbox.detach_direct();
     s.cleanup();
     match end {
         End::Close(code, retry_after_ms) => {
@@ -389,8 +404,21 @@ impl Session {
         Ok(())
     }
 
+    /// Takes in the deliveries the hub wrote through to the connection.
+    fn sync_written(&mut self) {
+        let subs = &mut self.subs;
+        self.outbox.take_written(|d| {
+            if let Some(sub) = subs.get_mut(&d.sub)
+                && d.offset > sub.delivered
+            {
+                sub.delivered = d.offset;
+            }
+        });
+    }
+
     async fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), End> {
         let now = Instant::now();
+        self.sync_written();
         self.messages_in.inc();
         if let Err(retry_after_ms) = self.rate.take(now) {
             return Err(End::Close(CloseCode::RateLimited, Some(retry_after_ms)));
@@ -516,6 +544,9 @@ impl Session {
         self.next_ping = now + jitter;
         self.phase = Phase::Active;
 
+        // Replays are queued behind the `connected` pushed in front of them
+        // below: nothing may be written through meanwhile.
+        self.outbox.hold();
         let channels = record.map(|r| {
             let named = c.resume.as_ref().and_then(|r| r.channels.as_ref());
             self.restore(r, named)
@@ -847,6 +878,7 @@ impl Session {
 
     /// Leaves the hub and the session table; leaves what a resume needs.
     fn cleanup(&mut self) {
+        self.sync_written();
         let mut record = SessionRecord::default();
         for (n, sub) in self.subs.drain() {
             self.node.hub.unsubscribe(

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tether_protocol::{CloseCode, Encoding};
 
-use crate::session::outbox::Frame;
+use crate::session::outbox::{DirectWrite, Frame};
 
 /// What arrived from the client.
 #[derive(Debug)]
@@ -25,6 +25,9 @@ pub enum Inbound {
     /// Something that proves the client alive but carries no message
     /// (WebSocket ping or pong control frames).
     Activity,
+    /// Bytes the transport owes the client in answer, already framed (the
+    /// pong to a WebSocket ping): the session queues them in order.
+    Reply(Bytes),
     /// The client closed the connection.
     Closed,
 }
@@ -50,6 +53,12 @@ pub trait Transport: Send + 'static {
 
     /// The encoding negotiated for this connection.
     fn encoding(&self) -> Encoding;
+
+    /// A path that writes frames to the connection from any thread without
+    /// waiting, if the connection has one (see `session::outbox`).
+    fn direct(&self) -> Option<Box<dyn DirectWrite>> {
+        None
+    }
 
     /// The next inbound item.
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Inbound, TransportError>>;

@@ -1,24 +1,37 @@
 //! WebSocket transport: the upgrade at `GET /v1/ws` with subprotocol
 //! negotiation and explicit buffer limits, and frames ↔ protocol messages.
+//!
+//! tungstenite parses what the client sends (framing, masking, UTF-8,
+//! limits, control frames). What the broker sends it frames itself (RFC 6455
+//! §5.2: a server frame is a 2–10 byte header and the payload, unmasked), so
+//! that one encoded message goes out with a `writev` and no copy, a batch of
+//! frames in one system call, and a frame can be written straight from the
+//! hub's fan-out while the session idles (`session::outbox`). Every byte
+//! written to the socket goes through that one ordered path: tungstenite's
+//! own replies (pong to a client's ping) are captured and queued by the
+//! session like any other frame.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use futures_util::{Sink, SinkExt, Stream};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::Stream;
 use tether_protocol::{CloseCode, Encoding};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::stream::ClientStream;
 use super::{Inbound, Transport, TransportError};
-use crate::session::outbox::Frame;
+use crate::session::outbox::{DirectWrite, Frame, Written};
 
 /// The WebSocket endpoint path.
 pub const PATH: &str = "/v1/ws";
@@ -29,12 +42,10 @@ pub const PATH: &str = "/v1/ws";
 pub fn ws_config(max_message_size: usize, read_buffer: usize) -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
     c.read_buffer_size = read_buffer;
-    // Frames are batched by the session and flushed once; tungstenite only
-    // needs to buffer what one batch holds.
-    c.write_buffer_size = 16 * 1024;
-    // The session bounds what it queues (max-outbox-bytes); this only stops
-    // a runaway buffer if the socket keeps failing.
-    c.max_write_buffer_size = 4 * 1024 * 1024;
+    // tungstenite writes only the handshake response and its small control
+    // replies (captured); the broker frames and writes its messages itself.
+    c.write_buffer_size = 0;
+    c.max_write_buffer_size = 64 * 1024;
     c.max_message_size = Some(max_message_size);
     c.max_frame_size = Some(max_message_size);
     c
@@ -64,7 +75,12 @@ pub async fn accept(
 ) -> Result<WsTransport, UpgradeError> {
     let stream = match tls {
         Some(acceptor) => ClientStream::Tls(Box::new(acceptor.accept(stream).await?)),
-        None => ClientStream::Plain(stream),
+        None => ClientStream::Plain(Arc::new(stream)),
+    };
+    let io = WsIo {
+        stream,
+        capture: false,
+        captured: Vec::new(),
     };
     let mut chosen = Encoding::Json;
     // The callback's signature is tungstenite's.
@@ -102,32 +118,147 @@ pub async fn accept(
             )),
         }
     };
-    let ws =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
+    let mut ws =
+        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(config)).await?;
+    // From here on the broker writes its own frames; tungstenite's writes
+    // are captured.
+    ws.get_mut().capture = true;
     Ok(WsTransport {
         ws,
+        opcode: match chosen {
+            Encoding::Json => OPCODE_TEXT,
+            Encoding::MsgPack => OPCODE_BINARY,
+        },
         encoding: chosen,
+        partial: None,
         flushing: false,
     })
 }
 
-/// An upgraded WebSocket connection.
-pub struct WsTransport {
-    ws: WebSocketStream<ClientStream>,
-    encoding: Encoding,
-    /// Frames were handed to tungstenite and a flush is owed.
-    flushing: bool,
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_BINARY: u8 = 0x2;
+const OPCODE_CLOSE: u8 = 0x8;
+/// The longest server frame header: 2 bytes and a 64-bit length.
+const MAX_HEADER: usize = 10;
+/// Frames gathered into one `writev`.
+const GATHER: usize = 64;
+
+/// The header of an unmasked, final frame of `len` payload bytes
+/// (RFC 6455 §5.2), and its length.
+fn frame_header(opcode: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut h = [0u8; MAX_HEADER];
+    h[0] = 0x80 | opcode;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if let Ok(len) = u16::try_from(len) {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&len.to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
 }
 
-impl WsTransport {
-    fn message(&self, bytes: Bytes) -> Result<Message, TransportError> {
-        match self.encoding {
-            Encoding::Json => Utf8Bytes::try_from(bytes)
-                .map(Message::Text)
-                .map_err(|_| TransportError::Protocol("reply is not UTF-8".into())),
-            Encoding::MsgPack => Ok(Message::Binary(bytes)),
+/// A frame's header as written: none for bytes already framed.
+fn header_of(opcode: u8, frame: &Frame) -> ([u8; MAX_HEADER], usize) {
+    if frame.raw {
+        ([0; MAX_HEADER], 0)
+    } else {
+        frame_header(opcode, frame.bytes.len())
+    }
+}
+
+/// What is left of `frame` once `written` bytes of its header and payload
+/// are in the socket.
+fn rest_of(frame: &Frame, header: &[u8], written: usize) -> Bytes {
+    if written >= header.len() {
+        frame.bytes.slice(written - header.len()..)
+    } else {
+        let mut b = BytesMut::with_capacity(header.len() - written + frame.bytes.len());
+        b.extend_from_slice(&header[written..]);
+        b.extend_from_slice(&frame.bytes);
+        b.freeze()
+    }
+}
+
+/// A close frame with `code` and its reason.
+fn close_frame(code: CloseCode) -> Bytes {
+    let reason = code.reason().as_bytes();
+    // Control frame payloads are at most 125 bytes.
+    let reason = &reason[..reason.len().min(123)];
+    let (h, hl) = frame_header(OPCODE_CLOSE, 2 + reason.len());
+    let mut b = BytesMut::with_capacity(hl + 2 + reason.len());
+    b.extend_from_slice(&h[..hl]);
+    b.extend_from_slice(&code.code().to_be_bytes());
+    b.extend_from_slice(reason);
+    b.freeze()
+}
+
+/// The stream tungstenite works on: reads come from the connection. Once
+/// the handshake is done (`capture`), what tungstenite writes (its pong and
+/// close replies) is kept in `captured` for the session to queue, so that
+/// no byte reaches the socket outside the session's ordered write path.
+struct WsIo {
+    stream: ClientStream,
+    capture: bool,
+    captured: Vec<u8>,
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.capture {
+            this.captured.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        } else {
+            Pin::new(&mut this.stream).poll_write(cx, buf)
         }
     }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.capture {
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut this.stream).poll_flush(cx)
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The session closes the connection itself.
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// An upgraded WebSocket connection.
+pub struct WsTransport {
+    ws: WebSocketStream<WsIo>,
+    encoding: Encoding,
+    /// The opcode of this connection's messages (text for JSON, binary for
+    /// MessagePack).
+    opcode: u8,
+    /// The rest of a frame the socket took in part: written before anything
+    /// else.
+    partial: Option<Bytes>,
+    /// Bytes went into a TLS stream and a flush is owed.
+    flushing: bool,
 }
 
 fn read_error(e: WsError) -> TransportError {
@@ -139,6 +270,116 @@ fn read_error(e: WsError) -> TransportError {
     }
 }
 
+fn gone(e: io::Error) -> TransportError {
+    TransportError::Gone(e.to_string())
+}
+
+impl WsTransport {
+    fn stream(&mut self) -> Pin<&mut ClientStream> {
+        Pin::new(&mut self.ws.get_mut().stream)
+    }
+
+    fn take_captured(&mut self) -> Option<Bytes> {
+        let io = self.ws.get_mut();
+        if io.captured.is_empty() {
+            None
+        } else {
+            Some(Bytes::from(std::mem::take(&mut io.captured)))
+        }
+    }
+
+    /// Writes what is left of a frame taken in part.
+    fn poll_partial(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        while let Some(mut rest) = self.partial.take() {
+            let n = match self.stream().poll_write(cx, &rest) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(gone(e))),
+                Poll::Pending => {
+                    self.partial = Some(rest);
+                    return Poll::Pending;
+                }
+            };
+            if n == 0 {
+                return Poll::Ready(Err(gone(io::ErrorKind::WriteZero.into())));
+            }
+            self.flushing = true;
+            rest.advance(n);
+            if !rest.is_empty() {
+                self.partial = Some(rest);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// One `writev` of up to [`GATHER`] frames from the front of `frames`;
+    /// frames written in full (or in part, the rest kept in `partial`) are
+    /// handed to `sent`.
+    fn poll_write_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut VecDeque<Frame>,
+        sent: &mut dyn FnMut(Frame),
+    ) -> Poll<Result<(), TransportError>> {
+        let opcode = self.opcode;
+        let count = frames.len().min(GATHER);
+        let mut headers = [([0u8; MAX_HEADER], 0usize); GATHER];
+        for (h, f) in headers.iter_mut().zip(frames.iter()) {
+            *h = header_of(opcode, f);
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * GATHER];
+        for (i, f) in frames.iter().take(count).enumerate() {
+            let (h, hl) = &headers[i];
+            slices[2 * i] = IoSlice::new(&h[..*hl]);
+            slices[2 * i + 1] = IoSlice::new(&f.bytes);
+        }
+        let n = match ready!(self.stream().poll_write_vectored(cx, &slices[..2 * count])) {
+            Ok(0) => return Poll::Ready(Err(gone(io::ErrorKind::WriteZero.into()))),
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(Err(gone(e))),
+        };
+        self.flushing = true;
+        let mut left = n;
+        for (h, hl) in headers.iter().take(count) {
+            let Some(f) = frames.pop_front() else {
+                break;
+            };
+            let total = hl + f.bytes.len();
+            if left < total {
+                self.partial = Some(rest_of(&f, &h[..*hl], left));
+                sent(f);
+                break;
+            }
+            left -= total;
+            sent(f);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes frames straight to a plain TCP connection (see `session::outbox`).
+struct DirectWs {
+    stream: Arc<TcpStream>,
+    opcode: u8,
+}
+
+impl DirectWrite for DirectWs {
+    fn try_write(&self, frame: &Frame) -> Written {
+        let (h, hl) = header_of(self.opcode, frame);
+        let total = hl + frame.bytes.len();
+        let bufs = [IoSlice::new(&h[..hl]), IoSlice::new(&frame.bytes)];
+        match super::stream::try_send_vectored(&self.stream, &bufs) {
+            Ok(n) if n == total => Written::All,
+            Ok(0) | Err(_) => Written::Nothing,
+            Ok(n) => Written::Part(Frame {
+                bytes: rest_of(frame, &h[..hl], n),
+                published_at: frame.published_at,
+                delivery: frame.delivery,
+                raw: true,
+            }),
+        }
+    }
+}
+
 impl Transport for WsTransport {
     const NAME: &'static str = "ws";
 
@@ -146,8 +387,30 @@ impl Transport for WsTransport {
         self.encoding
     }
 
+    fn direct(&self) -> Option<Box<dyn DirectWrite>> {
+        match &self.ws.get_ref().stream {
+            ClientStream::Plain(s) => Some(Box::new(DirectWs {
+                stream: s.clone(),
+                opcode: self.opcode,
+            })),
+            ClientStream::Tls(_) => None,
+        }
+    }
+
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Inbound, TransportError>> {
-        let item = ready!(Pin::new(&mut self.ws).poll_next(cx));
+        if let Some(reply) = self.take_captured() {
+            return Poll::Ready(Ok(Inbound::Reply(reply)));
+        }
+        let item = match Pin::new(&mut self.ws).poll_next(cx) {
+            Poll::Ready(item) => item,
+            // Reading may have made tungstenite answer a ping.
+            Poll::Pending => {
+                return match self.take_captured() {
+                    Some(reply) => Poll::Ready(Ok(Inbound::Reply(reply))),
+                    None => Poll::Pending,
+                };
+            }
+        };
         Poll::Ready(match item {
             None => Ok(Inbound::Closed),
             Some(Err(e)) => Err(read_error(e)),
@@ -163,7 +426,7 @@ impl Transport for WsTransport {
                     "binary frame on the tether.v1.json subprotocol".into(),
                 )),
             },
-            // tungstenite queues the pong itself and flushes it on the next read.
+            // tungstenite answers pings itself (captured, see `WsIo`).
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                 Ok(Inbound::Activity)
             }
@@ -177,23 +440,16 @@ impl Transport for WsTransport {
         frames: &mut VecDeque<Frame>,
         sent: &mut dyn FnMut(Frame),
     ) -> Poll<Result<(), TransportError>> {
-        while !frames.is_empty() {
-            if let Err(e) = ready!(Pin::new(&mut self.ws).poll_ready(cx)) {
-                return Poll::Ready(Err(TransportError::Gone(e.to_string())));
-            }
-            let Some(frame) = frames.pop_front() else {
+        loop {
+            ready!(self.poll_partial(cx))?;
+            if frames.is_empty() {
                 break;
-            };
-            let msg = self.message(frame.bytes.clone())?;
-            if let Err(e) = Pin::new(&mut self.ws).start_send(msg) {
-                return Poll::Ready(Err(TransportError::Gone(e.to_string())));
             }
-            self.flushing = true;
-            sent(frame);
+            ready!(self.poll_write_some(cx, frames, sent))?;
         }
         if self.flushing {
-            if let Err(e) = ready!(Pin::new(&mut self.ws).poll_flush(cx)) {
-                return Poll::Ready(Err(TransportError::Gone(e.to_string())));
+            if let Err(e) = ready!(self.stream().poll_flush(cx)) {
+                return Poll::Ready(Err(gone(e)));
             }
             self.flushing = false;
         }
@@ -201,15 +457,57 @@ impl Transport for WsTransport {
     }
 
     async fn close(&mut self, code: CloseCode, last: Option<Bytes>) {
-        if let Some(bytes) = last
-            && let Ok(msg) = self.message(bytes)
-        {
-            let _ = self.ws.feed(msg).await;
+        let mut frames = VecDeque::with_capacity(2);
+        if let Some(bytes) = last {
+            frames.push_back(Frame::reply(bytes));
         }
-        let frame = CloseFrame {
-            code: WsCloseCode::from(code.code()),
-            reason: Utf8Bytes::from_static(code.reason()),
-        };
-        let _ = self.ws.close(Some(frame)).await;
+        frames.push_back(Frame::raw(close_frame(code)));
+        if poll_fn(|cx| self.poll_write(cx, &mut frames, &mut |_| {}))
+            .await
+            .is_ok()
+        {
+            // FIN after the close frame: the client reads both.
+            let _ = poll_fn(|cx| self.stream().poll_shutdown(cx)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_use_the_shortest_length_encoding() {
+        let (h, n) = frame_header(OPCODE_TEXT, 125);
+        assert_eq!(&h[..n], &[0x81, 125]);
+        let (h, n) = frame_header(OPCODE_BINARY, 126);
+        assert_eq!(&h[..n], &[0x82, 126, 0, 126]);
+        let (h, n) = frame_header(OPCODE_TEXT, 65_535);
+        assert_eq!(&h[..n], &[0x81, 126, 0xff, 0xff]);
+        let (h, n) = frame_header(OPCODE_TEXT, 65_536);
+        assert_eq!(&h[..n], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn the_rest_of_a_frame_cut_in_its_header_keeps_the_header() {
+        let f = Frame::reply(Bytes::from(vec![7u8; 300]));
+        let (h, hl) = header_of(OPCODE_TEXT, &f);
+        assert_eq!(hl, 4);
+        let rest = rest_of(&f, &h[..hl], 1);
+        assert_eq!(rest.len(), 3 + 300);
+        assert_eq!(&rest[..3], &h[1..4]);
+        let rest = rest_of(&f, &h[..hl], 10);
+        assert_eq!(rest.len(), 294);
+        assert!(rest_of(&Frame::raw(Bytes::from_static(b"abc")), &[], 1) == "bc");
+    }
+
+    #[test]
+    fn close_frames_carry_the_code_and_reason() {
+        let b = close_frame(CloseCode::ShuttingDown);
+        assert_eq!(b[0], 0x88);
+        let len = b[1] as usize;
+        assert_eq!(len + 2, b.len());
+        assert_eq!(u16::from_be_bytes([b[2], b[3]]), 4010);
+        assert_eq!(&b[4..], CloseCode::ShuttingDown.reason().as_bytes());
     }
 }

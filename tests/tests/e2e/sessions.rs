@@ -239,3 +239,47 @@ async fn subscriptions_per_session_are_bounded() {
     ));
     c.subscribe("three").await.unwrap();
 }
+
+/// A subscriber that does not read for a while makes the socket take frames
+/// in part: what it then reads must still be every message, whole, in order
+/// (the broker writes frames straight to idle connections and queues the
+/// rest of a frame the socket took in part).
+#[tokio::test]
+async fn large_messages_to_a_reader_that_pauses_arrive_whole_and_in_order() {
+    // Room for all of it in the outbox: this is not about slow consumers.
+    let broker = TestBroker::start(&["--max-outbox-bytes", "67108864"]).unwrap();
+    let mut j = WsClient::connect_with(&broker.ws_url(), Encoding::Json)
+        .await
+        .unwrap();
+    j.handshake(None).await.unwrap();
+    j.subscribe("big").await.unwrap();
+    let mut m = WsClient::connect_with(&broker.ws_url(), Encoding::MsgPack)
+        .await
+        .unwrap();
+    m.handshake(None).await.unwrap();
+    m.subscribe("big").await.unwrap();
+
+    // 200 × ~40 KB: more than the kernel buffers for a socket.
+    let count = 200u64;
+    let text = |i: u64| -> String {
+        let c = char::from(b'a' + (i % 26) as u8);
+        std::iter::repeat_n(c, 40_000 + i as usize).collect()
+    };
+    for i in 1..=count {
+        let (status, answer) = broker
+            .publish(json!({"channel": "big", "data": {"i": i, "text": text(i)}}))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    for c in [&mut j, &mut m] {
+        for i in 1..=count {
+            let p = c.recv_publication().await.unwrap();
+            assert_eq!(p.offset, Offset(i));
+            assert_eq!(p.data, json!({"i": i, "text": text(i)}));
+        }
+    }
+    // Still a working session afterwards.
+    j.send(&ClientMessage::Ping).await.unwrap();
+    assert_eq!(j.recv_skip_pings().await.unwrap(), ServerMessage::Pong);
+}
