@@ -31,6 +31,21 @@ use history::{Entry, EntryRef};
 pub use history::{History, MemoryHistory};
 
 const SHARDS: usize = 64;
+/// Subscribers from which a fan-out (one socket write each, a few µs apiece)
+/// is taken off the runtime worker it runs on (see [`off_the_worker`]).
+const LARGE_FAN_OUT: usize = 512;
+
+/// Runs `f`, a long synchronous fan-out, without holding up the other tasks
+/// queued on this runtime worker: on the multi-threaded runtime they move to
+/// another worker meanwhile (`block_in_place`). Elsewhere (no runtime, or a
+/// current-thread one, as in tests) it just runs `f`.
+fn off_the_worker(f: impl FnOnce()) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 /// Limits of the hub.
 #[derive(Debug, Clone)]
@@ -215,35 +230,42 @@ impl<H: History> Hub<H> {
             let json: OnceLock<Bytes> = OnceLock::new();
             let msgpack: OnceLock<Bytes> = OnceLock::new();
             let mut dropped = false;
-            for s in &st.subscribers {
-                let bytes = match s.encoding {
-                    Encoding::Json => json
-                        .get_or_init(|| {
-                            encode_publication_json(&ch.name, &st.epoch, offset, &raw, ts)
-                        })
-                        .clone(),
-                    Encoding::MsgPack => msgpack
-                        .get_or_init(|| {
-                            encode_publication_msgpack(&ch.name, &st.epoch, offset, data, ts)
-                        })
-                        .clone(),
-                };
-                let frame = Frame::message(
-                    bytes,
-                    Some(published_at),
-                    Delivery {
-                        sub: s.id.sub,
-                        offset,
-                    },
-                );
-                match s.outbox.push(frame) {
-                    Ok(()) => {}
-                    Err(PushError::Full) => {
-                        metrics.outbox_drops.inc();
-                        dropped = true;
+            let mut feed = || {
+                for s in &st.subscribers {
+                    let bytes = match s.encoding {
+                        Encoding::Json => json
+                            .get_or_init(|| {
+                                encode_publication_json(&ch.name, &st.epoch, offset, &raw, ts)
+                            })
+                            .clone(),
+                        Encoding::MsgPack => msgpack
+                            .get_or_init(|| {
+                                encode_publication_msgpack(&ch.name, &st.epoch, offset, data, ts)
+                            })
+                            .clone(),
+                    };
+                    let frame = Frame::message(
+                        bytes,
+                        Some(published_at),
+                        Delivery {
+                            sub: s.id.sub,
+                            offset,
+                        },
+                    );
+                    match s.outbox.push(frame) {
+                        Ok(()) => {}
+                        Err(PushError::Full) => {
+                            metrics.outbox_drops.inc();
+                            dropped = true;
+                        }
+                        Err(PushError::Closed) => dropped = true,
                     }
-                    Err(PushError::Closed) => dropped = true,
                 }
+            };
+            if st.subscribers.len() >= LARGE_FAN_OUT {
+                off_the_worker(feed);
+            } else {
+                feed();
             }
             if dropped {
                 let before = st.subscribers.len();
@@ -501,6 +523,39 @@ mod tests {
         }
         assert_eq!(offsets(&drain(&a)), vec![1, 2, 3]);
         assert_eq!(offsets(&drain(&b)), vec![1, 2, 3]);
+    }
+
+    /// A large fan-out leaves the runtime worker on a multi-threaded runtime
+    /// and runs in place elsewhere; either way every subscriber gets it.
+    fn large_fan_out_reaches_everyone() {
+        let hub = hub(10);
+        let outboxes: Vec<_> = (0..LARGE_FAN_OUT as u64 + 10)
+            .map(|i| {
+                let ob = Outbox::new(1 << 20, 1000);
+                hub.subscribe(&chan("big"), subscriber(i, &ob), None, |_, _| None)
+                    .expect("room");
+                ob
+            })
+            .collect();
+        hub.publish(&chan("big"), &serde_json::json!("x"));
+        for ob in &outboxes {
+            assert_eq!(offsets(&drain(ob)), vec![1]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_fan_out_on_a_multi_threaded_runtime() {
+        large_fan_out_reaches_everyone();
+    }
+
+    #[tokio::test]
+    async fn large_fan_out_on_a_current_thread_runtime() {
+        large_fan_out_reaches_everyone();
+    }
+
+    #[test]
+    fn large_fan_out_outside_a_runtime() {
+        large_fan_out_reaches_everyone();
     }
 
     #[test]
