@@ -9,9 +9,13 @@
 //! Memory: every QUIC connection holds its receive windows' worth of buffers
 //! only while data is in flight, but quinn's defaults allow ~1.25 MB per
 //! stream; the transport config below sizes them for many mostly idle
-//! sessions (see `transport_config`).
+//! sessions (see `transport_config`). The session stream itself keeps no
+//! buffer while idle: reads go through a buffer on the stack and only the
+//! bytes of an unfinished frame are kept (`inbuf`), and the write buffer is
+//! released once the stream has taken it.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, IdleTimeout, RecvStream, SendStream, VarInt};
 use tether_protocol::frame::{FrameDecoder, put_frame};
 use tether_protocol::{CloseCode, Encoding, QUIC_ALPN};
+use tokio::io::ReadBuf;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -34,7 +39,8 @@ use crate::node::Node;
 use crate::session;
 use crate::session::outbox::Frame;
 
-/// Bytes read from the stream at a time.
+/// Bytes read from the stream at a time, into a buffer on the stack (not
+/// kept between reads).
 const READ_CHUNK: usize = 4096;
 
 /// The transport parameters of every QUIC connection, sized for many mostly
@@ -207,9 +213,12 @@ pub struct QuicTransport {
     conn: Connection,
     send: SendStream,
     recv: RecvStream,
+    /// The bytes of an unfinished frame; empty, without allocation, between
+    /// frames.
     inbuf: BytesMut,
     decoder: FrameDecoder,
-    /// Framed bytes handed to the stream but not yet accepted by it.
+    /// Framed bytes handed to the stream but not yet accepted by it; no
+    /// allocation once they all are.
     out: BytesMut,
     last_addr: SocketAddr,
     node: Arc<Node>,
@@ -251,8 +260,9 @@ impl QuicTransport {
                 .map_err(|e| TransportError::Gone(e.to_string()))?;
             self.out.advance(n);
         }
-        // Release a burst's buffer once it has been written.
-        if self.out.capacity() > 64 * 1024 {
+        // An idle session holds no write buffer: quinn has copied the bytes
+        // into its own send buffer.
+        if self.out.capacity() > 0 {
             self.out = BytesMut::new();
         }
         Poll::Ready(Ok(()))
@@ -271,7 +281,9 @@ impl Transport for QuicTransport {
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(frame)) => {
                     self.note_path();
-                    if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * READ_CHUNK {
+                    if self.inbuf.is_empty() {
+                        // The frame keeps what it needs of the allocation;
+                        // an idle session keeps none.
                         self.inbuf = BytesMut::new();
                     }
                     return Poll::Ready(Ok(Inbound::Message(frame)));
@@ -279,18 +291,12 @@ impl Transport for QuicTransport {
                 Ok(None) => {}
                 Err(_) => return Poll::Ready(Err(TransportError::TooLarge)),
             }
-            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK {
-                self.inbuf.reserve(READ_CHUNK);
+            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut chunk = ReadBuf::uninit(&mut chunk);
+            if let Err(e) = ready!(self.recv.poll_read_buf(cx, &mut chunk)) {
+                return Poll::Ready(Err(TransportError::Gone(e.to_string())));
             }
-            let n = match ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut self.recv),
-                cx,
-                &mut self.inbuf
-            )) {
-                Ok(n) => n,
-                Err(e) => return Poll::Ready(Err(TransportError::Gone(e.to_string()))),
-            };
-            if n == 0 {
+            if chunk.filled().is_empty() {
                 return Poll::Ready(if self.inbuf.is_empty() {
                     Ok(Inbound::Closed)
                 } else {
@@ -299,6 +305,9 @@ impl Transport for QuicTransport {
                     ))
                 });
             }
+            // Exactly what arrived, or the announced frame's size once its
+            // header has been seen (`decode` reserves it).
+            self.inbuf.extend_from_slice(chunk.filled());
         }
     }
 

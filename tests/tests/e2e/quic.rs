@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tether_client::{Client, ClientError, QuicOptions};
+use tether_protocol::codec::encode_client;
 use tether_protocol::frame::encode_frame;
 use tether_protocol::*;
 use tether_tests::*;
@@ -141,6 +142,54 @@ async fn websocket_and_quic_subscribers_get_the_same_messages() {
         }
     }
     assert_eq!(from_quic.unwrap(), from_ws);
+}
+
+#[tokio::test]
+async fn frames_split_across_reads_and_packed_into_one_are_all_read() {
+    // The broker reads the session stream 4 KiB at a time and keeps only
+    // an unfinished frame between reads: a 40 KB publication arrives in
+    // pieces, the first together with the end of another frame, the last
+    // together with a whole `ping`.
+    let broker = TestBroker::start(&QUIC).unwrap();
+    let mut c = broker.quic_client().await.unwrap();
+    handshake(&mut c).await;
+    subscribe(&mut c, "pieces").await;
+    let big = "x".repeat(40_000);
+    let publish = encode_frame(&encode_client(
+        &ClientMessage::Publish(Publish {
+            id: c.next_id(),
+            channel: ChannelName::new("pieces").unwrap(),
+            data: json!({ "big": big }),
+        }),
+        Encoding::MsgPack,
+    ));
+    let ping = encode_frame(&encode_client(&ClientMessage::Ping, Encoding::MsgPack));
+    let mut bytes = ping[..3].to_vec();
+    c.send_raw_quic(&bytes).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bytes = ping[3..].to_vec();
+    bytes.extend_from_slice(&publish[..10_000]);
+    c.send_raw_quic(&bytes).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bytes = publish[10_000..].to_vec();
+    bytes.extend_from_slice(&ping);
+    c.send_raw_quic(&bytes).await.unwrap();
+
+    let (mut pongs, mut published, mut message) = (0, false, None);
+    while pongs < 2 || !published || message.is_none() {
+        match tokio::time::timeout(WAIT, c.recv()).await.unwrap().unwrap() {
+            ServerMessage::Pong => pongs += 1,
+            ServerMessage::Published(p) => {
+                assert_eq!(pongs, 1, "the publish is answered between the two pings");
+                assert_eq!(p.offset, Offset(1));
+                published = true;
+            }
+            ServerMessage::Message(m) => message = Some(m),
+            ServerMessage::Ping => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(message.unwrap().data, json!({ "big": big }));
 }
 
 #[tokio::test]
