@@ -367,7 +367,10 @@ impl DirectWrite for DirectWs {
         let (h, hl) = header_of(self.opcode, frame);
         let total = hl + frame.bytes.len();
         let bufs = [IoSlice::new(&h[..hl]), IoSlice::new(&frame.bytes)];
-        match super::stream::try_send_vectored(&self.stream, &bufs) {
+        // Straight to the socket, without tokio's readiness bookkeeping: a
+        // stale "writable" is harmless here (the session's own writes clear
+        // it when they meet a full socket), and this runs once per delivery.
+        match socket2::SockRef::from(self.stream.as_ref()).send_vectored(&bufs) {
             Ok(n) if n == total => Written::All,
             Ok(0) | Err(_) => Written::Nothing,
             Ok(n) => Written::Part(Frame {
