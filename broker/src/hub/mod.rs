@@ -39,12 +39,53 @@ const LARGE_FAN_OUT: usize = 512;
 /// queued on this runtime worker: on the multi-threaded runtime they move to
 /// another worker meanwhile (`block_in_place`). Elsewhere (no runtime, or a
 /// current-thread one, as in tests) it just runs `f`.
-fn off_the_worker(f: impl FnOnce()) {
+fn off_the_worker<R>(f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+/// Splits a large fan-out over the machine's cores: the calling thread
+/// feeds the first share, scoped threads the others, all joined before this
+/// returns (the channel's lock, held by the caller, keeps publications in
+/// order). A thread that cannot be started leaves its share to the caller.
+/// Returns whether any subscriber refused (`feed`'s answer).
+fn in_parallel(subs: &[Subscriber], feed: &(impl Fn(&[Subscriber]) -> bool + Sync)) -> bool {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // At least half a large fan-out per thread: below that, starting a
+    // thread costs more than it saves.
+    let threads = cores.min(subs.len() / (LARGE_FAN_OUT / 2)).max(1);
+    if threads == 1 {
+        return feed(subs);
+    }
+    let share = subs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut shares = subs.chunks(share);
+        let mine = shares.next().unwrap_or_default();
+        let mut inline = Vec::new();
+        let mut handles = Vec::with_capacity(threads - 1);
+        for part in shares {
+            match std::thread::Builder::new()
+                .name("tether-fan-out".into())
+                .spawn_scoped(scope, move || feed(part))
+            {
+                Ok(h) => handles.push(h),
+                Err(_) => inline.push(part),
+            }
+        }
+        let mut dropped = feed(mine);
+        for part in inline {
+            dropped |= feed(part);
+        }
+        for h in handles {
+            // A share whose thread panicked: look for closed outboxes anyway.
+            dropped |= h.join().unwrap_or(true);
+        }
+        dropped
+    })
 }
 
 /// Limits of the hub.
@@ -229,9 +270,9 @@ impl<H: History> Hub<H> {
             // Encoded once per encoding, and only if someone needs it.
             let json: OnceLock<Bytes> = OnceLock::new();
             let msgpack: OnceLock<Bytes> = OnceLock::new();
-            let mut dropped = false;
-            let mut feed = || {
-                for s in &st.subscribers {
+            let feed = |subs: &[Subscriber]| -> bool {
+                let mut dropped = false;
+                for s in subs {
                     let bytes = match s.encoding {
                         Encoding::Json => json
                             .get_or_init(|| {
@@ -261,12 +302,14 @@ impl<H: History> Hub<H> {
                         Err(PushError::Closed) => dropped = true,
                     }
                 }
+                dropped
             };
-            if st.subscribers.len() >= LARGE_FAN_OUT {
-                off_the_worker(feed);
+            let subs = &st.subscribers[..];
+            let dropped = if subs.len() >= LARGE_FAN_OUT {
+                off_the_worker(|| in_parallel(subs, &feed))
             } else {
-                feed();
-            }
+                feed(subs)
+            };
             if dropped {
                 let before = st.subscribers.len();
                 st.subscribers.retain(|s| !s.outbox.is_closed());
