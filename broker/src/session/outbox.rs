@@ -147,7 +147,7 @@ struct Inner {
     /// The session has written all it took and waits for more: a push may
     /// write through.
     idle: bool,
-    direct: Option<Box<Direct>>,
+    direct: Option<Direct>,
     /// Deliveries written through that the session has not seen yet: the
     /// highest offset per subscription (at most one entry per subscription).
     written: Vec<Delivery>,
@@ -181,7 +181,7 @@ impl Outbox {
 
     /// Lets pushes write through to the connection while the session idles.
     pub fn attach_direct(&self, direct: Direct) {
-        self.inner.lock().direct = Some(Box::new(direct));
+        self.inner.lock().direct = Some(direct);
     }
 
     /// Stops writing through (the session is about to write its last frames
