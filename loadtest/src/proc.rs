@@ -1,6 +1,8 @@
 //! What the kernel says about a process: resident memory (`VmRSS` of
 //! `/proc/PID/status`) and CPU time (`utime + stime` of `/proc/PID/stat`,
-//! in clock ticks, converted with the rate `getconf CLK_TCK` gives).
+//! in clock ticks, converted with the rate `getconf CLK_TCK` gives). The
+//! same for the calling thread alone (`/proc/thread-self/…`), with its time
+//! on the CPU in nanoseconds as well (`/proc/thread-self/schedstat`).
 
 use std::process::Command;
 use std::sync::OnceLock;
@@ -13,6 +15,9 @@ use anyhow::{Context, Result, bail};
 pub enum Pid {
     /// The load tester itself.
     Current,
+    /// The thread that reads the figure (`/proc/thread-self`): a thread can
+    /// only measure itself this way.
+    CurrentThread,
     Other(u32),
 }
 
@@ -20,6 +25,7 @@ impl Pid {
     fn path(self, file: &str) -> String {
         match self {
             Pid::Current => format!("/proc/self/{file}"),
+            Pid::CurrentThread => format!("/proc/thread-self/{file}"),
             Pid::Other(pid) => format!("/proc/{pid}/{file}"),
         }
     }
@@ -50,6 +56,35 @@ pub fn cpu_time(pid: Pid) -> Result<Duration> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let ticks = parse_stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
     Ok(ticks_to_duration(ticks, clock_ticks_per_second()))
+}
+
+/// Time `pid` has spent on a CPU so far, in nanoseconds (the first field
+/// of `/proc/PID/schedstat`, the scheduler's `sum_exec_runtime`). Without
+/// IRQ time accounting it is the same quantity as `utime + stime`, which
+/// the kernel derives from it but rounds down to clock ticks (10 ms): use
+/// it for short measurements. `None` when the kernel keeps no scheduler
+/// statistics (the file is missing or says 0).
+pub fn on_cpu_time(pid: Pid) -> Result<Option<Duration>> {
+    let path = pid.path("schedstat");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let ns = parse_schedstat_runtime(&text).with_context(|| format!("parsing {path}"))?;
+            Ok((ns > 0).then(|| Duration::from_nanos(ns)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {path}")),
+    }
+}
+
+/// `1255740 75042 2` (run time ns, wait time ns, time slices) → run time ns.
+pub fn parse_schedstat_runtime(schedstat: &str) -> Result<u64> {
+    let first = schedstat
+        .split_whitespace()
+        .next()
+        .context("schedstat is empty")?;
+    first
+        .parse::<u64>()
+        .with_context(|| format!("schedstat run time is {first:?}, not a number"))
 }
 
 /// `VmRSS:   1234 kB` → bytes.
@@ -129,6 +164,29 @@ mod tests {
         assert_eq!(parse_stat_cpu_ticks(stat).expect("parses"), 375);
         assert!(parse_stat_cpu_ticks("4242 (x) S 1 2").is_err());
         assert!(parse_stat_cpu_ticks("no parens at all").is_err());
+    }
+
+    #[test]
+    fn parses_the_run_time_of_schedstat() {
+        assert_eq!(
+            parse_schedstat_runtime("1255740 75042 2\n").expect("parses"),
+            1_255_740
+        );
+        assert!(parse_schedstat_runtime("").is_err());
+        assert!(parse_schedstat_runtime("x 1 2").is_err());
+    }
+
+    #[test]
+    fn reads_its_own_thread() {
+        // Burn a little CPU so that the run time has moved since the thread began.
+        let mut x = 0u64;
+        for i in 0..100_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        cpu_time(Pid::CurrentThread).expect("thread cpu");
+        if let Some(t) = on_cpu_time(Pid::CurrentThread).expect("thread schedstat") {
+            assert!(t > Duration::ZERO);
+        }
     }
 
     #[test]
