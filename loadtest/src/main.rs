@@ -5,7 +5,9 @@
 //!   channel is fanned out to many subscribers;
 //! - `connect-rate`: how fast clients connect and subscribe;
 //! - `resume`: many clients dropped at once, messages published while they
-//!   are away, then all resumed: is everything recovered, and how fast.
+//!   are away, then all resumed: is everything recovered, and how fast;
+//! - `floor`: no broker: the CPU one loopback TCP send of one delivery costs
+//!   its sender here, the floor under any server's CPU per delivery.
 //!
 //! `idle`, `fanout` and `connect-rate` run over WebSocket (`--transport ws`,
 //! the default) or QUIC (`--transport quic --quic-addr … --quic-fingerprint
@@ -28,6 +30,7 @@ mod client;
 mod connect_rate;
 mod fanout;
 mod fleet;
+mod floor;
 mod idle;
 mod proc;
 mod publisher;
@@ -158,6 +161,38 @@ enum Scenario {
         /// Seconds a resumed client waits for its missed messages.
         #[arg(long, default_value_t = 20.0)]
         message_timeout: f64,
+    },
+    /// No broker: the sender's CPU per loopback TCP send, the floor under any
+    /// server's CPU per delivery on this machine.
+    ///
+    /// One thread holds the sending ends of --connections loopback TCP
+    /// connections (TCP_NODELAY) and, --rate times a second for --duration
+    /// seconds, writes --payload bytes to each in turn, nothing else; the
+    /// receiving ends are tasks of this process that read and count bytes.
+    /// The thread's own CPU time (utime + stime of /proc/thread-self/stat)
+    /// over the rounds, divided by the sends, is the cost of one send as
+    /// charged to the sender, the receiver's TCP input included (on loopback
+    /// it runs in the sender's context). A server doing one write per
+    /// delivery pays at least this per delivery. Both ends are in this
+    /// process: at most 9,000 connections.
+    Floor {
+        /// Loopback TCP connections (at most 9,000).
+        #[arg(long, default_value_t = 5_000)]
+        connections: usize,
+        /// Rounds per second; a round is one send to every connection.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Bytes per send (130: about one WebSocket frame of the fan-out
+        /// benchmark, a 100-byte padding publication).
+        #[arg(long, default_value_t = 130)]
+        payload: usize,
+        /// Seconds to wait for the receivers to have every byte after the
+        /// last send.
+        #[arg(long, default_value_t = 10.0)]
+        drain_timeout: f64,
     },
 }
 
@@ -377,6 +412,22 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     .unwrap_or_else(|| "resume:".into()),
             };
             resume::run(opts, common.fleet_options(clients).await?).await
+        }
+        Scenario::Floor {
+            connections,
+            rate,
+            duration,
+            payload,
+            drain_timeout,
+        } => {
+            let opts = floor::FloorOptions {
+                connections,
+                rate,
+                duration: seconds(duration, "--duration")?,
+                payload,
+                drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
+            };
+            floor::run(opts).await
         }
     }
 }
