@@ -34,6 +34,36 @@ pub struct FanoutOptions {
     pub broker_pid: Option<u32>,
 }
 
+/// Deliveries received so far by each subscriber, one counter per cache
+/// line. A subscriber stores its own count after every delivery (a plain
+/// store to a line no other client writes); the drain loop sums them. One
+/// counter shared by all would be a contended read-modify-write on every
+/// delivery.
+struct Progress {
+    slots: Box<[Slot]>,
+}
+
+#[repr(align(64))]
+struct Slot(AtomicU64);
+
+impl Progress {
+    fn new(subscribers: usize) -> Progress {
+        Progress {
+            slots: (0..subscribers).map(|_| Slot(AtomicU64::new(0))).collect(),
+        }
+    }
+
+    fn set(&self, subscriber: usize, delivered: u64) {
+        if let Some(slot) = self.slots.get(subscriber) {
+            slot.0.store(delivered, Ordering::Relaxed);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.slots.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// What one subscriber saw.
 #[derive(Debug)]
 struct SubscriberStats {
@@ -46,7 +76,9 @@ struct SubscriberStats {
     epoch_changes: u64,
     /// Deliveries whose data carried no `sent_us`.
     bad_payload: u64,
-    last_delivery: Option<Instant>,
+    /// Unix µs of the last delivery (the clock the latency is read with
+    /// anyway: one clock read per delivery, not two).
+    last_delivery_us: Option<u64>,
     /// The connection ended before the stop (close code, if any).
     dropped: Option<Option<u16>>,
 }
@@ -54,9 +86,9 @@ struct SubscriberStats {
 /// Receives until the fleet stops, measuring every delivery.
 async fn subscribe_and_measure(
     mut client: Client,
-    mut ready: Ready,
+    ready: Ready,
     template: Arc<Histogram<u32>>,
-    delivered_total: Arc<AtomicU64>,
+    progress: Arc<Progress>,
 ) -> SubscriberStats {
     let mut s = SubscriberStats {
         latency: (*template).clone(),
@@ -65,15 +97,17 @@ async fn subscribe_and_measure(
         not_increasing: 0,
         epoch_changes: 0,
         bad_payload: 0,
-        last_delivery: None,
+        last_delivery_us: None,
         dropped: None,
     };
     let channel = ready.subscribed.channel.clone();
     let mut epoch: Epoch = ready.subscribed.epoch.clone();
     let mut last = ready.subscribed.offset.0;
+    let mut stop = ready.stop_signal();
     loop {
         let ev = tokio::select! {
-            _ = ready.stopped() => {
+            biased;
+            _ = &mut stop => {
                 client.close().await;
                 return s;
             }
@@ -93,9 +127,9 @@ async fn subscribe_and_measure(
             }
         };
         let now = unix_micros();
-        s.last_delivery = Some(Instant::now());
+        s.last_delivery_us = Some(now);
         s.delivered += 1;
-        delivered_total.fetch_add(1, Ordering::Relaxed);
+        progress.set(ready.index, s.delivered);
         match p.data.get("sent_us").and_then(serde_json::Value::as_u64) {
             Some(sent) => s.latency.saturating_record(now.saturating_sub(sent).max(1)),
             None => s.bad_payload += 1,
@@ -134,16 +168,16 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
     }
 
     let template = Arc::new(report::latency_histogram::<u32>()?);
-    let delivered_total = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(Progress::new(opts.subscribers));
     let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
     let fleet = {
-        let (template, delivered_total) = (template.clone(), delivered_total.clone());
+        let (template, progress) = (template.clone(), progress.clone());
         Fleet::launch(
             opts.subscribers,
             fleet_opts,
             move |_| Ok(channel.clone()),
             move |client, ready| {
-                subscribe_and_measure(client, ready, template.clone(), delivered_total.clone())
+                subscribe_and_measure(client, ready, template.clone(), progress.clone())
             },
         )
     };
@@ -167,10 +201,11 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let udp_drops0 = udp_drops(&transport);
     let t0 = Instant::now();
+    let t0_us = unix_micros();
     let published = publisher::run(http, &opts.plan).await?;
     let expected = published.ok * subscribed;
     let drain_deadline = Instant::now() + opts.drain_timeout;
-    while delivered_total.load(Ordering::Relaxed) < expected
+    while progress.total() < expected
         && Instant::now() < drain_deadline
         && Counters::get(&fleet.counters.dropped) < subscribed
     {
@@ -193,7 +228,7 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
     let mut latency = report::latency_histogram::<u64>()?;
     let mut delivered = 0;
     let (mut skipped, mut not_increasing, mut epoch_changes, mut bad_payload) = (0, 0, 0, 0);
-    let mut last_delivery: Option<Instant> = None;
+    let mut last_delivery_us: Option<u64> = None;
     let mut dropped = Vec::new();
     for s in &stats {
         report::merge_into(&mut latency, &s.latency);
@@ -202,10 +237,10 @@ pub async fn run(opts: FanoutOptions, fleet_opts: FleetOptions) -> Result<Report
         not_increasing += s.not_increasing;
         epoch_changes += s.epoch_changes;
         bad_payload += s.bad_payload;
-        last_delivery = last_delivery.max(s.last_delivery);
+        last_delivery_us = last_delivery_us.max(s.last_delivery_us);
         dropped.extend(s.dropped);
     }
-    let delivery_span = last_delivery.map(|t| t.saturating_duration_since(t0));
+    let delivery_span = last_delivery_us.map(|t| Duration::from_micros(t.saturating_sub(t0_us)));
 
     let mut r = Report::new("fanout");
     transport.describe(encoding, &mut r);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tether_protocol::{ChannelName, Connected, Encoding, Subscribed};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::client::{Client, Event};
@@ -204,6 +204,31 @@ impl Ready {
                 .get_or_insert_with(|| Instant::now() + self.close_delay);
             tokio::time::sleep_until(at.into()).await;
         }
+    }
+
+    /// The stop (after this client's close delay) as a one-shot signal, for
+    /// a loop that waits on it next to a busy connection. Such a loop polls
+    /// its stop future at every wake-up: [`Ready::stopped`] locks a `Notify`
+    /// that every client shares each time (and built anew per event, also
+    /// links and unlinks a waiter), where the receiver of a `oneshot` is one
+    /// atomic load. A small task of its own waits for the stop and fires it;
+    /// it ends early when the receiver is dropped.
+    pub fn stop_signal(&self) -> oneshot::Receiver<()> {
+        let (mut tx, rx) = oneshot::channel();
+        let mut stop = self.stop.clone();
+        let delay = self.close_delay;
+        tokio::spawn(async move {
+            tokio::select! {
+                // An error means the fleet is gone: that is a stop too.
+                _ = stop.wait_for(|stopped| *stopped) => {}
+                () = tx.closed() => return,
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let _ = tx.send(());
+        });
+        rx
     }
 
     /// Counts this client's connection as ended before the stop.
