@@ -306,6 +306,7 @@ impl Common {
             concurrency: self.connect_concurrency.max(1),
             retries: self.connect_retries,
             attempt_timeout: seconds(self.attempt_timeout, "--attempt-timeout")?,
+            shards: None,
         })
     }
 }
