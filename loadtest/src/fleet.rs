@@ -512,11 +512,12 @@ impl<T: Send + 'static> Fleet<T> {
     }
 
     /// Tells every client to stop and collects what their tasks returned.
-    pub async fn stop(self) -> Vec<T> {
+    pub async fn stop(mut self) -> Vec<T> {
         let _ = self.stop.send(true);
         self.stop_flag.raise();
-        let mut out = Vec::with_capacity(self.handles.len());
-        for h in self.handles {
+        let handles = std::mem::take(&mut self.handles);
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
             match h.await {
                 Ok(Some(t)) => out.push(t),
                 Ok(None) => {}
@@ -524,6 +525,15 @@ impl<T: Send + 'static> Fleet<T> {
             }
         }
         out
+    }
+}
+
+impl<T> Drop for Fleet<T> {
+    /// A fleet dropped without [`Fleet::stop`] (a scenario failed) stops its
+    /// clients too: dropping the watch sender ends [`Ready::stopped`], and
+    /// this ends [`Ready::stop_signal`].
+    fn drop(&mut self) {
+        self.stop_flag.raise();
     }
 }
 
@@ -589,6 +599,30 @@ pub fn backoff(attempt: u32, index: usize) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stop_signal_fires_when_raised_after_its_close_delay() {
+        let flag = Arc::new(StopFlag::default());
+        let signal = |close_delay| StopSignal {
+            flag: flag.clone(),
+            registered: None,
+            close_delay,
+            delay: None,
+        };
+        let now = tokio::spawn(signal(Duration::ZERO));
+        let later = tokio::spawn(signal(Duration::from_millis(50)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!now.is_finished() && !later.is_finished());
+        let t0 = tokio::time::Instant::now();
+        flag.raise();
+        now.await.expect("fires");
+        later.await.expect("fires");
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // Raised before it is first polled: ready at once.
+        tokio::time::timeout(Duration::from_secs(1), signal(Duration::ZERO))
+            .await
+            .expect("already raised");
+    }
 
     #[test]
     fn backoff_grows_and_is_jittered() {
