@@ -6,7 +6,11 @@
 //! Everything the client is owed goes through the session's bounded
 //! [`Outbox`]: replies, pings and the hub's deliveries. The task drains it
 //! in batches (one flush per batch) while reading the client, all inside one
-//! future, so a session costs one task and no extra buffers when idle.
+//! future, so a session costs one task and no extra buffers when idle. While
+//! the session idles, a connection that offers it ([`Transport::direct`],
+//! plain-TCP WebSocket) takes pushes straight from the producer's thread
+//! (write-through, see [`outbox`]); the session learns what was written
+//! through before it needs it ([`Session::sync_written`]).
 
 pub mod outbox;
 pub mod resume;
