@@ -10,7 +10,7 @@
 //! the session idles, a connection that offers it ([`Transport::direct`],
 //! plain-TCP WebSocket) takes pushes straight from the producer's thread
 //! (write-through, see [`outbox`]); the session learns what was written
-//! through before it needs it ([`Session::sync_written`]).
+//! through before it needs it (`Session::sync_written`).
 
 pub mod outbox;
 pub mod resume;
