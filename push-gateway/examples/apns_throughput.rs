@@ -70,16 +70,18 @@ async fn main() -> Result<()> {
                 let d = device(i);
                 PushJob {
                     id: i as u64,
-                    device_id: d.device_id,
-                    user: d.user,
-                    platform: d.platform,
-                    token: d.token,
-                    topic: None,
-                    sandbox: false,
-                    notification: notification(),
-                    channel: "user:bench".into(),
-                    offset: i as u64,
-                    created_at: 0,
+                    spec: NewPushJob {
+                        device_id: d.device_id,
+                        user: d.user,
+                        platform: d.platform,
+                        token: d.token,
+                        topic: None,
+                        sandbox: false,
+                        notification: notification(),
+                        channel: "user:bench".into(),
+                        offset: i as u64,
+                        created_at: 0,
+                    },
                 }
             })
             .collect(),

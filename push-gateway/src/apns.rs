@@ -259,13 +259,13 @@ impl ApnsClient {
     fn endpoint_for(&self, job: &PushJob) -> &str {
         match &self.endpoint {
             Some(e) => e,
-            None if job.sandbox => SANDBOX_ENDPOINT,
+            None if job.spec.sandbox => SANDBOX_ENDPOINT,
             None => PRODUCTION_ENDPOINT,
         }
     }
 
     async fn send_job(&self, job: &PushJob) -> Outcome {
-        if job.token.is_empty() || !job.token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if job.spec.token.is_empty() || !job.spec.token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Outcome::DeadToken {
                 reason: "BadDeviceToken".into(),
             };
@@ -275,7 +275,7 @@ impl ApnsClient {
         if ttl_left == Some(0) {
             return Outcome::failed("Expired");
         }
-        let Some(topic) = job.topic.as_deref().or(self.topic.as_deref()) else {
+        let Some(topic) = job.spec.topic.as_deref().or(self.topic.as_deref()) else {
             return Outcome::failed("MissingTopic");
         };
         let body = match serde_json::to_vec(&payload(job)) {
@@ -296,7 +296,7 @@ impl ApnsClient {
             Ok(h) => h,
             Err(reason) => return Outcome::failed(reason),
         };
-        let url = format!("{}/3/device/{}", self.endpoint_for(job), job.token);
+        let url = format!("{}/3/device/{}", self.endpoint_for(job), job.spec.token);
         let response = match self.http.post(url).headers(headers).body(body).send().await {
             Ok(r) => r,
             Err(e) => return network_outcome(Platform::Apns, e),
@@ -347,7 +347,7 @@ fn request_headers(
     expiration: Option<u64>,
     authorization: &HeaderValue,
 ) -> Result<HeaderMap, &'static str> {
-    let n = &job.notification;
+    let n = &job.spec.notification;
     let alert = n.is_alert();
     let priority = if alert && n.effective_priority() == Priority::High {
         "10"
@@ -387,7 +387,7 @@ fn request_headers(
 /// The JSON payload for a job: `aps` (an alert, or `content-available` for a
 /// background push), the custom data's fields, and `channel` and `offset`.
 pub fn payload(job: &PushJob) -> Value {
-    let n = &job.notification;
+    let n = &job.spec.notification;
     let aps = if n.is_alert() {
         let mut alert = Map::new();
         if let Some(t) = &n.title {
@@ -415,8 +415,8 @@ pub fn payload(job: &PushJob) -> Value {
         }
     }
     root.insert("aps".into(), aps);
-    root.insert("channel".into(), Value::String(job.channel.clone()));
-    root.insert("offset".into(), Value::from(job.offset));
+    root.insert("channel".into(), Value::String(job.spec.channel.clone()));
+    root.insert("offset".into(), Value::from(job.spec.offset));
     Value::Object(root)
 }
 

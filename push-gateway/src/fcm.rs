@@ -414,7 +414,7 @@ fn reserved_data_key(k: &str) -> bool {
 /// (non-string JSON values are sent as their JSON text); `channel` and
 /// `offset` are added; keys FCM reserves are left out.
 pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
-    let n = &job.notification;
+    let n = &job.spec.notification;
     let mut data = Map::new();
     match &n.data {
         Some(Value::Object(fields)) => {
@@ -429,8 +429,8 @@ pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
             data.insert("data".into(), Value::String(other.to_string()));
         }
     }
-    data.insert("channel".into(), Value::String(job.channel.clone()));
-    data.insert("offset".into(), Value::String(job.offset.to_string()));
+    data.insert("channel".into(), Value::String(job.spec.channel.clone()));
+    data.insert("offset".into(), Value::String(job.spec.offset.to_string()));
 
     let mut android = Map::new();
     let priority = match n.effective_priority() {
@@ -446,7 +446,7 @@ pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
     }
 
     let mut message = Map::new();
-    message.insert("token".into(), Value::String(job.token.clone()));
+    message.insert("token".into(), Value::String(job.spec.token.clone()));
     if n.is_alert() {
         let mut notification = Map::new();
         if let Some(t) = &n.title {

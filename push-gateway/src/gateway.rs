@@ -352,9 +352,9 @@ impl Runner {
                 .call(move |s| s.apply_blocking(resolutions))
                 .await?;
             for e in &unconfigured {
-                tracing::warn!(job = e.job.id, platform = %e.job.platform, "push provider not configured");
+                tracing::warn!(job = e.job.id, platform = %e.job.spec.platform, "push provider not configured");
                 self.emit(GatewayEvent::Outcome {
-                    platform: e.job.platform,
+                    platform: e.job.spec.platform,
                     outcome: "failed",
                     reason: Some("ProviderNotConfigured".into()),
                     job_id: e.job.id,
@@ -369,7 +369,7 @@ impl Runner {
     fn spawn_send(&mut self, i: usize, provider: Arc<dyn Provider>, entry: OutboxEntry) {
         let job = entry.job.clone();
         let limit = self.config.send_timeout;
-        let span = tracing::debug_span!("push", job = job.id, device = %job.device_id, platform = %job.platform);
+        let span = tracing::debug_span!("push", job = job.id, device = %job.spec.device_id, platform = %job.spec.platform);
         let handle = self.tasks.spawn(
             async move {
                 match tokio::time::timeout(limit, provider.send(&job)).await {
@@ -410,7 +410,7 @@ impl Runner {
                 continue;
             };
             self.in_flight_ids.remove(&entry.job.id);
-            let i = index(entry.job.platform);
+            let i = index(entry.job.spec.platform);
             self.busy[i] = self.busy[i].saturating_sub(1);
             let job = &entry.job;
             let attempts = entry.attempts.saturating_add(1);
@@ -422,11 +422,11 @@ impl Runner {
                     resolutions.push(Resolution::Complete { id: job.id });
                 }
                 Outcome::DeadToken { reason } => {
-                    tracing::info!(job = job.id, device = %job.device_id, reason = %reason, "device token is dead");
-                    dead.insert(job.device_id.clone(), job.platform);
+                    tracing::info!(job = job.id, device = %job.spec.device_id, reason = %reason, "device token is dead");
+                    dead.insert(job.spec.device_id.clone(), job.spec.platform);
                     resolutions.push(Resolution::RemoveDevice {
-                        device_id: job.device_id.clone(),
-                        token: job.token.clone(),
+                        device_id: job.spec.device_id.clone(),
+                        token: job.spec.token.clone(),
                     });
                     resolutions.push(Resolution::Complete { id: job.id });
                 }
@@ -467,7 +467,7 @@ impl Runner {
                 }
             }
             events.push(GatewayEvent::Outcome {
-                platform: job.platform,
+                platform: job.spec.platform,
                 outcome: label,
                 reason,
                 job_id: job.id,

@@ -171,7 +171,7 @@ fn platform_code(p: Platform) -> u8 {
 
 fn due_key(entry: &OutboxEntry) -> (u8, u64, u64) {
     (
-        platform_code(entry.job.platform),
+        platform_code(entry.job.spec.platform),
         entry.next_attempt_ms,
         entry.job.id,
     )
@@ -741,7 +741,7 @@ mod tests {
         let now = unix_now_ms() + 1;
         let due = store.due(now, 10).await.unwrap();
         assert_eq!(
-            due.iter().map(|e| e.job.offset).collect::<Vec<_>>(),
+            due.iter().map(|e| e.job.spec.offset).collect::<Vec<_>>(),
             [1, 2, 3]
         );
         assert_eq!(store.due(now, 2).await.unwrap().len(), 2);
@@ -763,7 +763,7 @@ mod tests {
         assert_eq!(store.failed_total().await.unwrap(), 1);
         let failed = store.failed_jobs(10).await.unwrap();
         assert_eq!(failed[0].reason, "BadTopic");
-        assert_eq!(failed[0].job.offset, 3);
+        assert_eq!(failed[0].job.spec.offset, 3);
 
         // In-flight jobs are skipped and the next time accounts for the rest.
         let skip: HashSet<u64> = [ids[0]].into();
@@ -820,7 +820,7 @@ mod tests {
         assert_eq!(store.failed_total().await.unwrap(), n as u64);
         let kept = store.failed_jobs(usize::MAX).await.unwrap();
         assert_eq!(kept.len() as u64, FAILED_KEEP);
-        assert_eq!(kept[0].job.offset, n as u64 - 1);
+        assert_eq!(kept[0].job.spec.offset, n as u64 - 1);
         assert_eq!(store.outbox_len().await.unwrap(), 0);
     }
 }

@@ -161,19 +161,7 @@ impl NewPushJob {
     }
 
     pub(crate) fn with_id(self, id: u64) -> PushJob {
-        PushJob {
-            id,
-            device_id: self.device_id,
-            user: self.user,
-            platform: self.platform,
-            token: self.token,
-            topic: self.topic,
-            sandbox: self.sandbox,
-            notification: self.notification,
-            channel: self.channel,
-            offset: self.offset,
-            created_at: self.created_at,
-        }
+        PushJob { id, spec: self }
     }
 }
 
@@ -188,36 +176,26 @@ impl fmt::Debug for NewPushJob {
     }
 }
 
-/// One notification for one device, as stored in the durable outbox.
+/// One notification for one device, as stored in the durable outbox: the
+/// job (`spec`) and the id the outbox gave it (stored as one flat JSON object).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushJob {
     /// Unique within one store; retries of a job keep it (and so keep the
     /// APNs `apns-id` derived from it).
     pub id: u64,
-    pub device_id: String,
-    pub user: String,
-    pub platform: Platform,
-    pub token: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    #[serde(default)]
-    pub sandbox: bool,
-    pub notification: Notification,
-    pub channel: String,
-    pub offset: u64,
-    #[serde(default)]
-    pub created_at: u64,
+    #[serde(flatten)]
+    pub spec: NewPushJob,
 }
 
 impl PushJob {
     /// Seconds of `ttl` left at `now` (unix seconds): `None` without a ttl,
     /// `Some(0)` once expired.
     pub fn ttl_left(&self, now: u64) -> Option<u64> {
-        let ttl = self.notification.ttl?;
-        let start = if self.created_at == 0 {
+        let ttl = self.spec.notification.ttl?;
+        let start = if self.spec.created_at == 0 {
             now
         } else {
-            self.created_at
+            self.spec.created_at
         };
         Some(start.saturating_add(ttl).saturating_sub(now))
     }
@@ -242,10 +220,10 @@ impl fmt::Debug for PushJob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PushJob")
             .field("id", &self.id)
-            .field("device_id", &self.device_id)
-            .field("platform", &self.platform)
-            .field("channel", &self.channel)
-            .field("offset", &self.offset)
+            .field("device_id", &self.spec.device_id)
+            .field("platform", &self.spec.platform)
+            .field("channel", &self.spec.channel)
+            .field("offset", &self.spec.offset)
             .finish_non_exhaustive()
     }
 }
@@ -354,8 +332,22 @@ mod tests {
         .with_id(1);
         assert_eq!(j.ttl_left(1010), Some(50));
         assert_eq!(j.ttl_left(2000), Some(0));
-        j.notification.ttl = None;
+        j.spec.notification.ttl = None;
         assert_eq!(j.ttl_left(2000), None);
+    }
+
+    #[test]
+    fn stored_jobs_are_one_flat_json_object() {
+        // The outbox's rows: jobs stored before `PushJob` held a
+        // `NewPushJob` must still read back.
+        let stored = r#"{"id":7,"device_id":"d","user":"u","platform":"apns","token":"00",
+            "notification":{},"channel":"user:u","offset":3}"#;
+        let j: PushJob = serde_json::from_str(stored).expect("old row reads");
+        assert_eq!((j.id, j.spec.offset, j.spec.created_at), (7, 3, 0));
+        let v = serde_json::to_value(&j).expect("serializes");
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["token"], "00");
+        assert!(v.get("spec").is_none());
     }
 
     #[test]
