@@ -24,6 +24,7 @@ use tether_protocol::{ClientMessage, Disconnect, Encoding, ServerMessage};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -81,23 +82,36 @@ pub struct Client {
     disconnect: Option<Disconnect>,
 }
 
+/// The WebSocket upgrade request for `url`, offering the subprotocol of
+/// `encoding` (PROTOCOL.md §2).
+pub fn ws_request(url: &str, encoding: Encoding) -> Result<Request, ClientError> {
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static(encoding.subprotocol()),
+    );
+    Ok(req)
+}
+
+/// Checks that the server's upgrade answer chose the subprotocol of
+/// `encoding`.
+pub fn check_subprotocol(resp: &Response, encoding: Encoding) -> Result<(), ClientError> {
+    let chosen = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok());
+    if chosen.and_then(Encoding::from_subprotocol) == Some(encoding) {
+        Ok(())
+    } else {
+        Err(ClientError::Subprotocol(chosen.map(str::to_owned)))
+    }
+}
+
 impl Client {
     /// Connects over WebSocket to `url` (`ws://host:port/v1/ws`).
     pub async fn connect_ws(url: &str, encoding: Encoding) -> Result<Client, ClientError> {
-        let mut req = url.into_client_request()?;
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(encoding.subprotocol()),
-        );
-        let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
-        let chosen = resp
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        if chosen.as_deref().and_then(Encoding::from_subprotocol) != Some(encoding) {
-            return Err(ClientError::Subprotocol(chosen));
-        }
+        let (ws, resp) = tokio_tungstenite::connect_async(ws_request(url, encoding)?).await?;
+        check_subprotocol(&resp, encoding)?;
         Ok(Client {
             conn: Conn::Ws(Box::new(ws)),
             encoding,

@@ -21,8 +21,6 @@ use tether_protocol::{
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::target::Target;
@@ -97,23 +95,12 @@ impl Client {
             .await
             .with_context(|| format!("TCP connect to {}", target.addr))?;
         stream.set_nodelay(true).context("TCP_NODELAY")?;
-        let mut req = target.url.as_str().into_client_request()?;
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(encoding.subprotocol()),
-        );
+        let req = tether_client::ws_request(target.url.as_str(), encoding)?;
         let (ws, resp) =
             tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
                 .await
                 .context("WebSocket upgrade")?;
-        let chosen = resp
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .and_then(Encoding::from_subprotocol);
-        if chosen != Some(encoding) {
-            bail!("the server chose subprotocol {chosen:?}, not {encoding:?}");
-        }
+        tether_client::check_subprotocol(&resp, encoding)?;
         Ok(Client {
             conn: Conn::Ws(Box::new(ws)),
             encoding,

@@ -24,8 +24,6 @@ use tether_protocol::codec::{decode_server, encode_client};
 use tether_protocol::{ClientMessage, Connect, Encoding, ServerMessage};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long a test waits for any one expected event.
@@ -260,20 +258,9 @@ impl WsClient {
 
     /// Connects offering the subprotocol of `encoding`.
     pub async fn connect_with(url: &str, encoding: Encoding) -> Result<WsClient> {
-        let mut req = url.into_client_request()?;
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(encoding.subprotocol()),
-        );
+        let req = tether_client::ws_request(url, encoding)?;
         let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
-        let chosen = resp
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .and_then(Encoding::from_subprotocol);
-        if chosen != Some(encoding) {
-            bail!("server chose {chosen:?}, not {encoding:?}");
-        }
+        tether_client::check_subprotocol(&resp, encoding)?;
         Ok(WsClient {
             ws,
             encoding,
