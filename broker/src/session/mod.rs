@@ -38,7 +38,7 @@ use crate::metrics::{CodeLabel, OutcomeLabel, RecoveredLabel, TransportLabel};
 use crate::node::Node;
 use crate::push::AckCell;
 use crate::transport::{Inbound, Transport, TransportError};
-use outbox::{Direct, Drained, Frame, Outbox};
+use outbox::{Direct, Drained, Frame, Outbox, SentMetrics};
 use resume::{Claim, Refusal, ResumeClaims, SessionRecord, SubRecord};
 
 /// Frames moved from the outbox per batch: one flush each.
@@ -139,7 +139,7 @@ struct Session {
     push_acks: Vec<(ChannelName, Arc<AckCell>)>,
     /// This transport's series, looked up once.
     messages_in: Counter,
-    messages_out: Counter,
+    sent: SentMetrics,
 }
 
 fn unix_secs() -> u64 {
@@ -177,12 +177,14 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
     debug!("connection open");
 
     let messages_in = node.metrics.messages_in.get_or_create(&label).clone();
-    let messages_out = node.metrics.messages_out.get_or_create(&label).clone();
+    let sent = SentMetrics {
+        messages_out: node.metrics.messages_out.get_or_create(&label).clone(),
+        latency: node.metrics.delivery_latency.clone(),
+    };
     if let Some(writer) = transport.direct() {
         outbox.attach_direct(Direct {
             writer,
-            messages_out: messages_out.clone(),
-            latency: node.metrics.delivery_latency.clone(),
+            metrics: sent.clone(),
         });
     }
     let mut s = Session {
@@ -203,7 +205,7 @@ async fn run_inner<T: Transport>(node: Arc<Node>, mut transport: T, conn_id: u64
         device: None,
         push_acks: Vec::new(),
         messages_in,
-        messages_out,
+        sent,
         conn_id,
         node,
     };
@@ -308,8 +310,7 @@ fn poll_event<T: Transport>(
     if let Some(code) = outbox.urgent_close(cx) {
         return Poll::Ready(Event::Close(code));
     }
-    let out_counter = &s.messages_out;
-    let latency = &s.node.metrics.delivery_latency;
+    let metrics = &s.sent;
     let subs = &mut s.subs;
     let mut rounds = 0;
     loop {
@@ -321,10 +322,7 @@ fn poll_event<T: Transport>(
             }
         }
         let mut sent = |f: Frame| {
-            out_counter.inc();
-            if let Some(at) = f.published_at {
-                latency.observe(at.elapsed().as_secs_f64());
-            }
+            metrics.count(&f);
             if let Some(d) = f.delivery
                 && let Some(sub) = subs.get_mut(&d.sub)
                 && d.offset > sub.delivered

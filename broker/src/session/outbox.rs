@@ -106,11 +106,29 @@ pub trait DirectWrite: Send + Sync + 'static {
     fn try_write(&self, frame: &Frame) -> Written;
 }
 
-/// A write-through path and what the session counts for each frame written.
-pub struct Direct {
-    pub writer: Box<dyn DirectWrite>,
+/// What is counted for each frame written to a client, whichever path
+/// wrote it (the session's task or write-through).
+#[derive(Debug, Clone)]
+pub struct SentMetrics {
     pub messages_out: Counter,
     pub latency: Histogram,
+}
+
+impl SentMetrics {
+    /// Counts `frame` as written: one message out and, for a publication,
+    /// its publish → write latency.
+    pub fn count(&self, frame: &Frame) {
+        self.messages_out.inc();
+        if let Some(at) = frame.published_at {
+            self.latency.observe(at.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// A write-through path and what it counts.
+pub struct Direct {
+    pub writer: Box<dyn DirectWrite>,
+    pub metrics: SentMetrics,
 }
 
 impl fmt::Debug for Direct {
@@ -218,10 +236,7 @@ impl Outbox {
             {
                 match direct.writer.try_write(&frame) {
                     Written::All => {
-                        direct.messages_out.inc();
-                        if let Some(at) = frame.published_at {
-                            direct.latency.observe(at.elapsed().as_secs_f64());
-                        }
+                        direct.metrics.count(&frame);
                         if let Some(d) = frame.delivery {
                             inner.note_written(d);
                         }
@@ -474,8 +489,10 @@ mod tests {
         let ob = Outbox::new(1 << 20, 1000);
         ob.attach_direct(Direct {
             writer: Box::new(conn.clone()),
-            messages_out: Counter::default(),
-            latency: Histogram::new([0.1]),
+            metrics: SentMetrics {
+                messages_out: Counter::default(),
+                latency: Histogram::new([0.1]),
+            },
         });
         ob
     }
