@@ -314,13 +314,6 @@ fn poll_event<T: Transport>(
     let subs = &mut s.subs;
     let mut rounds = 0;
     loop {
-        if pending.is_empty() {
-            match outbox.poll_drain(cx, pending, BATCH) {
-                Poll::Ready(Drained::Close(code)) => return Poll::Ready(Event::Close(code)),
-                Poll::Ready(Drained::Frames) => {}
-                Poll::Pending => break,
-            }
-        }
         let mut sent = |f: Frame| {
             metrics.count(&f);
             if let Some(d) = f.delivery
@@ -336,6 +329,14 @@ fn poll_event<T: Transport>(
                 debug!(error = %e, "write failed");
                 return Poll::Ready(Event::WriteFailed);
             }
+            Poll::Pending => break,
+        }
+        // Only now, with everything taken so far in the connection (no frame
+        // left in `pending`, none half-written inside the transport), may an
+        // empty outbox turn idle and let producers write through.
+        match outbox.poll_drain(cx, pending, BATCH) {
+            Poll::Ready(Drained::Close(code)) => return Poll::Ready(Event::Close(code)),
+            Poll::Ready(Drained::Frames) => {}
             Poll::Pending => break,
         }
         rounds += 1;

@@ -65,7 +65,9 @@ pub trait Transport: Send + 'static {
 
     /// Writes the queued frames, in order, and flushes them in one go.
     /// `sent` sees each frame once it is handed to the connection. Ready
-    /// when `frames` is empty and everything is flushed.
+    /// only when `frames` is empty and everything is in the connection and
+    /// flushed, nothing held back (a half-written frame included): the
+    /// session then lets producers write through (`Transport::direct`).
     fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
