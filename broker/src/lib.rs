@@ -4,12 +4,15 @@
 //! knows nothing of channels; [`session`] is the one place that holds both.
 //! [`server`] wires them under one cancellation and shutdown order.
 
+pub mod accept;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
 pub mod push;
 pub mod server;
 pub mod session;

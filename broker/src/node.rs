@@ -4,17 +4,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use tether_protocol::CloseCode;
 
 use crate::auth::{KeyError, Verifier};
+use crate::cluster::Broker;
+use crate::cluster::memory::{MemoryBroker, MemoryBrokerConfig};
 use crate::config::Config;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
-use crate::session::outbox::Outbox;
+use crate::outbox::Outbox;
 use crate::session::resume::{ResumeKeys, ResumeRegistry};
 
 const SESSION_SHARDS: usize = 16;
@@ -72,7 +73,8 @@ impl SessionTable {
 #[derive(Debug)]
 pub struct Node {
     pub config: Config,
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
     pub verifier: Verifier,
     pub metrics: Metrics,
     pub registry: Registry,
@@ -96,20 +98,22 @@ impl Node {
         let metrics = Metrics::new(&mut registry);
         let push = make_push(&config, &metrics);
         let verifier = Verifier::new(&config.client_auth)?;
-        let hub = Hub::new(
+        let broker_metrics = metrics.clone();
+        let broker_config = MemoryBrokerConfig::from_config(&config);
+        let hub = Hub::with_broker(
             HubConfig {
-                history_size: config.history_size,
-                history_ttl: config.history_ttl,
-                idle_channel_ttl: config.history_ttl
-                    + config.resume_window
-                    + Duration::from_secs(60),
+                history_limit: config.history_size,
+                max_buffered: config.max_outbox_messages,
             },
             metrics.clone(),
+            |sink| MemoryBroker::new(broker_config, broker_metrics, sink),
         );
+        let broker = hub.broker().clone();
         let resume_keys = ResumeKeys::new(config.resume_secret.clone());
         Ok(Arc::new(Node {
             config,
             hub,
+            broker,
             verifier,
             metrics,
             registry,

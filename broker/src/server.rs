@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use tether_protocol::CloseCode;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -22,7 +21,6 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::KeyError;
 use crate::config::Config;
 use crate::node::Node;
-use crate::session;
 use crate::transport::tls::Identity;
 use crate::transport::{quic, ws};
 
@@ -168,7 +166,14 @@ impl Server {
             _ => None,
         };
         let quic = match cfg.quic_addr {
-            Some(addr) => Some(quic::endpoint(&node, addr)?),
+            Some(addr) => Some(quic::endpoint(
+                &node.config,
+                addr,
+                node.metrics
+                    .quic_handshakes
+                    .get_or_create(&crate::metrics::ReasonLabel { reason: "resumed" })
+                    .clone(),
+            )?),
             None => None,
         };
         Ok(Server {
@@ -255,7 +260,7 @@ impl Server {
         let stop_api = CancellationToken::new();
 
         tracker.spawn(
-            accept_loop(
+            crate::accept::websocket(
                 node.clone(),
                 client,
                 wss,
@@ -267,7 +272,7 @@ impl Server {
 
         let quic_endpoint = quic.map(|(endpoint, _)| {
             tracker.spawn(
-                quic::accept_loop(
+                crate::accept::quic(
                     node.clone(),
                     endpoint.clone(),
                     stop_accepting.clone(),
@@ -299,7 +304,7 @@ impl Server {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            node.hub.sweep();
+                            node.broker.sweep();
                             node.resumes.sweep();
                             if let Ok(depth) = node.push.gateway().outbox_depth().await {
                                 node.metrics.push_outbox_depth.set(depth as i64);
@@ -346,75 +351,6 @@ impl Server {
         let _ = tokio::time::timeout(crate::api::DRAIN, api_task).await;
         info!("stopped");
     }
-}
-
-async fn accept_loop(
-    node: Arc<Node>,
-    listener: TcpListener,
-    wss: Option<tokio_rustls::TlsAcceptor>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let limit = Arc::new(Semaphore::new(node.config.max_connections));
-    let ws_config = ws::ws_config(node.config.max_message_size, node.config.ws_read_buffer);
-    let tls = wss.map(Arc::new);
-    loop {
-        // The connection limit is taken before accept: over it, clients wait
-        // in the kernel's backlog rather than costing us memory.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stop.cancelled() => break,
-        };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off briefly.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        let timeout = node.config.connect_timeout;
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let conn_id = node.next_conn_id();
-            // The handshake runs here, in the connection's own task, under a
-            // timeout: a slow client never stalls the accept loop.
-            match tokio::time::timeout(timeout, ws::accept(stream, tls.as_deref(), ws_config)).await
-            {
-                Ok(Ok(transport)) => session::run(node, transport, conn_id).await,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "websocket upgrade refused");
-                    node.metrics
-                        .connections_refused
-                        .get_or_create(&crate::metrics::ReasonLabel {
-                            reason: "handshake",
-                        })
-                        .inc();
-                }
-                Err(_) => {
-                    debug!(%peer, "websocket handshake timed out");
-                    node.metrics
-                        .connections_refused
-                        .get_or_create(&crate::metrics::ReasonLabel {
-                            reason: "handshake_timeout",
-                        })
-                        .inc();
-                }
-            }
-        });
-    }
-    debug!("accept loop stopped; client listener closed");
 }
 
 /// Publishes the providers' token counts (APNs JWTs signed, FCM grants).

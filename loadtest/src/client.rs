@@ -280,7 +280,7 @@ fn reply_id(m: &ServerMessage) -> Option<u64> {
     match m {
         ServerMessage::Connected(c) => Some(c.id),
         ServerMessage::Subscribed(s) => Some(s.id),
-        ServerMessage::Unsubscribed(u) => Some(u.id),
+        ServerMessage::Unsubscribed(u) => u.id,
         ServerMessage::Published(p) => Some(p.id),
         ServerMessage::Refreshed(r) => Some(r.id),
         _ => None,

@@ -65,6 +65,10 @@ pub enum DecodeError {
     /// Not a message at all: close with 4001.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// Nested deeper than [`MAX_DEPTH`] levels (§2): malformed, close with
+    /// 4001 (an API body: 400).
+    #[error("malformed message: nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
     /// A well-formed message of a type this side does not know: answer
     /// `bad_request` and go on (forward compatibility).
     #[error("unknown message type {kind:?}")]
@@ -92,7 +96,7 @@ impl DecodeError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            DecodeError::TooLarge { .. } | DecodeError::Malformed(_)
+            DecodeError::TooLarge { .. } | DecodeError::Malformed(_) | DecodeError::TooDeep
         )
     }
 
@@ -254,7 +258,7 @@ pub fn decode_value(
 }
 
 fn too_deep() -> DecodeError {
-    DecodeError::Malformed(format!("nested deeper than {MAX_DEPTH} levels"))
+    DecodeError::TooDeep
 }
 
 /// Converts a top-level MessagePack map; a value without JSON equivalent is
@@ -475,12 +479,16 @@ mod tests {
             "]".repeat(64)
         );
         let e = decode_client(deep.as_bytes(), Encoding::Json, MAX).expect_err("too deep");
+        assert_eq!(e, DecodeError::TooDeep);
         assert!(e.is_fatal());
         // Far deeper than serde_json's own recursion limit: still an error, no crash.
         let abyss = "[".repeat(50_000);
         assert!(decode_client(abyss.as_bytes(), Encoding::Json, MAX).is_err());
         let abyss = vec![0x91u8; 50_000]; // fixarray(1) nested
-        assert!(decode_client(&abyss, Encoding::MsgPack, MAX).is_err());
+        assert_eq!(
+            decode_client(&abyss, Encoding::MsgPack, MAX),
+            Err(DecodeError::TooDeep)
+        );
 
         // The same limits over MessagePack: 64 levels pass, 65 do not.
         let nest = |levels: usize| {

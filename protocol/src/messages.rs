@@ -211,10 +211,16 @@ pub struct Subscribed {
     pub recovered: bool,
 }
 
+/// The end of a subscription: the answer to `unsubscribe` (with its `id`),
+/// or the server ending it itself (no `id`, and a `reason`: e.g. a
+/// `refresh` whose token no longer allows the channel).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Unsubscribed {
-    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
     pub channel: ChannelName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -160,8 +160,18 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 recovered
             })
         ),
-        (any::<u64>(), channel())
-            .prop_map(|(id, channel)| ServerMessage::Unsubscribed(Unsubscribed { id, channel })),
+        (
+            proptest::option::of(any::<u64>()),
+            channel(),
+            proptest::option::of("[a-z_]{1,16}")
+        )
+            .prop_map(
+                |(id, channel, reason)| ServerMessage::Unsubscribed(Unsubscribed {
+                    id,
+                    channel,
+                    reason
+                })
+            ),
         (any::<u64>(), channel(), epoch(), offset()).prop_map(|(id, channel, epoch, offset)| {
             ServerMessage::Published(Published {
                 id,

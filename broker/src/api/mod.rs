@@ -2,8 +2,6 @@
 //! (single, batch, idempotent), channel history, health, readiness and
 //! Prometheus metrics. JSON in and out; errors are `{error: {code, message}}`.
 
-mod idempotency;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tether_protocol::{ChannelName, Encoding, Epoch, ErrorCode, MAX_DEPTH, Offset};
 
+use crate::cluster::{BrokerError, HistoryRead, Publish};
 use crate::metrics::SourceLabel;
 use crate::node::Node;
-use idempotency::IdempotencyCache;
 
 /// Largest API request body (a batch of many publications).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -55,21 +53,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        tracing::warn!(error = %e, "broker error");
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     node: Arc<Node>,
-    idempotency: Arc<IdempotencyCache>,
 }
 
 /// Builds the API router for `node`.
 pub fn router(node: Arc<Node>) -> Router {
-    let state = AppState {
-        idempotency: Arc::new(IdempotencyCache::new(
-            node.config.history_ttl,
-            idempotency::DEFAULT_CAPACITY,
-        )),
-        node,
-    };
+    let state = AppState { node };
     let v1 = Router::new()
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
@@ -203,12 +201,12 @@ impl Accepted {
 }
 
 /// Parses and validates one publication, then publishes it.
-fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
+async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
     let body: PublishBody = serde_json::from_value(body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
     let channel = ChannelName::new(body.channel)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    // Encoded once: sized here, stored and fanned out by the hub.
+    // Encoded once: sized here, stored and fanned out by the broker.
     let raw = crate::hub::encode_data(&body.data);
     let size = raw.get().len();
     let max = state.node.config.max_message_size;
@@ -226,41 +224,46 @@ fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
             "idempotency_key must be 1 to 256 bytes",
         ));
     }
-    let do_publish = || {
-        let pos = state.node.hub.publish_encoded(&channel, &body.data, raw);
+    let published = state
+        .node
+        .broker
+        .publish(Publish {
+            channel: &channel,
+            data: &body.data,
+            raw,
+            idempotency_key: body.idempotency_key.as_deref(),
+        })
+        .await?;
+    if published.fresh {
         state
             .node
             .metrics
             .publications
             .get_or_create(&SourceLabel { source: "api" })
             .inc();
-        PublishAnswer {
-            channel: channel.clone(),
-            epoch: pos.epoch,
-            offset: pos.offset,
-        }
-    };
-    let (answer, fresh) = match body.idempotency_key {
-        Some(key) => state.idempotency.get_or_publish(&channel, key, do_publish),
-        None => (do_publish(), true),
-    };
-    let push = match (fresh, body.push, channel.personal_user()) {
+    }
+    let push = match (published.fresh, body.push, channel.personal_user()) {
         (true, Some(n), Some(user)) => Some((user.to_owned(), n)),
         _ => None,
     };
-    Ok(Accepted { answer, push })
+    Ok(Accepted {
+        answer: PublishAnswer {
+            channel,
+            epoch: published.position.epoch,
+            offset: published.position.offset,
+        },
+        push,
+    })
 }
 
 /// Parses a JSON request body with the nesting limit of §2.
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     match tether_protocol::codec::decode_value(body, Encoding::Json, MAX_BODY) {
         Ok(v) => Ok(v),
-        Err(tether_protocol::DecodeError::Malformed(m)) if m.contains("nested") => {
-            Err(ApiError::new(
-                ErrorCode::BadRequest,
-                format!("body nested deeper than {MAX_DEPTH} levels"),
-            ))
-        }
+        Err(tether_protocol::DecodeError::TooDeep) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("body nested deeper than {MAX_DEPTH} levels"),
+        )),
         Err(e) => Err(ApiError::new(
             ErrorCode::BadRequest,
             format!("body is not valid JSON: {e}"),
@@ -273,7 +276,7 @@ async fn publish(
     body: Bytes,
 ) -> Result<Json<PublishAnswer>, ApiError> {
     let body = parse_body(&body)?;
-    let accepted = publish_one(&state, body)?;
+    let accepted = publish_one(&state, body).await?;
     Ok(Json(accepted.finish(&state).await))
 }
 
@@ -296,7 +299,7 @@ async fn publish_batch(
     }
     let mut results: Vec<Value> = Vec::with_capacity(messages.len());
     for m in messages {
-        results.push(match publish_one(&state, m) {
+        results.push(match publish_one(&state, m).await {
             Ok(a) => serde_json::to_value(a.finish(&state).await).unwrap_or(Value::Null),
             Err(e) => e.body(),
         });
@@ -339,13 +342,23 @@ async fn history(
             }
         },
     };
-    let page = state.node.hub.history(&channel, Offset(since), limit);
+    let page = state
+        .node
+        .broker
+        .history(
+            &channel,
+            HistoryRead {
+                since: Some(Offset(since)),
+                limit,
+            },
+        )
+        .await?;
     let messages: Vec<Value> = page
         .messages
         .iter()
-        .map(|(offset, data, ts)| {
-            let data: Value = serde_json::from_str(data.get()).unwrap_or(Value::Null);
-            json!({"offset": offset, "data": data, "ts": ts})
+        .map(|m| {
+            let data: Value = serde_json::from_str(m.data.get()).unwrap_or(Value::Null);
+            json!({"offset": m.offset, "data": data, "ts": m.ts})
         })
         .collect();
     Ok(Json(json!({

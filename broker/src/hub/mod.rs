@@ -1,101 +1,57 @@
-//! The hub: channel → subscribers, offsets, epochs and history, sharded by
-//! channel name. It knows nothing of sockets: a subscriber is an outbox and
-//! an encoding.
+//! The hub: this node's local fan-out. Channel → subscribers, sharded by
+//! channel name; it knows nothing of sockets (a subscriber is an outbox and
+//! an encoding) and decides no offsets: positions and history belong to the
+//! [`Broker`], which hands every publication to [`Hub::deliver`] (the hub is
+//! its [`Deliver`] sink), whichever node it was published on.
 //!
 //! A publication is encoded once per encoding and the same `Bytes` go to
-//! every subscriber with a non-blocking push; a subscriber whose outbox is
-//! full is dropped (its session closes with 4008) and nobody else waits.
+//! every subscriber with a non-blocking push ([`fanout`]); a subscriber
+//! whose outbox is full is dropped (its session closes with 4008) and
+//! nobody else waits. Large fan-outs are shared with a pool of threads.
 //!
-//! Offsets are assigned, history appended and subscribers fed under one lock
-//! per channel, so every subscriber sees offsets strictly increasing, and a
-//! subscription (with its replay from history) slots in between two
-//! publications: no gap, no duplicate.
+//! A subscription joins in three steps (see [`merge`]): register as
+//! *pending* (deliveries are buffered for it), read the channel's history
+//! from the broker, then under the channel's lock send `subscribed`, the
+//! replay and the buffered deliveries and go live. The hub tells the broker
+//! which channels have local subscribers (`watch` for the first,
+//! `unwatch` when the last leaves) and forgets a channel as soon as it has
+//! none.
 
-pub mod history;
+pub mod fanout;
+pub mod merge;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tether_protocol::codec::{encode_publication_json, encode_publication_msgpack};
-use tether_protocol::{ChannelName, Encoding, Epoch, Offset, StreamPosition};
+use tether_protocol::{ChannelName, Encoding, Epoch, StreamPosition};
 
+use crate::cluster::{
+    Broker, BrokerError, Deliver, HistoryEntry, HistoryRead, Position, Publication,
+};
 use crate::metrics::Metrics;
-use crate::session::outbox::{Delivery, Frame, Outbox, PushError};
-use history::{Entry, EntryRef};
-pub use history::{History, MemoryHistory};
+use crate::outbox::{Delivery, Frame, Outbox, PushError};
+use fanout::{FanOutPool, LARGE_FAN_OUT, LiveSub, Template, off_the_worker};
+use merge::{Buffered, Verdict};
 
 const SHARDS: usize = 64;
-/// Subscribers from which a fan-out (one socket write each, a few µs apiece)
-/// is taken off the runtime worker it runs on (see [`off_the_worker`]).
-const LARGE_FAN_OUT: usize = 512;
-
-/// Runs `f`, a long synchronous fan-out, without holding up the other tasks
-/// queued on this runtime worker: on the multi-threaded runtime they move to
-/// another worker meanwhile (`block_in_place`). Elsewhere (no runtime, or a
-/// current-thread one, as in tests) it just runs `f`.
-fn off_the_worker<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// Splits a large fan-out over the machine's cores: the calling thread
-/// feeds the first share, scoped threads the others, all joined before this
-/// returns (the channel's lock, held by the caller, keeps publications in
-/// order). A thread that cannot be started leaves its share to the caller.
-/// Returns whether any subscriber refused (`feed`'s answer).
-fn in_parallel(subs: &[Subscriber], feed: &(impl Fn(&[Subscriber]) -> bool + Sync)) -> bool {
-    static CORES: OnceLock<usize> = OnceLock::new();
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // At least half a large fan-out per thread: below that, starting a
-    // thread costs more than it saves.
-    let threads = cores.min(subs.len() / (LARGE_FAN_OUT / 2)).max(1);
-    if threads == 1 {
-        return feed(subs);
-    }
-    let share = subs.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut shares = subs.chunks(share);
-        let mine = shares.next().unwrap_or_default();
-        let mut inline = Vec::new();
-        let mut handles = Vec::with_capacity(threads - 1);
-        for part in shares {
-            match std::thread::Builder::new()
-                .name("tether-fan-out".into())
-                .spawn_scoped(scope, move || feed(part))
-            {
-                Ok(h) => handles.push(h),
-                Err(_) => inline.push(part),
-            }
-        }
-        let mut dropped = feed(mine);
-        for part in inline {
-            dropped |= feed(part);
-        }
-        for h in handles {
-            // A share whose thread panicked: look for closed outboxes anyway.
-            dropped |= h.join().unwrap_or(true);
-        }
-        dropped
-    })
-}
+/// History reads per subscription before it goes ahead unrecovered.
+const READ_ATTEMPTS: usize = 3;
 
 /// Limits of the hub.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    pub history_size: usize,
-    pub history_ttl: Duration,
-    /// How long a channel with no subscriber and no history is kept (so that
-    /// its epoch and offset survive short gaps) before it is forgotten.
-    pub idle_channel_ttl: Duration,
+    /// Most publications read from history for one recovery (the history
+    /// size: history never holds more).
+    pub history_limit: usize,
+    /// Deliveries buffered for one subscriber while it joins; over that it
+    /// is closed as a slow consumer (its outbox would not hold them either).
+    pub max_buffered: usize,
 }
 
 /// Identifies one subscription of one session: the session's id and a
@@ -114,13 +70,6 @@ pub struct Subscriber {
     pub encoding: Encoding,
 }
 
-/// A channel's current position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub epoch: Epoch,
-    pub offset: Offset,
-}
-
 /// The result of a subscribe.
 #[derive(Debug, Clone)]
 pub struct Subscription {
@@ -129,267 +78,295 @@ pub struct Subscription {
     pub replayed: usize,
 }
 
-/// A page of history (`GET /v1/channels/{channel}/history`).
-#[derive(Debug, Clone)]
-pub struct HistoryPage {
-    pub position: Position,
-    pub recovered: bool,
-    pub messages: Vec<(Offset, Box<RawValue>, u64)>,
+/// Why a subscribe failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The subscriber's outbox overflowed: its session is closing (4008).
+    #[error(transparent)]
+    Outbox(#[from] PushError),
+    /// The broker could not be reached: nothing was subscribed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
+/// A subscriber that is joining: deliveries are held for it meanwhile.
 #[derive(Debug)]
-struct ChannelState<H> {
-    epoch: Epoch,
-    offset: Offset,
-    subscribers: Vec<Subscriber>,
-    history: H,
-    last_activity: Instant,
-    /// Set when the sweeper forgot this channel: lookups must start again.
+struct Pending {
+    id: SubscriptionId,
+    encoding: Encoding,
+    buffer: Vec<Buffered>,
+    overflowed: bool,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    /// Shared with the fan-out pool during a large fan-out; changed with
+    /// `Arc::make_mut` (never copied: the pool has let go by then).
+    live: Arc<Vec<LiveSub>>,
+    pending: Vec<Pending>,
+    /// Subscribers (live and pending) per encoding: which frames to build.
+    encodings: [usize; 2],
+    /// Set when the channel left the table: lookups must start again.
     removed: bool,
 }
 
-#[derive(Debug)]
-struct Channel<H> {
-    name: ChannelName,
-    state: Mutex<ChannelState<H>>,
+impl ChannelState {
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.pending.is_empty()
+    }
+
+    fn needs(&self) -> [bool; 2] {
+        [self.encodings[0] > 0, self.encodings[1] > 0]
+    }
+
+    fn count(&mut self, encoding: Encoding, up: bool) {
+        let n = &mut self.encodings[slot(encoding)];
+        *n = if up { *n + 1 } else { n.saturating_sub(1) };
+    }
 }
 
-type Shard<H> = RwLock<HashMap<ChannelName, Arc<Channel<H>>>>;
+fn slot(e: Encoding) -> usize {
+    match e {
+        Encoding::Json => 0,
+        Encoding::MsgPack => 1,
+    }
+}
 
-/// The sharded channel table of one node.
 #[derive(Debug)]
-pub struct Hub<H: History = MemoryHistory> {
-    shards: Box<[Shard<H>]>,
+struct Channel {
+    name: ChannelName,
+    state: Mutex<ChannelState>,
+    /// Set once the broker has confirmed `watch` for this table entry.
+    watched: tokio::sync::OnceCell<()>,
+}
+
+type Shard = RwLock<HashMap<ChannelName, Arc<Channel>>>;
+
+/// The local fan-out of one node.
+pub struct Hub {
+    shards: Box<[Shard]>,
     hasher: RandomState,
     config: HubConfig,
     metrics: Metrics,
+    broker: Arc<dyn Broker>,
+    pool: FanOutPool,
 }
 
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.config)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
-fn new_epoch() -> Epoch {
-    Epoch::new(format!("{:016x}", rand::random::<u64>()))
+/// Removes a pending subscriber if its subscribe does not finish (error,
+/// or the future dropped).
+struct PendingGuard<'a> {
+    hub: &'a Hub,
+    channel: &'a Arc<Channel>,
+    id: SubscriptionId,
+    armed: bool,
 }
 
-impl<H: History> Hub<H> {
-    pub fn new(config: HubConfig, metrics: Metrics) -> Hub<H> {
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let empty = {
+            let mut st = self.channel.state.lock();
+            if let Some(i) = st.pending.iter().position(|p| p.id == self.id) {
+                let p = st.pending.swap_remove(i);
+                st.count(p.encoding, false);
+            }
+            st.is_empty()
+        };
+        if empty {
+            self.hub.remove_if_empty(self.channel);
+        }
+    }
+}
+
+impl Hub {
+    /// A hub reading positions and history from `broker`. The broker must
+    /// deliver to this hub (see [`Hub::with_broker`]).
+    pub fn new(config: HubConfig, metrics: Metrics, broker: Arc<dyn Broker>) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
+            pool: FanOutPool::for_this_machine(metrics.outbox_drops.clone()),
             config,
             metrics,
+            broker,
         }
     }
 
-    fn shard(&self, name: &ChannelName) -> &Shard<H> {
+    /// Builds the hub and its broker together: `make_broker` gets the sink
+    /// the broker delivers to (this hub, held weakly).
+    pub fn with_broker<B: Broker>(
+        config: HubConfig,
+        metrics: Metrics,
+        make_broker: impl FnOnce(std::sync::Weak<dyn Deliver>) -> B,
+    ) -> Arc<Hub> {
+        Arc::new_cyclic(|hub: &std::sync::Weak<Hub>| {
+            let sink: std::sync::Weak<dyn Deliver> = hub.clone();
+            let broker: Arc<dyn Broker> = Arc::new(make_broker(sink));
+            Hub::new(config, metrics, broker)
+        })
+    }
+
+    /// The broker this hub reads from.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    fn shard(&self, name: &ChannelName) -> &Shard {
         let i = (self.hasher.hash_one(name) as usize) % self.shards.len();
         &self.shards[i]
     }
 
-    fn lookup(&self, name: &ChannelName) -> Option<Arc<Channel<H>>> {
+    fn lookup(&self, name: &ChannelName) -> Option<Arc<Channel>> {
         self.shard(name).read().get(name).cloned()
     }
 
-    fn get_or_create(&self, name: &ChannelName) -> Arc<Channel<H>> {
-        if let Some(c) = self.lookup(name) {
-            return c;
-        }
-        let mut shard = self.shard(name).write();
-        shard
-            .entry(name.clone())
-            .or_insert_with(|| {
-                self.metrics.channels.inc();
-                Arc::new(Channel {
-                    name: name.clone(),
-                    state: Mutex::new(ChannelState {
-                        epoch: new_epoch(),
-                        offset: Offset::ZERO,
-                        subscribers: Vec::new(),
-                        history: H::default(),
-                        last_activity: Instant::now(),
-                        removed: false,
-                    }),
-                })
-            })
-            .clone()
-    }
-
-    /// Keeps the history gauges true after `h` changed from `before`
-    /// (messages, payload bytes).
-    fn account(&self, before: (usize, usize), h: &H) {
-        let m = &self.metrics;
-        m.history_messages.inc_by(h.len() as i64 - before.0 as i64);
-        m.history_bytes
-            .inc_by(h.payload_bytes() as i64 - before.1 as i64);
-    }
-
-    /// Runs `f` on the live state of `name`, creating the channel if needed.
-    fn with_channel<R>(
-        &self,
-        name: &ChannelName,
-        mut f: impl FnMut(&Channel<H>, &mut ChannelState<H>) -> R,
-    ) -> R {
+    /// Registers `subscriber` as pending on `name`, creating the entry.
+    fn register(&self, name: &ChannelName, subscriber: &Subscriber) -> Arc<Channel> {
         loop {
-            let channel = self.get_or_create(name);
-            let mut state = channel.state.lock();
-            if state.removed {
-                // Lost a race with the sweeper; the next lookup creates it anew.
+            let channel = match self.lookup(name) {
+                Some(c) => c,
+                None => self
+                    .shard(name)
+                    .write()
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        Arc::new(Channel {
+                            name: name.clone(),
+                            state: Mutex::new(ChannelState::default()),
+                            watched: tokio::sync::OnceCell::new(),
+                        })
+                    })
+                    .clone(),
+            };
+            let mut st = channel.state.lock();
+            if st.removed {
+                // Lost a race with the last unsubscribe: look again.
                 continue;
             }
-            return f(&channel, &mut state);
+            st.pending.push(Pending {
+                id: subscriber.id,
+                encoding: subscriber.encoding,
+                buffer: Vec::new(),
+                overflowed: false,
+            });
+            st.count(subscriber.encoding, true);
+            drop(st);
+            return channel;
         }
     }
 
-    /// Publishes `data` on `channel`: assigns the next offset, appends to
-    /// history and feeds every subscriber. Never waits on a client.
-    pub fn publish(&self, channel: &ChannelName, data: &Value) -> Position {
-        self.publish_encoded(channel, data, encode_data(data))
+    /// Forgets `channel` if it has no subscriber (live or pending), and
+    /// tells the broker.
+    fn remove_if_empty(&self, channel: &Arc<Channel>) {
+        let watched = {
+            let mut shard = self.shard(&channel.name).write();
+            let mut st = channel.state.lock();
+            if !st.is_empty() || st.removed {
+                return;
+            }
+            st.removed = true;
+            if shard
+                .get(&channel.name)
+                .is_some_and(|c| Arc::ptr_eq(c, channel))
+            {
+                shard.remove(&channel.name);
+            }
+            channel.watched.initialized()
+        };
+        if watched {
+            self.broker.unwatch(&channel.name);
+        }
     }
 
-    /// [`Hub::publish`] for a caller that already has `data` as JSON text
-    /// (`raw` must be `data` encoded; the API sizes publications with it).
-    pub fn publish_encoded(
-        &self,
-        channel: &ChannelName,
-        data: &Value,
-        raw: Box<RawValue>,
-    ) -> Position {
-        let ts = unix_millis();
-        let published_at = Instant::now();
-        let cfg = &self.config;
-        let metrics = &self.metrics;
-        self.with_channel(channel, |ch, st| {
-            st.offset = st.offset.next();
-            st.last_activity = published_at;
-            let offset = st.offset;
-            // Encoded once per encoding, and only if someone needs it.
-            let json: OnceLock<Bytes> = OnceLock::new();
-            let msgpack: OnceLock<Bytes> = OnceLock::new();
-            let feed = |subs: &[Subscriber]| -> bool {
-                let mut dropped = false;
-                for s in subs {
-                    let bytes = match s.encoding {
-                        Encoding::Json => json
-                            .get_or_init(|| {
-                                encode_publication_json(&ch.name, &st.epoch, offset, &raw, ts)
-                            })
-                            .clone(),
-                        Encoding::MsgPack => msgpack
-                            .get_or_init(|| {
-                                encode_publication_msgpack(&ch.name, &st.epoch, offset, data, ts)
-                            })
-                            .clone(),
-                    };
-                    let frame = Frame::message(
-                        bytes,
-                        Some(published_at),
-                        Delivery {
-                            sub: s.id.sub,
-                            offset,
-                        },
-                    );
-                    match s.outbox.push(frame) {
-                        Ok(()) => {}
-                        Err(PushError::Full) => {
-                            metrics.outbox_drops.inc();
-                            dropped = true;
-                        }
-                        Err(PushError::Closed) => dropped = true,
-                    }
-                }
-                dropped
-            };
-            let subs = &st.subscribers[..];
-            let dropped = if subs.len() >= LARGE_FAN_OUT {
-                off_the_worker(|| in_parallel(subs, &feed))
-            } else {
-                feed(subs)
-            };
-            if dropped {
-                let before = st.subscribers.len();
-                st.subscribers.retain(|s| !s.outbox.is_closed());
-                metrics
-                    .subscriptions
-                    .dec_by((before - st.subscribers.len()) as i64);
-            }
-            let before = (st.history.len(), st.history.payload_bytes());
-            st.history.push(
-                Entry {
-                    offset,
-                    ts,
-                    data: raw.clone(),
-                },
-                cfg.history_size,
-                cfg.history_ttl,
-                ts,
-            );
-            self.account(before, &st.history);
-            Position {
-                epoch: st.epoch.clone(),
-                offset,
-            }
-        })
-    }
-
-    /// Subscribes, atomically with respect to publications on the channel:
-    /// `reply` builds the `subscribed` frame (or nothing, for a resume, whose
-    /// `connected` the session queues itself), which is queued first, then the
-    /// replay from history when `since` is recoverable, then live messages.
-    pub fn subscribe(
+    /// Subscribes: `reply` builds the `subscribed` frame (or nothing, for a
+    /// resume, whose `connected` the session queues itself), which is queued
+    /// first, then the replay from history when `since` is recoverable, then
+    /// live messages — with no gap and no duplicate between them.
+    pub async fn subscribe(
         &self,
         channel: &ChannelName,
         subscriber: Subscriber,
         since: Option<&StreamPosition>,
         reply: impl Fn(&Position, bool) -> Option<Frame>,
-    ) -> Result<Subscription, PushError> {
-        let now = Instant::now();
-        let ttl = self.config.history_ttl;
-        let result = self.with_channel(channel, |ch, st| {
-            let before = (st.history.len(), st.history.payload_bytes());
-            st.history.expire(ttl, unix_millis());
-            self.account(before, &st.history);
-            st.last_activity = now;
-            let position = Position {
-                epoch: st.epoch.clone(),
-                offset: st.offset,
+    ) -> Result<Subscription, SubscribeError> {
+        let ch = self.register(channel, &subscriber);
+        let mut guard = PendingGuard {
+            hub: self,
+            channel: &ch,
+            id: subscriber.id,
+            armed: true,
+        };
+        ch.watched
+            .get_or_try_init(|| self.broker.watch(channel))
+            .await?;
+        let read = HistoryRead {
+            since: since.map(|s| s.offset),
+            limit: self.config.history_limit,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let page = self.broker.history(channel, read).await?;
+            let mut st = ch.state.lock();
+            let Some(i) = st.pending.iter().position(|p| p.id == subscriber.id) else {
+                // Only this call removes its own registration.
+                return Err(SubscribeError::Outbox(PushError::Closed));
             };
-            let recovered = since.is_some_and(|s| {
-                s.epoch == st.epoch && st.history.reaches_back_to(s.offset, st.offset)
-            });
-            if let Some(frame) = reply(&position, recovered) {
-                subscriber.outbox.push(frame)?;
+            if st.pending[i].overflowed {
+                drop(st);
+                subscriber.outbox.close_slow();
+                return Err(SubscribeError::Outbox(PushError::Full));
             }
-            let mut replayed = 0;
-            if let (true, Some(s)) = (recovered, since) {
-                for e in st.history.after(s.offset) {
-                    let bytes = encode_entry(&ch.name, &st.epoch, e, subscriber.encoding);
-                    subscriber.outbox.push(Frame::message(
-                        bytes,
-                        None,
-                        Delivery {
-                            sub: subscriber.id.sub,
-                            offset: e.offset,
-                        },
-                    ))?;
-                    replayed += 1;
+            let plan = match merge::plan(
+                since,
+                &page,
+                &st.pending[i].buffer,
+                attempt >= READ_ATTEMPTS,
+            ) {
+                Verdict::Ready(plan) => plan,
+                Verdict::Retry => continue,
+            };
+            let pending = st.pending.swap_remove(i);
+            guard.armed = false;
+            let replay = if plan.recovered {
+                &page.messages[..]
+            } else {
+                &[]
+            };
+            if let Err(e) = join(&ch.name, &subscriber, &plan, replay, pending.buffer, &reply) {
+                st.count(subscriber.encoding, false);
+                let empty = st.is_empty();
+                drop(st);
+                if empty {
+                    self.remove_if_empty(&ch);
                 }
+                return Err(SubscribeError::Outbox(e));
             }
-            st.subscribers.push(subscriber.clone());
-            Ok(Subscription {
-                position,
-                recovered,
-                replayed,
-            })
-        });
-        if result.is_ok() {
+            Arc::make_mut(&mut st.live).push(LiveSub {
+                subscriber,
+                skip: plan
+                    .skip_through
+                    .map(|o| Box::new((plan.position.epoch.clone(), o))),
+            });
+            drop(st);
             self.metrics.subscriptions.inc();
+            return Ok(Subscription {
+                replayed: replay.len(),
+                position: plan.position,
+                recovered: plan.recovered,
+            });
         }
-        result
     }
 
     /// Removes a subscription; unknown ones are ignored.
@@ -397,78 +374,119 @@ impl<H: History> Hub<H> {
         let Some(ch) = self.lookup(channel) else {
             return;
         };
-        let mut st = ch.state.lock();
-        if let Some(i) = st.subscribers.iter().position(|s| s.id == id) {
-            st.subscribers.swap_remove(i);
-            st.last_activity = Instant::now();
-            self.metrics.subscriptions.dec();
-        }
-    }
-
-    /// The channel's position, without creating it.
-    pub fn position(&self, channel: &ChannelName) -> Option<Position> {
-        let ch = self.lookup(channel)?;
-        let st = ch.state.lock();
-        Some(Position {
-            epoch: st.epoch.clone(),
-            offset: st.offset,
-        })
-    }
-
-    /// Retained messages after `since`, oldest first, at most `limit`.
-    pub fn history(&self, channel: &ChannelName, since: Offset, limit: usize) -> HistoryPage {
-        let Some(ch) = self.lookup(channel) else {
-            return HistoryPage {
-                position: Position {
-                    epoch: Epoch::default(),
-                    offset: Offset::ZERO,
-                },
-                recovered: since == Offset::ZERO,
-                messages: Vec::new(),
-            };
+        let empty = {
+            let mut st = ch.state.lock();
+            if let Some(i) = st.live.iter().position(|s| s.subscriber.id == id) {
+                let gone = Arc::make_mut(&mut st.live).swap_remove(i);
+                st.count(gone.subscriber.encoding, false);
+                self.metrics.subscriptions.dec();
+            }
+            st.is_empty()
         };
-        let mut st = ch.state.lock();
-        let before = (st.history.len(), st.history.payload_bytes());
-        st.history.expire(self.config.history_ttl, unix_millis());
-        self.account(before, &st.history);
-        HistoryPage {
-            position: Position {
-                epoch: st.epoch.clone(),
-                offset: st.offset,
-            },
-            recovered: st.history.reaches_back_to(since, st.offset),
-            messages: st
-                .history
-                .after(since)
-                .take(limit)
-                .map(|e| (e.offset, e.data.to_owned(), e.ts))
-                .collect(),
+        if empty {
+            self.remove_if_empty(&ch);
         }
     }
 
-    /// Drops expired history everywhere and forgets channels that have had
-    /// no subscriber, no history and no activity for `idle_channel_ttl`.
-    /// Called periodically by the server, never on the publish path.
-    pub fn sweep(&self) {
-        let now = Instant::now();
-        let now_ms = unix_millis();
-        for shard in self.shards.iter() {
-            let mut map = shard.write();
-            map.retain(|_, ch| {
-                let mut st = ch.state.lock();
-                let before = (st.history.len(), st.history.payload_bytes());
-                st.history.expire(self.config.history_ttl, now_ms);
-                self.account(before, &st.history);
-                let idle = st.subscribers.is_empty()
-                    && st.history.is_empty()
-                    && now.saturating_duration_since(st.last_activity)
-                        > self.config.idle_channel_ttl;
-                if idle {
-                    st.removed = true;
-                    self.metrics.channels.dec();
+    /// Channels with local subscribers (live or joining).
+    pub fn channels(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+/// Queues what a joining subscriber is owed, in order: `subscribed` (from
+/// `reply`), the replay, the buffered deliveries the plan keeps.
+fn join(
+    channel: &ChannelName,
+    subscriber: &Subscriber,
+    plan: &merge::Plan,
+    replay: &[HistoryEntry],
+    buffered: Vec<Buffered>,
+    reply: &impl Fn(&Position, bool) -> Option<Frame>,
+) -> Result<(), PushError> {
+    let outbox = &subscriber.outbox;
+    if let Some(frame) = reply(&plan.position, plan.recovered) {
+        outbox.push(frame)?;
+    }
+    let sub = subscriber.id.sub;
+    for e in replay {
+        let bytes = encode_entry(channel, &plan.position.epoch, e, subscriber.encoding);
+        outbox.push(Frame::message(
+            bytes,
+            None,
+            Delivery {
+                sub,
+                offset: e.offset,
+            },
+        ))?;
+    }
+    for b in buffered {
+        if b.epoch == plan.position.epoch && b.offset > plan.after {
+            outbox.push(Frame::message(
+                b.bytes,
+                b.published_at,
+                Delivery {
+                    sub,
+                    offset: b.offset,
+                },
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+impl Deliver for Hub {
+    /// Feeds every live subscriber of `channel` and buffers the publication
+    /// for those joining. Never waits on a client.
+    fn deliver(&self, channel: &ChannelName, p: &Publication<'_>) {
+        loop {
+            let Some(ch) = self.lookup(channel) else {
+                return;
+            };
+            let mut st = ch.state.lock();
+            if st.removed {
+                continue;
+            }
+            let template = Template::new(&ch.name, p, st.needs());
+            let max = self.config.max_buffered;
+            for pending in st.pending.iter_mut().filter(|p| !p.overflowed) {
+                if pending.buffer.len() >= max {
+                    pending.overflowed = true;
+                    pending.buffer = Vec::new();
+                } else if let Some(bytes) = template.bytes(pending.encoding) {
+                    pending.buffer.push(Buffered {
+                        epoch: template.epoch.clone(),
+                        offset: template.offset,
+                        bytes: bytes.clone(),
+                        published_at: template.published_at,
+                    });
                 }
-                !idle
-            });
+            }
+            let subs = &st.live;
+            let dropped = if subs.len() >= LARGE_FAN_OUT {
+                off_the_worker(|| self.pool.run(subs, template))
+            } else {
+                fanout::feed(subs, &template, &self.metrics.outbox_drops)
+            };
+            if dropped {
+                let before = st.live.len();
+                Arc::make_mut(&mut st.live).retain(|s| !s.subscriber.outbox.is_closed());
+                let closed = before - st.live.len();
+                self.metrics.subscriptions.dec_by(closed as i64);
+                let mut counts = [0usize; 2];
+                for s in st.live.iter() {
+                    counts[slot(s.subscriber.encoding)] += 1;
+                }
+                for p in &st.pending {
+                    counts[slot(p.encoding)] += 1;
+                }
+                st.encodings = counts;
+                if st.is_empty() {
+                    drop(st);
+                    self.remove_if_empty(&ch);
+                }
+            }
+            return;
         }
     }
 }
@@ -483,11 +501,11 @@ pub fn encode_data(data: &Value) -> Box<RawValue> {
 fn encode_entry(
     channel: &ChannelName,
     epoch: &Epoch,
-    e: EntryRef<'_>,
+    e: &HistoryEntry,
     encoding: Encoding,
 ) -> Bytes {
     match encoding {
-        Encoding::Json => encode_publication_json(channel, epoch, e.offset, e.data, e.ts),
+        Encoding::Json => encode_publication_json(channel, epoch, e.offset, &e.data, e.ts),
         Encoding::MsgPack => {
             let data: Value = serde_json::from_str(e.data.get()).unwrap_or(Value::Null);
             encode_publication_msgpack(channel, epoch, e.offset, &data, e.ts)
@@ -496,279 +514,4 @@ fn encode_entry(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use prometheus_client::registry::Registry;
-    use std::collections::VecDeque;
-    use std::task::{Context, Poll};
-    use tether_protocol::ServerMessage;
-    use tether_protocol::codec::decode_server;
-
-    fn hub(size: usize) -> Hub {
-        Hub::new(
-            HubConfig {
-                history_size: size,
-                history_ttl: Duration::from_secs(60),
-                idle_channel_ttl: Duration::from_secs(60),
-            },
-            Metrics::new(&mut Registry::default()),
-        )
-    }
-
-    fn chan(s: &str) -> ChannelName {
-        ChannelName::new(s).expect("valid")
-    }
-
-    fn subscriber(session: u64, outbox: &Arc<Outbox>) -> Subscriber {
-        Subscriber {
-            id: SubscriptionId { session, sub: 1 },
-            outbox: outbox.clone(),
-            encoding: Encoding::Json,
-        }
-    }
-
-    fn reply(_: &Position, _: bool) -> Option<Frame> {
-        Some(Frame::reply(Bytes::from_static(b"{\"type\":\"pong\"}")))
-    }
-
-    fn drain(ob: &Outbox) -> Vec<ServerMessage> {
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        let mut out = VecDeque::new();
-        while let Poll::Ready(crate::session::outbox::Drained::Frames) =
-            ob.poll_drain(&mut cx, &mut out, 1000)
-        {}
-        out.into_iter()
-            .map(|f| decode_server(&f.bytes, Encoding::Json, 1 << 20).expect("decodes"))
-            .collect()
-    }
-
-    fn offsets(msgs: &[ServerMessage]) -> Vec<u64> {
-        msgs.iter()
-            .filter_map(|m| match m {
-                ServerMessage::Message(p) => Some(p.offset.get()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn offsets_increase_and_reach_every_subscriber() {
-        let hub = hub(10);
-        let a = Outbox::new(1 << 20, 1000);
-        let b = Outbox::new(1 << 20, 1000);
-        hub.subscribe(&chan("c"), subscriber(1, &a), None, reply)
-            .expect("room");
-        hub.subscribe(&chan("c"), subscriber(2, &b), None, reply)
-            .expect("room");
-        for i in 0..3 {
-            let p = hub.publish(&chan("c"), &serde_json::json!({"i": i}));
-            assert_eq!(p.offset, Offset(i + 1));
-        }
-        assert_eq!(offsets(&drain(&a)), vec![1, 2, 3]);
-        assert_eq!(offsets(&drain(&b)), vec![1, 2, 3]);
-    }
-
-    /// A large fan-out leaves the runtime worker on a multi-threaded runtime
-    /// and runs in place elsewhere; either way every subscriber gets it.
-    fn large_fan_out_reaches_everyone() {
-        let hub = hub(10);
-        let outboxes: Vec<_> = (0..LARGE_FAN_OUT as u64 + 10)
-            .map(|i| {
-                let ob = Outbox::new(1 << 20, 1000);
-                hub.subscribe(&chan("big"), subscriber(i, &ob), None, |_, _| None)
-                    .expect("room");
-                ob
-            })
-            .collect();
-        hub.publish(&chan("big"), &serde_json::json!("x"));
-        for ob in &outboxes {
-            assert_eq!(offsets(&drain(ob)), vec![1]);
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn large_fan_out_on_a_multi_threaded_runtime() {
-        large_fan_out_reaches_everyone();
-    }
-
-    #[tokio::test]
-    async fn large_fan_out_on_a_current_thread_runtime() {
-        large_fan_out_reaches_everyone();
-    }
-
-    #[test]
-    fn large_fan_out_outside_a_runtime() {
-        large_fan_out_reaches_everyone();
-    }
-
-    #[test]
-    fn a_full_outbox_drops_only_that_subscriber() {
-        let hub = hub(10);
-        let slow = Outbox::new(300, 1000);
-        let fast = Outbox::new(1 << 20, 1000);
-        hub.subscribe(&chan("c"), subscriber(1, &slow), None, reply)
-            .expect("room");
-        hub.subscribe(&chan("c"), subscriber(2, &fast), None, reply)
-            .expect("room");
-        for _ in 0..10 {
-            hub.publish(
-                &chan("c"),
-                &serde_json::json!("a fairly long payload of text"),
-            );
-        }
-        assert!(slow.is_closed());
-        assert_eq!(offsets(&drain(&fast)).len(), 10);
-    }
-
-    #[test]
-    fn subscribe_since_replays_exactly_the_missed_messages() {
-        let hub = hub(5);
-        let first = hub.publish(&chan("c"), &serde_json::json!(1));
-        for i in 2..=4 {
-            hub.publish(&chan("c"), &serde_json::json!(i));
-        }
-        let ob = Outbox::new(1 << 20, 1000);
-        let since = StreamPosition {
-            epoch: first.epoch.clone(),
-            offset: Offset(2),
-        };
-        let s = hub
-            .subscribe(&chan("c"), subscriber(1, &ob), Some(&since), reply)
-            .expect("room");
-        assert!(s.recovered);
-        assert_eq!(s.replayed, 2);
-        hub.publish(&chan("c"), &serde_json::json!(5));
-        assert_eq!(offsets(&drain(&ob)), vec![3, 4, 5]);
-
-        // Another epoch, or a position history no longer holds: no replay.
-        let ob = Outbox::new(1 << 20, 1000);
-        let wrong = StreamPosition {
-            epoch: Epoch::new("other"),
-            offset: Offset(2),
-        };
-        let s = hub
-            .subscribe(&chan("c"), subscriber(2, &ob), Some(&wrong), reply)
-            .expect("room");
-        assert!(!s.recovered);
-        for _ in 0..10 {
-            hub.publish(&chan("c"), &serde_json::json!(0));
-        }
-        let ob = Outbox::new(1 << 20, 1000);
-        let old = StreamPosition {
-            epoch: first.epoch,
-            offset: Offset(1),
-        };
-        let s = hub
-            .subscribe(&chan("c"), subscriber(3, &ob), Some(&old), reply)
-            .expect("room");
-        assert!(!s.recovered);
-        assert_eq!(s.replayed, 0);
-    }
-
-    #[test]
-    fn sweeping_forgets_idle_channels_only() {
-        let hub: Hub = Hub::new(
-            HubConfig {
-                history_size: 10,
-                history_ttl: Duration::from_millis(1),
-                idle_channel_ttl: Duration::ZERO,
-            },
-            Metrics::new(&mut Registry::default()),
-        );
-        hub.publish(&chan("idle"), &serde_json::json!(1));
-        let ob = Outbox::new(1 << 20, 1000);
-        hub.subscribe(&chan("busy"), subscriber(1, &ob), None, reply)
-            .expect("room");
-        std::thread::sleep(Duration::from_millis(5));
-        hub.sweep();
-        assert!(hub.position(&chan("idle")).is_none());
-        assert!(hub.position(&chan("busy")).is_some());
-    }
-}
-
-#[cfg(test)]
-mod interleavings {
-    //! Property: whatever the interleaving of publications and
-    //! subscriptions-with-`since`, each recovered subscriber sees every
-    //! offset after its `since` exactly once, in order.
-    use super::*;
-    use prometheus_client::registry::Registry;
-    use proptest::prelude::*;
-    use std::collections::VecDeque;
-    use std::task::{Context, Poll};
-    use tether_protocol::ServerMessage;
-    use tether_protocol::codec::decode_server;
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Publish,
-        /// Subscribe since `back` offsets before the latest.
-        Subscribe {
-            back: u64,
-        },
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            3 => Just(Op::Publish),
-            1 => (0u64..15).prop_map(|back| Op::Subscribe { back }),
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn recovered_subscribers_see_every_offset_once_in_order(ops in prop::collection::vec(op(), 1..120)) {
-            let hub: Hub = Hub::new(
-                HubConfig {
-                    history_size: 10,
-                    history_ttl: Duration::from_secs(60),
-                    idle_channel_ttl: Duration::from_secs(60),
-                },
-                Metrics::new(&mut Registry::default()),
-            );
-            let ch = ChannelName::new("p").expect("valid");
-            let mut subs: Vec<(Arc<Outbox>, u64, bool)> = Vec::new();
-            let mut latest = Position { epoch: Epoch::default(), offset: Offset::ZERO };
-            for (i, op) in ops.iter().enumerate() {
-                match op {
-                    Op::Publish => latest = hub.publish(&ch, &serde_json::json!(i)),
-                    Op::Subscribe { back } => {
-                        let ob = Outbox::new(1 << 24, 1 << 20);
-                        let since = latest.offset.get().saturating_sub(*back);
-                        let existing = hub.position(&ch);
-                        let exists = existing.is_some();
-                        let epoch = existing.map(|p| p.epoch).unwrap_or_default();
-                        let s = hub.subscribe(
-                            &ch,
-                            Subscriber { id: SubscriptionId { session: i as u64, sub: 1 }, outbox: ob.clone(), encoding: Encoding::Json },
-                            Some(&StreamPosition { epoch, offset: Offset(since) }),
-                            |_, _| None,
-                        ).expect("room");
-                        // Recovered exactly when the epoch is known and the
-                        // history (10 messages) reaches back to `since`.
-                        prop_assert_eq!(s.recovered, exists && latest.offset.get() - since <= 10);
-                        subs.push((ob, since, s.recovered));
-                    }
-                }
-            }
-            for (ob, since, recovered) in subs {
-                let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-                let mut out = VecDeque::new();
-                while let Poll::Ready(crate::session::outbox::Drained::Frames) = ob.poll_drain(&mut cx, &mut out, 10_000) {}
-                let offsets: Vec<u64> = out
-                    .iter()
-                    .filter_map(|f| match decode_server(&f.bytes, Encoding::Json, 1 << 20) {
-                        Ok(ServerMessage::Message(p)) => Some(p.offset.get()),
-                        _ => None,
-                    })
-                    .collect();
-                if recovered {
-                    let expected: Vec<u64> = (since + 1..=latest.offset.get()).collect();
-                    prop_assert_eq!(offsets, expected);
-                } else {
-                    prop_assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1));
-                }
-            }
-        }
-    }
-}
+mod tests;

@@ -9,10 +9,9 @@
 //! future, so a session costs one task and no extra buffers when idle. While
 //! the session idles, a connection that offers it ([`Transport::direct`],
 //! plain-TCP WebSocket) takes pushes straight from the producer's thread
-//! (write-through, see [`outbox`]); the session learns what was written
+//! (write-through, see [`crate::outbox`]); the session learns what was written
 //! through before it needs it (`Session::sync_written`).
 
-pub mod outbox;
 pub mod resume;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -33,12 +32,13 @@ use tokio::time::{Instant, Sleep};
 use tracing::{Instrument, debug, field, trace};
 
 use crate::auth::{AuthError, Grant};
-use crate::hub::{Position, Subscriber, SubscriptionId};
+use crate::cluster::{Position, Publish};
+use crate::hub::{SubscribeError, Subscriber, SubscriptionId};
 use crate::metrics::{CodeLabel, OutcomeLabel, RecoveredLabel, TransportLabel};
 use crate::node::Node;
+use crate::outbox::{Direct, Drained, Frame, Outbox, SentMetrics};
 use crate::push::AckCell;
 use crate::transport::{Inbound, Transport, TransportError};
-use outbox::{Direct, Drained, Frame, Outbox, SentMetrics};
 use resume::{Claim, Refusal, ResumeClaims, SessionRecord, SubRecord};
 
 /// Frames moved from the outbox per batch: one flush each.
@@ -459,7 +459,7 @@ impl Session {
                 }
             },
             Phase::Active => {
-                self.on_message(msg);
+                self.on_message(msg).await;
                 Ok(())
             }
         }
@@ -550,10 +550,14 @@ impl Session {
         // Replays are queued behind the `connected` pushed in front of them
         // below: nothing may be written through meanwhile.
         self.outbox.hold();
-        let channels = record.map(|r| {
-            let named = c.resume.as_ref().and_then(|r| r.channels.as_ref());
-            self.restore(r, named)
-        });
+        let mut ended = Vec::new();
+        let channels = match record {
+            Some(r) => {
+                let named = c.resume.as_ref().and_then(|r| r.channels.as_ref());
+                Some(self.restore(r, named, &mut ended).await)
+            }
+            None => None,
+        };
         let connected = ServerMessage::Connected(Connected {
             id: c.id,
             session: self.session_id.clone(),
@@ -567,16 +571,27 @@ impl Session {
         let _ = self
             .outbox
             .push_front(Frame::reply(encode_server(&connected, self.encoding)));
+        // Subscriptions that could not be restored (the broker was out of
+        // reach): the client hears that they ended, and may subscribe again.
+        for (channel, reason) in ended {
+            self.reply(&ServerMessage::Unsubscribed(Unsubscribed {
+                id: None,
+                channel,
+                reason: Some(reason),
+            }));
+        }
         debug!(session = %self.session_id, resumed, "connected");
         Ok(())
     }
 
     /// Re-subscribes the channels of a resumed session, replaying what the
-    /// client missed on each; returns the per-channel outcome for `connected`.
-    fn restore(
+    /// client missed on each; returns the per-channel outcome for
+    /// `connected`. Channels that cannot be restored now go to `ended`.
+    async fn restore(
         &mut self,
         record: SessionRecord,
         named: Option<&BTreeMap<ChannelName, Offset>>,
+        ended: &mut Vec<(ChannelName, String)>,
     ) -> BTreeMap<ChannelName, ChannelRecovery> {
         let mut out = BTreeMap::new();
         for sub in record.subs {
@@ -593,13 +608,20 @@ impl Session {
             };
             let n = self.new_sub_number();
             let subscriber = self.subscriber(n);
-            let Ok(result) =
-                self.node
-                    .hub
-                    .subscribe(&sub.channel, subscriber, Some(&since), |_, _| None)
-            else {
+            let result = match self
+                .node
+                .hub
+                .subscribe(&sub.channel, subscriber, Some(&since), |_, _| None)
+                .await
+            {
+                Ok(r) => r,
                 // The outbox overflowed: the session is closing as slow.
-                break;
+                Err(SubscribeError::Outbox(_)) => break,
+                Err(SubscribeError::Broker(e)) => {
+                    debug!(channel = %sub.channel, error = %e, "cannot restore a subscription");
+                    ended.push((sub.channel, e.code().as_str().to_owned()));
+                    continue;
+                }
             };
             self.count_recovery(result.recovered, result.replayed);
             self.subs.insert(
@@ -709,12 +731,12 @@ impl Session {
         })
     }
 
-    fn on_message(&mut self, msg: ClientMessage) {
+    async fn on_message(&mut self, msg: ClientMessage) {
         match msg {
             ClientMessage::Connect(c) => {
                 self.error(Some(c.id), ErrorCode::BadRequest, "already connected");
             }
-            ClientMessage::Subscribe(sub) => self.on_subscribe(sub),
+            ClientMessage::Subscribe(sub) => self.on_subscribe(sub).await,
             ClientMessage::Unsubscribe(u) => {
                 if let Some(n) = self.by_channel.remove(&u.channel) {
                     self.subs.remove(&n);
@@ -728,8 +750,9 @@ impl Session {
                     );
                 }
                 self.reply(&ServerMessage::Unsubscribed(Unsubscribed {
-                    id: u.id,
+                    id: Some(u.id),
                     channel: u.channel,
+                    reason: None,
                 }));
             }
             ClientMessage::Publish(p) => {
@@ -741,18 +764,32 @@ impl Session {
                     );
                     return;
                 }
-                let pos = self.node.hub.publish(&p.channel, &p.data);
-                self.node
-                    .metrics
-                    .publications
-                    .get_or_create(&crate::metrics::SourceLabel { source: "client" })
-                    .inc();
-                self.reply(&ServerMessage::Published(Published {
-                    id: p.id,
-                    channel: p.channel,
-                    epoch: pos.epoch,
-                    offset: pos.offset,
-                }));
+                let published = self
+                    .node
+                    .broker
+                    .publish(Publish {
+                        channel: &p.channel,
+                        data: &p.data,
+                        raw: crate::hub::encode_data(&p.data),
+                        idempotency_key: None,
+                    })
+                    .await;
+                match published {
+                    Ok(done) => {
+                        self.node
+                            .metrics
+                            .publications
+                            .get_or_create(&crate::metrics::SourceLabel { source: "client" })
+                            .inc();
+                        self.reply(&ServerMessage::Published(Published {
+                            id: p.id,
+                            channel: p.channel,
+                            epoch: done.position.epoch,
+                            offset: done.position.offset,
+                        }));
+                    }
+                    Err(e) => self.error(Some(p.id), e.code(), e.to_string()),
+                }
             }
             ClientMessage::Ack(a) => {
                 if let Some(sub) = self
@@ -776,7 +813,7 @@ impl Session {
         }
     }
 
-    fn on_subscribe(&mut self, sub: tether_protocol::Subscribe) {
+    async fn on_subscribe(&mut self, sub: tether_protocol::Subscribe) {
         if self.by_channel.len() >= self.node.config.max_subscriptions {
             self.error(
                 Some(sub.id),
@@ -825,6 +862,7 @@ impl Session {
             .node
             .hub
             .subscribe(&sub.channel, subscriber, sub.since.as_ref(), reply)
+            .await
         {
             Ok(result) => {
                 if sub.since.is_some() {
@@ -846,9 +884,10 @@ impl Session {
                 self.track_presence(&sub.channel, None);
                 self.by_channel.insert(sub.channel, n);
             }
-            Err(_) => {
+            Err(SubscribeError::Outbox(_)) => {
                 // The outbox overflowed: the session is closing as slow.
             }
+            Err(SubscribeError::Broker(e)) => self.error(Some(id), e.code(), e.to_string()),
         }
     }
 

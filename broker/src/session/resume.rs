@@ -159,7 +159,7 @@ enum Entry {
     Live {
         conn_id: u64,
         nonce: u64,
-        outbox: std::sync::Arc<super::outbox::Outbox>,
+        outbox: std::sync::Arc<crate::outbox::Outbox>,
         takeover: Option<tokio::sync::oneshot::Sender<SessionRecord>>,
     },
     Detached {
@@ -184,7 +184,7 @@ impl ResumeRegistry {
         session: &str,
         conn_id: u64,
         nonce: u64,
-        outbox: std::sync::Arc<super::outbox::Outbox>,
+        outbox: std::sync::Arc<crate::outbox::Outbox>,
     ) {
         self.map.lock().insert(
             session.to_owned(),
@@ -296,7 +296,7 @@ impl ResumeRegistry {
 #[cfg(test)]
 mod registry_tests {
     use super::*;
-    use crate::session::outbox::Outbox;
+    use crate::outbox::Outbox;
     use std::time::Duration;
 
     fn claims(nonce: u64, user: &str) -> ResumeClaims {

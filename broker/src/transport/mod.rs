@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tether_protocol::{CloseCode, Encoding};
 
-use crate::session::outbox::{DirectWrite, Frame};
+use crate::outbox::{DirectWrite, Frame};
 
 /// What arrived from the client.
 #[derive(Debug)]

@@ -23,21 +23,18 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, IdleTimeout, RecvStream, SendStream, VarInt};
 use tether_protocol::frame::{FrameDecoder, put_frame};
 use tether_protocol::{CloseCode, Encoding, QUIC_ALPN};
 use tokio::io::ReadBuf;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::tls::{CountingTickets, Identity, SharedTicketKey, TlsError};
 use super::{Inbound, Transport, TransportError};
-use crate::metrics::ReasonLabel;
-use crate::node::Node;
-use crate::session;
-use crate::session::outbox::Frame;
+use crate::config::Config;
+use crate::outbox::Frame;
 
 /// Bytes read from the stream at a time, into a buffer on the stack (not
 /// kept between reads).
@@ -78,9 +75,13 @@ pub fn transport_config(
     t
 }
 
-/// Builds the QUIC endpoint for `node`, bound to `addr`.
-pub fn endpoint(node: &Node, addr: SocketAddr) -> Result<(Endpoint, Identity), TlsError> {
-    let cfg = &node.config;
+/// Builds the QUIC endpoint from the configuration, bound to `addr`;
+/// `resumed` counts handshakes resumed from a session ticket.
+pub fn endpoint(
+    cfg: &Config,
+    addr: SocketAddr,
+    resumed: Counter,
+) -> Result<(Endpoint, Identity), TlsError> {
     let identity = Identity::load_or_generate(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -102,11 +103,7 @@ pub fn endpoint(node: &Node, addr: SocketAddr) -> Result<(Endpoint, Identity), T
     };
     tls.ticketer = Arc::new(CountingTickets {
         inner: tickets,
-        resumed: node
-            .metrics
-            .quic_handshakes
-            .get_or_create(&ReasonLabel { reason: "resumed" })
-            .clone(),
+        resumed,
     });
     tls.send_tls13_tickets = 2;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
@@ -122,98 +119,6 @@ pub fn endpoint(node: &Node, addr: SocketAddr) -> Result<(Endpoint, Identity), T
     Ok((endpoint, identity))
 }
 
-/// Accepts QUIC connections until `stop`; each runs its handshake and its
-/// session in its own task.
-pub async fn accept_loop(
-    node: Arc<Node>,
-    endpoint: Endpoint,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(node.config.max_connections));
-    loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => break,
-            },
-            _ = stop.cancelled() => break,
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            node.metrics
-                .connections_refused
-                .get_or_create(&ReasonLabel { reason: "limit" })
-                .inc();
-            incoming.refuse();
-            continue;
-        };
-        if node.is_shutting_down() {
-            incoming.refuse();
-            continue;
-        }
-        let node = node.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let peer = incoming.remote_address();
-            let timeout = node.config.connect_timeout;
-            let conn = match incoming.accept() {
-                Ok(connecting) => match tokio::time::timeout(timeout, connecting).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        debug!(%peer, error = %e, "quic handshake failed");
-                        refused(&node, "handshake");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "quic handshake timed out");
-                        refused(&node, "handshake_timeout");
-                        return;
-                    }
-                },
-                Err(e) => {
-                    debug!(%peer, error = %e, "quic connection refused");
-                    refused(&node, "handshake");
-                    return;
-                }
-            };
-            node.metrics.quic_handshakes.get_or_create(&ReasonLabel { reason: "completed" }).inc();
-            // The session stream: the client's first bidirectional stream.
-            let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
-                Ok(Ok(streams)) => streams,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "connection closed before opening its session stream");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "no session stream in time");
-                    node.metrics
-                        .disconnects
-                        .get_or_create(&crate::metrics::CodeLabel {
-                            code: CloseCode::ProtocolError.code(),
-                        })
-                        .inc();
-                    conn.close(VarInt::from(CloseCode::ProtocolError.code()), b"no session stream");
-                    return;
-                }
-            };
-            let conn_id = node.next_conn_id();
-            let transport = QuicTransport::new(conn, send, recv, node.config.max_message_size, node.clone());
-            session::run(node, transport, conn_id).await;
-        });
-    }
-    // New connections are refused from now on; live sessions are closed by
-    // the server's shutdown (4010), then the endpoint itself.
-    endpoint.set_server_config(None);
-    debug!("quic accept loop stopped");
-}
-
-fn refused(node: &Node, reason: &'static str) {
-    node.metrics
-        .connections_refused
-        .get_or_create(&ReasonLabel { reason })
-        .inc();
-}
-
 /// One QUIC connection's session stream.
 pub struct QuicTransport {
     conn: Connection,
@@ -227,7 +132,8 @@ pub struct QuicTransport {
     /// allocation once they all are.
     out: BytesMut,
     last_addr: SocketAddr,
-    node: Arc<Node>,
+    /// Counts sessions that continued from a new client address.
+    migrations: Counter,
 }
 
 impl QuicTransport {
@@ -236,7 +142,7 @@ impl QuicTransport {
         send: SendStream,
         recv: RecvStream,
         max_message_size: usize,
-        node: Arc<Node>,
+        migrations: Counter,
     ) -> Self {
         let last_addr = conn.remote_address();
         Self {
@@ -247,7 +153,7 @@ impl QuicTransport {
             decoder: FrameDecoder::new(max_message_size),
             out: BytesMut::new(),
             last_addr,
-            node,
+            migrations,
         }
     }
 
@@ -256,7 +162,7 @@ impl QuicTransport {
         if addr != self.last_addr {
             debug!(from = %self.last_addr, to = %addr, "client migrated");
             self.last_addr = addr;
-            self.node.metrics.quic_migrations.inc();
+            self.migrations.inc();
         }
     }
 

@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::stream::ClientStream;
 use super::{Inbound, Transport, TransportError};
-use crate::session::outbox::{DirectWrite, Frame, Written};
+use crate::outbox::{DirectWrite, Frame, Written};
 
 /// The WebSocket endpoint path.
 pub const PATH: &str = "/v1/ws";

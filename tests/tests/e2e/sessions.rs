@@ -135,8 +135,9 @@ async fn subscribe_and_unsubscribe_rules() {
     assert_eq!(
         c.recv_skip_pings().await.unwrap(),
         ServerMessage::Unsubscribed(Unsubscribed {
-            id,
-            channel: ChannelName::new("never").unwrap()
+            id: Some(id),
+            channel: ChannelName::new("never").unwrap(),
+            reason: None,
         })
     );
     // After unsubscribing, publications no longer arrive.

@@ -311,6 +311,19 @@ impl Outbox {
         self.waker.wake();
     }
 
+    /// Closes the session as a slow consumer (4008) at once, dropping what
+    /// is queued: what a full queue does, for a caller that found the
+    /// client too far behind elsewhere (a subscription's join buffer).
+    pub fn close_slow(&self) {
+        {
+            let mut inner = self.inner.lock();
+            inner.closed = Some(CloseCode::SlowConsumer);
+            inner.queue = VecDeque::new();
+            inner.bytes = 0;
+        }
+        self.waker.wake();
+    }
+
     pub fn is_closed(&self) -> bool {
         self.inner.lock().closed.is_some()
     }

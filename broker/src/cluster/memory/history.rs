@@ -1,14 +1,12 @@
-//! One channel's bounded history: the last `size` publications, none older
-//! than `ttl`, behind the [`History`] trait. [`MemoryHistory`] keeps `data`
-//! as compact JSON text only (24 bytes of bookkeeping per entry on top
-//! of the payload); frames are encoded again on the rare replay rather than
-//! kept in every encoding.
+//! One channel's bounded history on a single node: the last `size`
+//! publications, none older than `ttl`. [`MemoryHistory`] keeps `data` as
+//! compact JSON text only (24 bytes of bookkeeping per entry on top of the
+//! payload); frames are encoded again on the rare replay rather than kept in
+//! every encoding.
 //!
-//! The hub calls these methods under the channel's lock, which is what makes
-//! a replay and the live traffic after it seamless. A history kept outside
-//! the process (Redis, for a cluster) cannot be read under that lock; its
-//! implementation buffers live traffic during the read and merges by
-//! offset, and implements this trait over a local tail.
+//! The memory broker calls these methods under the channel's lock, the same
+//! lock under which it assigns offsets and delivers: a history read is
+//! either before a publication or after it, never in the middle.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -31,44 +29,6 @@ pub struct EntryRef<'a> {
     pub offset: Offset,
     pub ts: u64,
     pub data: &'a RawValue,
-}
-
-/// A channel's retained publications, oldest first.
-pub trait History: Default + Send + 'static {
-    /// Appends `entry`, then drops what is over `size` or older than `ttl`.
-    fn push(&mut self, entry: Entry, size: usize, ttl: Duration, now_ms: u64);
-
-    /// Drops entries older than `ttl`.
-    fn expire(&mut self, ttl: Duration, now_ms: u64);
-
-    /// The oldest retained offset.
-    fn first_offset(&self) -> Option<Offset>;
-
-    /// Number of retained entries.
-    fn len(&self) -> usize;
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Payload bytes retained (for the memory gauge).
-    fn payload_bytes(&self) -> usize;
-
-    /// Entries with an offset above `since`, oldest first.
-    fn after(&self, since: Offset) -> impl Iterator<Item = EntryRef<'_>>;
-
-    /// Whether the history holds every publication after `since`, given the
-    /// channel's latest offset.
-    fn reaches_back_to(&self, since: Offset, latest: Offset) -> bool {
-        if since > latest {
-            return false;
-        }
-        if since == latest {
-            return true;
-        }
-        self.first_offset()
-            .is_some_and(|first| first <= since.next())
-    }
 }
 
 /// What [`MemoryHistory`] keeps per publication: 24 bytes beside the
@@ -98,8 +58,9 @@ impl MemoryHistory {
     }
 }
 
-impl History for MemoryHistory {
-    fn push(&mut self, entry: Entry, size: usize, ttl: Duration, now_ms: u64) {
+impl MemoryHistory {
+    /// Appends `entry`, then drops what is over `size` or older than `ttl`.
+    pub fn push(&mut self, entry: Entry, size: usize, ttl: Duration, now_ms: u64) {
         // Make room first, so that a full channel never grows its buffer.
         while !self.entries.is_empty() && self.entries.len() >= size {
             self.pop_front();
@@ -126,8 +87,9 @@ impl History for MemoryHistory {
         self.expire(ttl, now_ms);
     }
 
-    /// Entries are in time order, so this stops at the first live one.
-    fn expire(&mut self, ttl: Duration, now_ms: u64) {
+    /// Drops entries older than `ttl`. Entries are in time order, so this
+    /// stops at the first live one.
+    pub fn expire(&mut self, ttl: Duration, now_ms: u64) {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         while self
             .entries
@@ -141,19 +103,40 @@ impl History for MemoryHistory {
         }
     }
 
-    fn first_offset(&self) -> Option<Offset> {
+    /// The oldest retained offset.
+    pub fn first_offset(&self) -> Option<Offset> {
         (!self.entries.is_empty()).then_some(self.first)
     }
 
-    fn len(&self) -> usize {
+    /// Number of retained entries.
+    pub fn len(&self) -> usize {
         self.entries.len()
     }
 
-    fn payload_bytes(&self) -> usize {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Payload bytes retained (for the memory gauge).
+    pub fn payload_bytes(&self) -> usize {
         self.bytes
     }
 
-    fn after(&self, since: Offset) -> impl Iterator<Item = EntryRef<'_>> {
+    /// Whether the history holds every publication after `since`, given the
+    /// channel's latest offset.
+    pub fn reaches_back_to(&self, since: Offset, latest: Offset) -> bool {
+        if since > latest {
+            return false;
+        }
+        if since == latest {
+            return true;
+        }
+        self.first_offset()
+            .is_some_and(|first| first <= since.next())
+    }
+
+    /// Entries with an offset above `since`, oldest first.
+    pub fn after(&self, since: Offset) -> impl Iterator<Item = EntryRef<'_>> {
         let skip = since
             .get()
             .saturating_add(1)
