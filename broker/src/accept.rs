@@ -18,10 +18,29 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::metrics::{CodeLabel, Metrics, ReasonLabel};
-use crate::node::Node;
-use crate::session;
+use crate::session::{self, Shared};
 use crate::transport::quic::QuicTransport;
 use crate::transport::ws;
+
+/// The limits the accept loops apply.
+#[derive(Debug, Clone)]
+pub struct AcceptConfig {
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub max_message_size: usize,
+    pub ws_read_buffer: usize,
+}
+
+impl AcceptConfig {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            max_connections: c.max_connections,
+            connect_timeout: c.connect_timeout,
+            max_message_size: c.max_message_size,
+            ws_read_buffer: c.ws_read_buffer,
+        }
+    }
+}
 
 fn refused(metrics: &Metrics, reason: &'static str) {
     metrics
@@ -30,16 +49,18 @@ fn refused(metrics: &Metrics, reason: &'static str) {
         .inc();
 }
 
-/// Accepts WebSocket connections until `stop`.
+/// Accepts WebSocket connections until `stop`; each connection's task goes
+/// on `tracker`.
 pub async fn websocket(
-    node: Arc<Node>,
+    shared: Arc<Shared>,
+    limits: AcceptConfig,
     listener: TcpListener,
     wss: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(node.config.max_connections));
-    let ws_config = ws::ws_config(node.config.max_message_size, node.config.ws_read_buffer);
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let ws_config = ws::ws_config(limits.max_message_size, limits.ws_read_buffer);
     let tls = wss.map(Arc::new);
     loop {
         // The connection limit is taken before accept: over it, clients wait
@@ -65,22 +86,22 @@ pub async fn websocket(
             }
         };
         let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        let timeout = node.config.connect_timeout;
+        let shared = shared.clone();
+        let timeout = limits.connect_timeout;
         let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let conn_id = node.next_conn_id();
+            let conn_id = shared.table.next_conn_id();
             match tokio::time::timeout(timeout, ws::accept(stream, tls.as_deref(), ws_config)).await
             {
-                Ok(Ok(transport)) => session::run(node, transport, conn_id).await,
+                Ok(Ok(transport)) => session::run(shared, transport, conn_id).await,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "websocket upgrade refused");
-                    refused(&node.metrics, "handshake");
+                    refused(&shared.metrics, "handshake");
                 }
                 Err(_) => {
                     debug!(%peer, "websocket handshake timed out");
-                    refused(&node.metrics, "handshake_timeout");
+                    refused(&shared.metrics, "handshake_timeout");
                 }
             }
         });
@@ -91,12 +112,13 @@ pub async fn websocket(
 /// Accepts QUIC connections until `stop`; each runs its handshake and its
 /// session in its own task.
 pub async fn quic(
-    node: Arc<Node>,
+    shared: Arc<Shared>,
+    limits: AcceptConfig,
     endpoint: quinn::Endpoint,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(node.config.max_connections));
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i {
@@ -106,20 +128,21 @@ pub async fn quic(
             _ = stop.cancelled() => break,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            refused(&node.metrics, "limit");
+            refused(&shared.metrics, "limit");
             incoming.refuse();
             continue;
         };
-        if node.is_shutting_down() {
+        if shared.lifecycle.is_shutting_down() {
             incoming.refuse();
             continue;
         }
-        let node = node.clone();
+        let shared = shared.clone();
+        let limits = limits.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            if let Some(transport) = quic_handshake(&node, incoming).await {
-                let conn_id = node.next_conn_id();
-                session::run(node, transport, conn_id).await;
+            if let Some(transport) = quic_handshake(&shared.metrics, &limits, incoming).await {
+                let conn_id = shared.table.next_conn_id();
+                session::run(shared, transport, conn_id).await;
             }
         });
     }
@@ -131,10 +154,13 @@ pub async fn quic(
 
 /// The QUIC handshake and the client's session stream (its first
 /// bidirectional stream), each under `--connect-timeout`.
-async fn quic_handshake(node: &Node, incoming: quinn::Incoming) -> Option<QuicTransport> {
+async fn quic_handshake(
+    metrics: &Metrics,
+    limits: &AcceptConfig,
+    incoming: quinn::Incoming,
+) -> Option<QuicTransport> {
     let peer = incoming.remote_address();
-    let timeout = node.config.connect_timeout;
-    let metrics = &node.metrics;
+    let timeout = limits.connect_timeout;
     let conn = match incoming.accept() {
         Ok(connecting) => match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(c)) => c,
@@ -186,7 +212,7 @@ async fn quic_handshake(node: &Node, incoming: quinn::Incoming) -> Option<QuicTr
         conn,
         send,
         recv,
-        node.config.max_message_size,
+        limits.max_message_size,
         metrics.quic_migrations.clone(),
     ))
 }

@@ -11,12 +11,9 @@
 //! Exactly one push per device per message: the two cases are decided once,
 //! when the message is published.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tether_protocol::{ChannelName, Offset};
 use tether_push_gateway::{
     Device, DeviceRegistry, Gateway, GatewayEvent, NewPushJob, Notification, Platform,
@@ -26,90 +23,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::cluster::{Liveness, Presence};
 use crate::metrics::{Metrics, PushLabel};
 
 /// Most ack-timeout checks waiting at once; past that, messages are pushed
 /// at once instead of waiting (a push too many rather than one too few).
 const MAX_PENDING_ACK_CHECKS: usize = 100_000;
 
-/// What a live session exposes for the ack timeout: the last offset acked on
-/// the user's personal channel.
-#[derive(Debug, Default)]
-pub struct AckCell {
-    acked: AtomicU64,
-}
-
-impl AckCell {
-    pub fn ack(&self, offset: Offset) {
-        self.acked.fetch_max(offset.get(), Ordering::Relaxed);
-    }
-
-    pub fn acked(&self) -> Offset {
-        Offset(self.acked.load(Ordering::Relaxed))
-    }
-}
-
-#[derive(Debug)]
-struct LiveSession {
-    conn_id: u64,
-    channel: ChannelName,
-    acks: Arc<AckCell>,
-}
-
-/// Live sessions by device id.
-#[derive(Debug, Default)]
-pub struct Presence {
-    devices: Mutex<HashMap<String, Vec<LiveSession>>>,
-}
-
-impl Presence {
-    /// A session with `device` subscribed to the personal `channel`.
-    pub fn register(&self, device: &str, conn_id: u64, channel: ChannelName, acks: Arc<AckCell>) {
-        self.devices
-            .lock()
-            .entry(device.to_owned())
-            .or_default()
-            .push(LiveSession {
-                conn_id,
-                channel,
-                acks,
-            });
-    }
-
-    /// The session left `channel`.
-    pub fn unregister(&self, device: &str, conn_id: u64, channel: &ChannelName) {
-        let mut map = self.devices.lock();
-        if let Some(list) = map.get_mut(device) {
-            list.retain(|s| !(s.conn_id == conn_id && &s.channel == channel));
-            if list.is_empty() {
-                map.remove(device);
-            }
-        }
-    }
-
-    /// Whether `device` has a live session on `channel`.
-    pub fn is_live(&self, device: &str, channel: &ChannelName) -> bool {
-        self.devices
-            .lock()
-            .get(device)
-            .is_some_and(|l| l.iter().any(|s| &s.channel == channel))
-    }
-
-    /// Whether a live session of `device` on `channel` acked `offset`.
-    pub fn acked(&self, device: &str, channel: &ChannelName, offset: Offset) -> bool {
-        self.devices.lock().get(device).is_some_and(|l| {
-            l.iter()
-                .any(|s| &s.channel == channel && s.acks.acked() >= offset)
-        })
-    }
-}
-
 /// The broker's side of push: device registry, presence, fallback rules.
 #[derive(Clone)]
 pub struct Push {
     gateway: Gateway,
     devices: Arc<dyn DeviceRegistry>,
-    presence: Arc<Presence>,
+    presence: Arc<dyn Presence>,
     ack_timeout: Option<Duration>,
     configured: [bool; 2],
     metrics: Metrics,
@@ -134,21 +60,22 @@ fn slot(p: Platform) -> usize {
 }
 
 impl Push {
+    /// `configured`: whether APNs and FCM (in that order) are on.
     pub fn new(
         gateway: Gateway,
         devices: Arc<dyn DeviceRegistry>,
+        presence: Arc<dyn Presence>,
         ack_timeout: Option<Duration>,
-        apns: bool,
-        fcm: bool,
+        configured: [bool; 2],
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Push {
         Push {
             gateway,
             devices,
-            presence: Arc::new(Presence::default()),
+            presence,
             ack_timeout,
-            configured: [apns, fcm],
+            configured,
             metrics,
             timers: TaskTracker::new(),
             shutdown,
@@ -162,10 +89,6 @@ impl Push {
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
-    }
-
-    pub fn presence(&self) -> &Presence {
-        &self.presence
     }
 
     fn count(&self, platform: Platform, outcome: &'static str, reason: &'static str) {
@@ -200,7 +123,7 @@ impl Push {
                 self.count(device.platform, "skipped", "provider_off");
                 continue;
             }
-            if !self.presence.is_live(&device.device_id, channel) {
+            if !self.liveness(&device.device_id, channel, offset).await.live {
                 now.push(NewPushJob::for_device(
                     &device,
                     notification.clone(),
@@ -221,6 +144,18 @@ impl Push {
             }
         }
         self.enqueue(now).await;
+    }
+
+    /// The device's liveness; presence that cannot be read counts as
+    /// offline (a push too many rather than one too few).
+    async fn liveness(&self, device: &str, channel: &ChannelName, offset: Offset) -> Liveness {
+        match self.presence.liveness(device, channel, offset).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "presence unreadable: pushing");
+                Liveness::default()
+            }
+        }
     }
 
     async fn enqueue(&self, jobs: Vec<NewPushJob>) {
@@ -259,7 +194,11 @@ impl Push {
                 // At shutdown, decide now: what is not acked yet is pushed.
                 _ = this.shutdown.cancelled() => {}
             }
-            if this.presence.acked(&device.device_id, &channel, offset) {
+            if this
+                .liveness(&device.device_id, &channel, offset)
+                .await
+                .acked
+            {
                 debug!(channel = %channel, offset = offset.get(), "acked in time: no push");
                 return;
             }
@@ -269,10 +208,10 @@ impl Push {
     }
 
     /// Waits for pending ack checks (they resolve at once once `shutdown`
-    /// is cancelled), up to `grace`.
-    pub async fn drain(&self, grace: Duration) {
+    /// is cancelled); callers bound the wait.
+    pub async fn drain(&self) {
         self.timers.close();
-        let _ = tokio::time::timeout(grace, self.timers.wait()).await;
+        self.timers.wait().await;
     }
 }
 
@@ -304,29 +243,5 @@ pub async fn count_events(mut events: mpsc::Receiver<GatewayEvent>, metrics: Met
                     .inc();
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presence_tracks_live_sessions_per_device_and_their_acks() {
-        let p = Presence::default();
-        let ch = ChannelName::new("user:alice").expect("valid");
-        let other = ChannelName::new("user:bob").expect("valid");
-        let acks = Arc::new(AckCell::default());
-        assert!(!p.is_live("phone", &ch));
-        p.register("phone", 1, ch.clone(), acks.clone());
-        assert!(p.is_live("phone", &ch));
-        assert!(!p.is_live("phone", &other));
-        assert!(!p.acked("phone", &ch, Offset(3)));
-        acks.ack(Offset(5));
-        acks.ack(Offset(2)); // cumulative: never goes back
-        assert!(p.acked("phone", &ch, Offset(3)));
-        p.unregister("phone", 1, &ch);
-        assert!(!p.is_live("phone", &ch));
-        assert!(!p.acked("phone", &ch, Offset(3)));
     }
 }

@@ -1,28 +1,48 @@
-//! Wires the subsystems of one node: binds the listeners, runs the accept
-//! loop, the API server and the sweeper under one cancellation token and
-//! task tracker, and shuts them down in order.
+//! Wires the subsystems of one node and runs them under one root
+//! [`CancellationToken`] (a child token per subsystem) and two task
+//! trackers: `connections` (one task per client connection) and `tasks`
+//! (everything else: accept loops, the API server, maintenance, the
+//! metrics counters). Each subsystem gets the handles it needs, no more:
+//! the sessions a [`session::Shared`], the API an `api::Handles`, push its
+//! registry, queue and presence.
 //!
-//! Shutdown order: readiness goes to 503 → the client listener closes (new
-//! connections are refused) → every session is told `disconnect` 4010 after
-//! what it is owed → sessions are awaited up to `--shutdown-timeout` → the
-//! API server stops.
+//! Shutdown order, bounded in total by `--shutdown-timeout`: readiness goes
+//! to 503 → the client listeners close (new connections are refused) →
+//! every session is told `disconnect` 4010 after what it is owed → sessions
+//! are awaited (all but a reserve of the time) → the QUIC endpoint closes →
+//! pending ack checks decide and the push gateway lets its sends in flight
+//! finish → maintenance stops → the API server drains → the root token is
+//! cancelled.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use prometheus_client::registry::Registry;
 use tether_protocol::CloseCode;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::auth::KeyError;
+use crate::accept::{self, AcceptConfig};
+use crate::auth::{KeyError, Verifier};
+use crate::cluster::memory::{
+    LocalBus, MemoryBroker, MemoryBrokerConfig, MemoryPresence, MemoryResumeStore,
+};
+use crate::cluster::{ControlSink, Presence, ResumeStore};
 use crate::config::Config;
-use crate::node::Node;
+use crate::hub::{Hub, HubConfig};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::push::Push;
+use crate::session::table::SessionTable;
+use crate::session::token::ResumeKeys;
+use crate::session::{self, SessionConfig};
+use crate::transport::quic;
 use crate::transport::tls::Identity;
-use crate::transport::{quic, ws};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +73,10 @@ pub enum ServerError {
 /// Connections the kernel queues for the client listener before `accept`
 /// (a wave of reconnects arrives at once; the kernel caps it at somaxconn).
 const CLIENT_BACKLOG: u32 = 4096;
+/// How often the maintenance task sweeps.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// The longest shutdown keeps for what follows the sessions.
+const RESERVE: Duration = Duration::from_secs(3);
 
 fn bind_with_backlog(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -65,14 +89,41 @@ fn bind_with_backlog(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListe
     socket.listen(backlog)
 }
 
+/// The cancellation tree: one root, a child per subsystem.
+#[derive(Debug, Clone)]
+struct Tokens {
+    root: CancellationToken,
+    accept: CancellationToken,
+    push: CancellationToken,
+    maintenance: CancellationToken,
+    api: CancellationToken,
+}
+
+impl Tokens {
+    fn new() -> Self {
+        let root = CancellationToken::new();
+        Tokens {
+            accept: root.child_token(),
+            push: root.child_token(),
+            maintenance: root.child_token(),
+            api: root.child_token(),
+            root,
+        }
+    }
+}
+
 /// A node with its listeners bound, not yet serving.
 pub struct Server {
-    node: Arc<Node>,
+    config: Config,
+    sessions: Arc<session::Shared>,
+    push: Push,
+    registry: Arc<Registry>,
     client: TcpListener,
     api: TcpListener,
     quic: Option<(quinn::Endpoint, Identity)>,
     wss: Option<tokio_rustls::TlsAcceptor>,
-    push_stop: CancellationToken,
+    tokens: Tokens,
+    tasks: TaskTracker,
 }
 
 impl Server {
@@ -81,95 +132,71 @@ impl Server {
         if config.redis_url.is_some() {
             return Err(ServerError::ClusterUnavailable);
         }
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-        let store = tether_push_gateway::Store::open(&config.data_dir)?;
-        let apns = match &config.apns {
-            Some(a) => {
-                let mut c = tether_push_gateway::ApnsConfig::from_key_file(
-                    &a.key_file,
-                    &a.key_id,
-                    &a.team_id,
-                )?
-                .with_topic(&a.topic);
-                if let Some(e) = &a.endpoint {
-                    c = c.with_endpoint(e);
-                }
-                Some(Arc::new(tether_push_gateway::ApnsClient::new(c)?))
-            }
-            None => None,
-        };
-        let fcm = match &config.fcm {
-            Some(f) => {
-                let account = tether_push_gateway::ServiceAccount::from_file(&f.service_account)?;
-                let mut c = tether_push_gateway::FcmConfig::new(account);
-                if let Some(e) = &f.endpoint {
-                    c = c.with_endpoint(e);
-                }
-                Some(Arc::new(tether_push_gateway::FcmClient::new(c)?))
-            }
-            None => None,
-        };
-        let push_stop = CancellationToken::new();
-        let make_push = |config: &Config, metrics: &crate::metrics::Metrics| {
-            let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
-            tokio::spawn(crate::push::count_events(events_rx, metrics.clone()));
-            tokio::spawn(count_token_refreshes(
-                apns.clone(),
-                fcm.clone(),
-                metrics.clone(),
-                push_stop.clone(),
-            ));
-            let devices: Arc<dyn tether_push_gateway::DeviceRegistry> = Arc::new(store.clone());
-            let gateway = tether_push_gateway::Gateway::start(
-                store,
-                apns.clone()
-                    .map(|a| a as Arc<dyn tether_push_gateway::Provider>),
-                fcm.clone()
-                    .map(|f| f as Arc<dyn tether_push_gateway::Provider>),
-                tether_push_gateway::GatewayConfig::default(),
-                events_tx,
-                push_stop.clone(),
-            );
-            crate::push::Push::new(
-                gateway,
-                devices,
-                config.ack_timeout,
-                apns.is_some(),
-                fcm.is_some(),
-                metrics.clone(),
-                push_stop.clone(),
-            )
-        };
-        let node = Node::new(config, make_push)?;
-        let cfg = &node.config;
-        let client = bind_with_backlog(cfg.client_addr, CLIENT_BACKLOG).map_err(|source| {
+        let tokens = Tokens::new();
+        let tasks = TaskTracker::new();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let lifecycle = Arc::new(Lifecycle::default());
+
+        // The single-node implementations of the cluster seams.
+        let broker_config = MemoryBrokerConfig::from_config(&config);
+        let broker_metrics = metrics.clone();
+        let hub = Hub::with_broker(
+            HubConfig {
+                history_limit: config.history_size,
+                max_buffered: config.max_outbox_messages,
+            },
+            metrics.clone(),
+            |sink| MemoryBroker::new(broker_config, broker_metrics, sink),
+        );
+        let table = Arc::new(SessionTable::default());
+        let control: Weak<dyn ControlSink> = Arc::downgrade(&table) as Weak<dyn ControlSink>;
+        let bus = Arc::new(LocalBus::new(config.node_id.clone(), control));
+        let resumes: Arc<dyn ResumeStore> = Arc::new(MemoryResumeStore::default());
+        // A device's presence outlives a silent session by at most two
+        // heartbeats (sessions refresh it with every ping they send).
+        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(2 * config.heartbeat));
+
+        let push = start_push(&config, &metrics, presence.clone(), &tokens, &tasks)?;
+        let sessions = Arc::new(session::Shared {
+            config: SessionConfig::from_config(&config),
+            broker: hub.broker().clone(),
+            hub,
+            verifier: Verifier::new(&config.client_auth)?,
+            keys: ResumeKeys::new(config.resume_secret.clone()),
+            resumes,
+            bus,
+            presence,
+            table,
+            metrics: metrics.clone(),
+            lifecycle,
+        });
+
+        let client = bind_with_backlog(config.client_addr, CLIENT_BACKLOG).map_err(|source| {
             ServerError::Bind {
                 listener: "client",
-                addr: cfg.client_addr,
+                addr: config.client_addr,
                 source,
             }
         })?;
-        let api = TcpListener::bind(cfg.api_addr)
+        let api = TcpListener::bind(config.api_addr)
             .await
             .map_err(|source| ServerError::Bind {
                 listener: "api",
-                addr: cfg.api_addr,
+                addr: config.api_addr,
                 source,
             })?;
-        let wss = match (&cfg.tls_cert, &cfg.tls_key) {
+        let wss = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(crate::transport::stream::tls_acceptor(
                 &Identity::load_or_generate(Some(cert), Some(key))?,
             )?),
             _ => None,
         };
-        let quic = match cfg.quic_addr {
+        let quic = match config.quic_addr {
             Some(addr) => Some(quic::endpoint(
-                &node.config,
+                &config,
                 addr,
-                node.metrics
+                metrics
                     .quic_handshakes
                     .get_or_create(&crate::metrics::ReasonLabel { reason: "resumed" })
                     .clone(),
@@ -177,12 +204,16 @@ impl Server {
             None => None,
         };
         Ok(Server {
-            node,
+            config,
+            sessions,
+            push,
+            registry: Arc::new(registry),
             client,
             api,
             quic,
             wss,
-            push_stop,
+            tokens,
+            tasks,
         })
     }
 
@@ -199,31 +230,16 @@ impl Server {
         self.api.local_addr()
     }
 
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
-    }
-
-    /// Serves until `shutdown` completes, then shuts down gracefully.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Server {
-            node,
-            client,
-            api,
-            quic,
-            wss,
-            push_stop,
-        } = self;
-        let cfg = &node.config;
-        let client_addr = client.local_addr().ok();
-        let api_addr = api.local_addr().ok();
-        if let Some(addr) = client_addr {
-            let scheme = if wss.is_some() { "wss" } else { "ws" };
-            info!(listener = "client", %addr, "listening on {addr} (WebSocket at {scheme}://{addr}{})", ws::PATH);
+    fn log_start(&self) {
+        let cfg = &self.config;
+        if let Ok(addr) = self.client.local_addr() {
+            let scheme = if self.wss.is_some() { "wss" } else { "ws" };
+            info!(listener = "client", %addr, "listening on {addr} (WebSocket at {scheme}://{addr}{})", crate::transport::ws::PATH);
         }
-        if let Some(addr) = api_addr {
+        if let Ok(addr) = self.api.local_addr() {
             info!(listener = "api", %addr, "listening on {addr} (backend API)");
         }
-        if let Some((endpoint, identity)) = &quic
+        if let Some((endpoint, identity)) = &self.quic
             && let Ok(addr) = endpoint.local_addr()
         {
             info!(listener = "quic", %addr, "listening on {addr} (QUIC, ALPN tether/1)");
@@ -254,83 +270,91 @@ impl Server {
         if cfg.apns.is_none() && cfg.fcm.is_none() {
             info!("no APNs or FCM credentials: devices can be registered, offline push is off");
         }
+    }
 
-        let tracker = TaskTracker::new();
-        let stop_accepting = CancellationToken::new();
-        let stop_api = CancellationToken::new();
+    /// Serves until `shutdown` completes, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.log_start();
+        let Server {
+            config,
+            sessions,
+            push,
+            registry,
+            client,
+            api,
+            quic,
+            wss,
+            tokens,
+            tasks,
+        } = self;
+        let connections = TaskTracker::new();
+        let limits = AcceptConfig::from_config(&config);
 
-        tracker.spawn(
-            crate::accept::websocket(
-                node.clone(),
+        tasks.spawn(
+            accept::websocket(
+                sessions.clone(),
+                limits.clone(),
                 client,
                 wss,
-                stop_accepting.clone(),
-                tracker.clone(),
+                tokens.accept.clone(),
+                connections.clone(),
             )
             .instrument(info_span!("accept", listener = "client")),
         );
-
         let quic_endpoint = quic.map(|(endpoint, _)| {
-            tracker.spawn(
-                crate::accept::quic(
-                    node.clone(),
+            tasks.spawn(
+                accept::quic(
+                    sessions.clone(),
+                    limits.clone(),
                     endpoint.clone(),
-                    stop_accepting.clone(),
-                    tracker.clone(),
+                    tokens.accept.clone(),
+                    connections.clone(),
                 )
                 .instrument(info_span!("accept", listener = "quic")),
             );
             endpoint
         });
-
-        let api_task = tokio::spawn({
-            let app = crate::api::router(node.clone());
-            let stop = stop_api.clone();
+        tasks.spawn({
+            let app = crate::api::router(crate::api::Handles {
+                broker: sessions.broker.clone(),
+                push: push.clone(),
+                registry,
+                metrics: sessions.metrics.clone(),
+                lifecycle: sessions.lifecycle.clone(),
+                config: crate::api::ApiConfig::from_config(&config),
+            });
+            let stop = tokens.api.clone();
             async move {
-                let serve = axum::serve(api, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await });
+                let serve = axum::serve(api, app).with_graceful_shutdown(stop.cancelled_owned());
                 if let Err(e) = serve.await {
                     warn!(error = %e, "api server failed");
                 }
             }
         });
+        tasks.spawn(maintain(
+            sessions.clone(),
+            push.clone(),
+            tokens.maintenance.clone(),
+        ));
 
-        let sweeper = tokio::spawn({
-            let node = node.clone();
-            let stop = stop_accepting.clone();
-            async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {
-                            node.broker.sweep();
-                            node.resumes.sweep();
-                            if let Ok(depth) = node.push.gateway().outbox_depth().await {
-                                node.metrics.push_outbox_depth.set(depth as i64);
-                            }
-                        }
-                        _ = stop.cancelled() => break,
-                    }
-                }
-            }
-        });
-
-        node.set_ready();
-        info!(node = %node.node_id(), "ready");
+        sessions.lifecycle.set_ready();
+        info!(node = %config.node_id, "ready");
         shutdown.await;
 
-        info!(sessions = node.sessions.len(), "shutting down");
-        node.begin_shutdown();
-        stop_accepting.cancel();
-        node.sessions.close_all(CloseCode::ShuttingDown);
-        tracker.close();
-        if tokio::time::timeout(cfg.shutdown_timeout, tracker.wait())
+        let deadline = Instant::now() + config.shutdown_timeout;
+        let reserve = RESERVE.min(config.shutdown_timeout / 4);
+        let within = |d: Duration| (Instant::now() + d).min(deadline);
+        info!(sessions = sessions.table.len(), "shutting down");
+        sessions.lifecycle.begin_shutdown();
+        tokens.accept.cancel();
+        sessions.table.close_all(CloseCode::ShuttingDown);
+        connections.close();
+        if tokio::time::timeout_at(deadline - reserve, connections.wait())
             .await
             .is_err()
         {
             warn!(
-                remaining = node.sessions.len(),
+                remaining = sessions.table.len(),
                 "shutdown timeout reached with sessions still open"
             );
         }
@@ -339,17 +363,112 @@ impl Server {
                 quinn::VarInt::from(CloseCode::ShuttingDown.code()),
                 CloseCode::ShuttingDown.reason().as_bytes(),
             );
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            let _ =
+                tokio::time::timeout_at(within(Duration::from_secs(1)), endpoint.wait_idle()).await;
         }
         // Push: pending ack checks decide now, then the gateway stops; jobs
         // not delivered stay in the durable outbox for the next start.
-        push_stop.cancel();
-        node.push.drain(Duration::from_secs(2)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(6), node.push.gateway().stopped()).await;
-        sweeper.abort();
-        stop_api.cancel();
-        let _ = tokio::time::timeout(crate::api::DRAIN, api_task).await;
+        tokens.push.cancel();
+        let _ = tokio::time::timeout_at(within(Duration::from_secs(2)), push.drain()).await;
+        let _ =
+            tokio::time::timeout_at(within(Duration::from_secs(6)), push.gateway().stopped()).await;
+        tokens.maintenance.cancel();
+        tokens.api.cancel();
+        tasks.close();
+        if tokio::time::timeout_at(within(crate::api::DRAIN), tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown timeout reached with tasks still running");
+        }
+        tokens.root.cancel();
         info!("stopped");
+    }
+}
+
+/// Builds the push side: the durable store (devices and the push outbox),
+/// the providers, the gateway's delivery task, and the decision rules.
+fn start_push(
+    config: &Config,
+    metrics: &Metrics,
+    presence: Arc<dyn Presence>,
+    tokens: &Tokens,
+    tasks: &TaskTracker,
+) -> Result<Push, ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = tether_push_gateway::Store::open(&config.data_dir)?;
+    let apns = match &config.apns {
+        Some(a) => {
+            let mut c =
+                tether_push_gateway::ApnsConfig::from_key_file(&a.key_file, &a.key_id, &a.team_id)?
+                    .with_topic(&a.topic);
+            if let Some(e) = &a.endpoint {
+                c = c.with_endpoint(e);
+            }
+            Some(Arc::new(tether_push_gateway::ApnsClient::new(c)?))
+        }
+        None => None,
+    };
+    let fcm = match &config.fcm {
+        Some(f) => {
+            let account = tether_push_gateway::ServiceAccount::from_file(&f.service_account)?;
+            let mut c = tether_push_gateway::FcmConfig::new(account);
+            if let Some(e) = &f.endpoint {
+                c = c.with_endpoint(e);
+            }
+            Some(Arc::new(tether_push_gateway::FcmClient::new(c)?))
+        }
+        None => None,
+    };
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+    tasks.spawn(crate::push::count_events(events_rx, metrics.clone()));
+    tasks.spawn(count_token_refreshes(
+        apns.clone(),
+        fcm.clone(),
+        metrics.clone(),
+        tokens.push.clone(),
+    ));
+    let devices: Arc<dyn tether_push_gateway::DeviceRegistry> = Arc::new(store.clone());
+    let gateway = tether_push_gateway::Gateway::start(
+        store,
+        apns.clone()
+            .map(|a| a as Arc<dyn tether_push_gateway::Provider>),
+        fcm.clone()
+            .map(|f| f as Arc<dyn tether_push_gateway::Provider>),
+        tether_push_gateway::GatewayConfig::default(),
+        events_tx,
+        tokens.push.clone(),
+    );
+    Ok(Push::new(
+        gateway,
+        devices,
+        presence,
+        config.ack_timeout,
+        [apns.is_some(), fcm.is_some()],
+        metrics.clone(),
+        tokens.push.clone(),
+    ))
+}
+
+/// Every few seconds: expired history and idle channels, expired resume
+/// records, the push outbox depth gauge.
+async fn maintain(sessions: Arc<session::Shared>, push: Push, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                sessions.broker.sweep();
+                sessions.resumes.sweep();
+                if let Ok(depth) = push.gateway().outbox_depth().await {
+                    sessions.metrics.push_outbox_depth.set(depth as i64);
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
     }
 }
 
@@ -357,7 +476,7 @@ impl Server {
 async fn count_token_refreshes(
     apns: Option<Arc<tether_push_gateway::ApnsClient>>,
     fcm: Option<Arc<tether_push_gateway::FcmClient>>,
-    metrics: crate::metrics::Metrics,
+    metrics: Metrics,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));

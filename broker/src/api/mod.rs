@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tether_protocol::{ChannelName, Encoding, Epoch, ErrorCode, MAX_DEPTH, Offset};
 
-use crate::cluster::{BrokerError, HistoryRead, Publish};
-use crate::metrics::SourceLabel;
-use crate::node::Node;
+use crate::cluster::{Broker, BrokerError, HistoryRead, Publish};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{Metrics, SourceLabel};
+use crate::push::Push;
 
 /// Largest API request body (a batch of many publications).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -60,14 +61,41 @@ impl From<BrokerError> for ApiError {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    node: Arc<Node>,
+/// The settings the API reads.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub api_key: Option<String>,
+    pub max_message_size: usize,
+    pub history_size: usize,
 }
 
-/// Builds the API router for `node`.
-pub fn router(node: Arc<Node>) -> Router {
-    let state = AppState { node };
+impl ApiConfig {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            api_key: c.api_key.clone(),
+            max_message_size: c.max_message_size,
+            history_size: c.history_size,
+        }
+    }
+}
+
+/// What the API reaches: the broker (publish, history), push (devices and
+/// the offline fallback), metrics and readiness.
+#[derive(Clone)]
+pub struct Handles {
+    pub broker: Arc<dyn Broker>,
+    pub push: Push,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    pub metrics: Metrics,
+    pub lifecycle: Arc<Lifecycle>,
+    pub config: ApiConfig,
+}
+
+type AppState = Arc<Handles>;
+
+/// Builds the API router.
+pub fn router(handles: Handles) -> Router {
+    let state: AppState = Arc::new(handles);
     let v1 = Router::new()
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
@@ -102,7 +130,7 @@ async fn require_api_key(
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(key) = &state.node.config.api_key {
+    if let Some(key) = &state.config.api_key {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -124,10 +152,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.node.is_ready() {
+    if state.lifecycle.is_ready() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
-        let status = if state.node.is_shutting_down() {
+        let status = if state.lifecycle.is_shutting_down() {
             "shutting down"
         } else {
             "starting"
@@ -142,7 +170,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.node.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
         return ApiError::new(ErrorCode::Internal, format!("metrics encoding failed: {e}"))
             .into_response();
     }
@@ -186,7 +214,6 @@ impl Accepted {
     async fn finish(self, state: &AppState) -> PublishAnswer {
         if let Some((user, notification)) = self.push {
             state
-                .node
                 .push
                 .on_publish(
                     &user,
@@ -209,7 +236,7 @@ async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError
     // Encoded once: sized here, stored and fanned out by the broker.
     let raw = crate::hub::encode_data(&body.data);
     let size = raw.get().len();
-    let max = state.node.config.max_message_size;
+    let max = state.config.max_message_size;
     if size > max {
         return Err(ApiError::new(
             ErrorCode::TooLarge,
@@ -225,7 +252,6 @@ async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError
         ));
     }
     let published = state
-        .node
         .broker
         .publish(Publish {
             channel: &channel,
@@ -236,7 +262,6 @@ async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError
         .await?;
     if published.fresh {
         state
-            .node
             .metrics
             .publications
             .get_or_create(&SourceLabel { source: "api" })
@@ -329,7 +354,7 @@ async fn history(
             )
         })?,
     };
-    let size = state.node.config.history_size;
+    let size = state.config.history_size;
     let limit = match q.limit.as_deref() {
         None => size.min(100),
         Some(l) => match l.parse::<usize>() {
@@ -343,7 +368,6 @@ async fn history(
         },
     };
     let page = state
-        .node
         .broker
         .history(
             &channel,
@@ -407,7 +431,6 @@ async fn put_device(
     };
     device.validate().map_err(bad)?;
     let saved = state
-        .node
         .push
         .devices()
         .put_device(device)
@@ -422,7 +445,6 @@ async fn delete_device(
 ) -> Result<StatusCode, ApiError> {
     tether_push_gateway::validate::validate_device_id(&device_id).map_err(bad)?;
     state
-        .node
         .push
         .devices()
         .delete_device(&device_id)
@@ -445,7 +467,6 @@ async fn list_devices(
         .ok_or_else(|| bad("the user query parameter is required"))?;
     tether_push_gateway::validate::validate_user(&user).map_err(bad)?;
     let devices = state
-        .node
         .push
         .devices()
         .devices_for_user(&user)

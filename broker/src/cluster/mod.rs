@@ -13,6 +13,8 @@
 
 pub mod broker;
 pub mod memory;
+pub mod presence;
+pub mod resume;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +22,11 @@ use std::pin::Pin;
 pub use broker::{
     Broker, BrokerError, Deliver, HistoryEntry, HistoryPage, HistoryRead, Position, Publication,
     Publish, Published,
+};
+pub use presence::{Liveness, Presence, PresenceError, PresenceKey};
+pub use resume::{
+    Claim, ControlMessage, ControlSink, LiveSession, NodeBus, Refusal, ResumeError, ResumeStore,
+    SessionRecord, SubRecord,
 };
 
 /// A boxed, sendable future: what the traits' async methods return.

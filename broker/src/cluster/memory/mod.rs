@@ -4,5 +4,9 @@
 pub mod broker;
 pub mod history;
 pub mod idempotency;
+pub mod presence;
+pub mod resume;
 
 pub use broker::{MemoryBroker, MemoryBrokerConfig};
+pub use presence::MemoryPresence;
+pub use resume::{LocalBus, MemoryResumeStore};
