@@ -1,18 +1,30 @@
-//! The device registry seam: what the broker needs of a device store.
+//! The device registry seam: what the broker (the devices API, the offline
+//! decision) and the gateway (dead-token pruning) need of a device store.
 //!
-//! [`Store`] (redb, one node) implements it; a cluster keeps devices in
-//! Redis behind the same trait. The gateway prunes dead tokens in its own
-//! store and reports [`crate::GatewayEvent::DeviceRemoved`], so a shared
-//! registry can be told as well.
+//! [`crate::Store`] (redb, one node) implements it; a cluster keeps devices
+//! in Redis behind the same trait. Errors are [`RegistryError`], not the
+//! redb store's: callers learn only whose fault it is.
 
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::store::{Store, StoreError};
 use crate::types::Device;
+use crate::validate::DeviceError;
+
+/// Why the registry refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The device is not valid: the caller's fault (HTTP 400).
+    #[error("invalid device: {0}")]
+    Invalid(#[from] DeviceError),
+    /// The registry cannot be reached or read now: ours (HTTP 503).
+    #[error("device registry unavailable: {0}")]
+    Unavailable(String),
+}
 
 /// A boxed future of the registry (object-safe: `Arc<dyn DeviceRegistry>`).
-pub type RegistryFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+pub type RegistryFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, RegistryError>> + Send + 'a>>;
 
 /// Registered devices, by id and by user.
 pub trait DeviceRegistry: Send + Sync + 'static {
@@ -21,24 +33,9 @@ pub trait DeviceRegistry: Send + Sync + 'static {
     fn put_device(&self, device: Device) -> RegistryFuture<'_, Device>;
     /// Removes a device; `false` when there was none.
     fn delete_device<'a>(&'a self, device_id: &'a str) -> RegistryFuture<'a, bool>;
+    /// Removes a device whose provider said `token` is dead, if it still
+    /// has that token (a device registered again meanwhile is kept).
+    fn remove_dead<'a>(&'a self, device_id: &'a str, token: &'a str) -> RegistryFuture<'a, bool>;
     fn get_device<'a>(&'a self, device_id: &'a str) -> RegistryFuture<'a, Option<Device>>;
     fn devices_for_user<'a>(&'a self, user: &'a str) -> RegistryFuture<'a, Vec<Device>>;
-}
-
-impl DeviceRegistry for Store {
-    fn put_device(&self, device: Device) -> RegistryFuture<'_, Device> {
-        Box::pin(Store::put_device(self, device))
-    }
-
-    fn delete_device<'a>(&'a self, device_id: &'a str) -> RegistryFuture<'a, bool> {
-        Box::pin(Store::delete_device(self, device_id))
-    }
-
-    fn get_device<'a>(&'a self, device_id: &'a str) -> RegistryFuture<'a, Option<Device>> {
-        Box::pin(Store::get_device(self, device_id))
-    }
-
-    fn devices_for_user<'a>(&'a self, user: &'a str) -> RegistryFuture<'a, Vec<Device>> {
-        Box::pin(Store::devices_for_user(self, user))
-    }
 }

@@ -404,9 +404,14 @@ struct DeviceBody {
     sandbox: bool,
 }
 
-fn store_error(e: tether_push_gateway::StoreError) -> ApiError {
-    tracing::warn!(error = %e, "device store error");
-    ApiError::new(ErrorCode::Internal, "device store error")
+fn registry_error(e: tether_push_gateway::RegistryError) -> ApiError {
+    match e {
+        tether_push_gateway::RegistryError::Invalid(d) => bad(d),
+        tether_push_gateway::RegistryError::Unavailable(reason) => {
+            tracing::warn!(%reason, "device registry error");
+            ApiError::new(ErrorCode::Unavailable, "device registry unavailable")
+        }
+    }
 }
 
 fn bad(e: impl std::fmt::Display) -> ApiError {
@@ -435,7 +440,7 @@ async fn put_device(
         .devices()
         .put_device(device)
         .await
-        .map_err(store_error)?;
+        .map_err(registry_error)?;
     Ok(Json(saved))
 }
 
@@ -449,7 +454,7 @@ async fn delete_device(
         .devices()
         .delete_device(&device_id)
         .await
-        .map_err(store_error)?;
+        .map_err(registry_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -471,7 +476,7 @@ async fn list_devices(
         .devices()
         .devices_for_user(&user)
         .await
-        .map_err(store_error)?;
+        .map_err(registry_error)?;
     Ok(Json(json!({ "devices": devices })))
 }
 
