@@ -1,8 +1,14 @@
-//! The Tether broker: WebSocket sessions, the hub, the backend HTTP API.
+//! The Tether broker: WebSocket and QUIC sessions, the hub, the backend
+//! HTTP API, offline push.
 //!
-//! Rooms and their rules: [`hub`] knows nothing of sockets; [`transport`]
-//! knows nothing of channels; [`session`] is the one place that holds both.
-//! [`server`] wires them under one cancellation and shutdown order.
+//! Rooms and their rules (ARCHITECTURE.md): [`hub`] knows nothing of sockets
+//! or sessions; [`transport`] knows nothing of channels, sessions or the
+//! hub; [`session`] is the one place that holds both, and [`accept`] the one
+//! place that starts sessions on transports. [`outbox`] is neutral ground
+//! both sides use. [`cluster`] holds the seams to state a cluster shares
+//! (broker, resume store, presence, node bus) with their in-memory
+//! implementations. [`server`] wires them under one root cancellation token
+//! and shutdown order.
 
 pub mod accept;
 pub mod api;

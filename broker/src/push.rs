@@ -180,7 +180,7 @@ impl Push {
         if self.timers.len() >= MAX_PENDING_ACK_CHECKS {
             // Too many waiting: push now rather than hold more state.
             let this = self.clone();
-            tokio::spawn(async move {
+            self.timers.spawn(async move {
                 let job =
                     NewPushJob::for_device(&device, notification, channel.as_str(), offset.get());
                 this.enqueue(vec![job]).await;

@@ -1,7 +1,7 @@
 //! The Tether wire protocol, version 1 (`../shared/PROTOCOL.md`), with no I/O.
 //!
-//! This crate is the one codec that the broker, the load tester, the tests and
-//! the fuzzers share: typed messages ([`ClientMessage`], [`ServerMessage`]),
+//! This crate is the one codec that the broker, the load tester, the client and
+//! the tests share: typed messages ([`ClientMessage`], [`ServerMessage`]),
 //! their JSON and MessagePack encodings ([`codec`]), the QUIC length framing
 //! ([`frame`]), validated names ([`ChannelName`], [`UserId`], [`Epoch`],
 //! [`Offset`]) and the close and error codes ([`CloseCode`], [`ErrorCode`]).

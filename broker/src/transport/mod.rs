@@ -1,7 +1,9 @@
 //! Transports carry encoded protocol messages between a client and its
-//! session. They know nothing of channels: the session drives them through
-//! [`Transport`], the one seam between the WebSocket (and later QUIC)
-//! connection and the single session implementation.
+//! session. They know nothing of channels, sessions or the hub (they import
+//! only the neutral `outbox` and the configuration): the session drives
+//! them through [`Transport`], the one seam between a WebSocket or QUIC
+//! connection and the single session implementation. The accept loops
+//! (`crate::accept`) are where a transport meets a session.
 
 pub mod quic;
 pub mod stream;
