@@ -269,6 +269,22 @@ impl Session {
                 self.token_deadline = g.expires.map(deadline_at_unix);
                 self.grant = Some(g);
                 self.reply(&ServerMessage::Refreshed(Refreshed { id: r.id, expires }));
+                // The new token may allow fewer channels: those end now,
+                // and the client is told (no `id`: the server ended them).
+                let lost: Vec<ChannelName> = self
+                    .subs
+                    .channels()
+                    .filter(|c| !self.grant().may_subscribe(c))
+                    .cloned()
+                    .collect();
+                for channel in lost {
+                    self.end_subscription(&channel);
+                    self.reply(&ServerMessage::Unsubscribed(Unsubscribed {
+                        id: None,
+                        channel,
+                        reason: Some(ErrorCode::Forbidden.as_str().to_owned()),
+                    }));
+                }
             }
             Err(e) => self.error(Some(r.id), ErrorCode::Unauthorized, e.to_string()),
         }

@@ -50,6 +50,11 @@ impl Subscriptions {
         self.by_channel.len()
     }
 
+    /// The channels subscribed to.
+    pub(super) fn channels(&self) -> impl Iterator<Item = &ChannelName> {
+        self.by_channel.keys()
+    }
+
     pub(super) fn contains(&self, channel: &ChannelName) -> bool {
         self.by_channel.contains_key(channel)
     }

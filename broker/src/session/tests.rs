@@ -244,9 +244,13 @@ async fn publish(shared: &Shared, channel: &str, data: serde_json::Value) -> Off
 }
 
 fn jwt(sub: &str, exp: u64) -> String {
+    jwt_with(json!({"sub": sub, "exp": exp}))
+}
+
+fn jwt_with(claims: serde_json::Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("signs")
@@ -431,4 +435,37 @@ async fn a_resume_of_a_live_session_takes_it_over_with_4000() {
     let mut third = start(&shared);
     let fresh = third.resume(&first.resume_token).await;
     assert!(!fresh.resumed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_drops_a_channel_ends_that_subscription() {
+    let shared = shared(config(), ClientAuth::Secret(SECRET.as_bytes().to_vec()));
+    let exp = unix_secs() + 3600;
+    let mut client = start(&shared);
+    let both = jwt_with(json!({"sub": "alice", "exp": exp, "channels": ["a:keep", "a:lose"]}));
+    client.connect(Some(both), None).await;
+    client.subscribe("a:keep").await;
+    client.subscribe("a:lose").await;
+    let fewer = jwt_with(json!({"sub": "alice", "exp": exp, "channels": ["a:keep"]}));
+    client.send(ClientMessage::Refresh(Refresh {
+        id: 3,
+        token: fewer,
+    }));
+    assert!(matches!(client.next().await, ServerMessage::Refreshed(_)));
+    assert_eq!(
+        client.next().await,
+        ServerMessage::Unsubscribed(tether_protocol::Unsubscribed {
+            id: None,
+            channel: chan("a:lose"),
+            reason: Some("forbidden".into()),
+        })
+    );
+    // A barrier: what is published on the lost channel first never comes;
+    // the kept channel's message after it does.
+    publish(&shared, "a:lose", json!("gone")).await;
+    publish(&shared, "a:keep", json!("kept")).await;
+    match client.next().await {
+        ServerMessage::Message(m) => assert_eq!(m.channel, chan("a:keep")),
+        other => panic!("expected the kept channel's message, got {other:?}"),
+    }
 }
