@@ -37,7 +37,7 @@ pub struct Push {
     devices: Arc<dyn DeviceRegistry>,
     presence: Arc<dyn Presence>,
     ack_timeout: Option<Duration>,
-    configured: [bool; 2],
+    configured: [bool; 3],
     metrics: Metrics,
     timers: TaskTracker,
     shutdown: CancellationToken,
@@ -52,21 +52,15 @@ impl std::fmt::Debug for Push {
     }
 }
 
-fn slot(p: Platform) -> usize {
-    match p {
-        Platform::Apns => 0,
-        Platform::Fcm => 1,
-    }
-}
-
 impl Push {
-    /// `configured`: whether APNs and FCM (in that order) are on.
+    /// `configured`: whether APNs, FCM and Web Push (in `Platform::index`
+    /// order) are on.
     pub fn new(
         gateway: Gateway,
         devices: Arc<dyn DeviceRegistry>,
         presence: Arc<dyn Presence>,
         ack_timeout: Option<Duration>,
-        configured: [bool; 2],
+        configured: [bool; 3],
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Push {
@@ -119,7 +113,7 @@ impl Push {
         };
         let mut now = Vec::new();
         for device in devices {
-            if !self.configured[slot(device.platform)] {
+            if !self.configured[device.platform.index()] {
                 self.count(device.platform, "skipped", "provider_off");
                 continue;
             }

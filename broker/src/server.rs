@@ -447,7 +447,7 @@ fn start_push(
         devices,
         presence,
         config.ack_timeout,
-        [apns.is_some(), fcm.is_some()],
+        [apns.is_some(), fcm.is_some(), false],
         metrics.clone(),
         tokens.push.clone(),
     ))

@@ -27,7 +27,7 @@ fn device(i: usize) -> Device {
         device_id: format!("d{i}"),
         user: "bench".into(),
         platform: Platform::Apns,
-        token: format!("{i:016x}{}", "ab".repeat(24)),
+        token: format!("{i:016x}{}", "ab".repeat(24)).into(),
         topic: None,
         sandbox: false,
         updated_at: 0,

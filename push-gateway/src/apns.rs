@@ -265,7 +265,8 @@ impl ApnsClient {
     }
 
     async fn send_job(&self, job: &PushJob) -> Outcome {
-        if job.spec.token.is_empty() || !job.spec.token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let device_token = job.spec.token.text().unwrap_or_default();
+        if device_token.is_empty() || !device_token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Outcome::DeadToken {
                 reason: "BadDeviceToken".into(),
             };
@@ -296,7 +297,7 @@ impl ApnsClient {
             Ok(h) => h,
             Err(reason) => return Outcome::failed(reason),
         };
-        let url = format!("{}/3/device/{}", self.endpoint_for(job), job.spec.token);
+        let url = format!("{}/3/device/{device_token}", self.endpoint_for(job));
         let response = match self.http.post(url).headers(headers).body(body).send().await {
             Ok(r) => r,
             Err(e) => return network_outcome(Platform::Apns, e),
@@ -431,7 +432,7 @@ mod tests {
             device_id: "d".into(),
             user: "u".into(),
             platform: Platform::Apns,
-            token: "ab".repeat(32),
+            token: "ab".repeat(32).into(),
             topic: None,
             sandbox: false,
             notification,

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::types::Device;
+use crate::types::{Device, DeviceToken};
 use crate::validate::DeviceError;
 
 /// Why the registry refused or failed.
@@ -35,7 +35,11 @@ pub trait DeviceRegistry: Send + Sync + 'static {
     fn delete_device<'a>(&'a self, device_id: &'a str) -> RegistryFuture<'a, bool>;
     /// Removes a device whose provider said `token` is dead, if it still
     /// has that token (a device registered again meanwhile is kept).
-    fn remove_dead<'a>(&'a self, device_id: &'a str, token: &'a str) -> RegistryFuture<'a, bool>;
+    fn remove_dead<'a>(
+        &'a self,
+        device_id: &'a str,
+        token: &'a DeviceToken,
+    ) -> RegistryFuture<'a, bool>;
     fn get_device<'a>(&'a self, device_id: &'a str) -> RegistryFuture<'a, Option<Device>>;
     fn devices_for_user<'a>(&'a self, user: &'a str) -> RegistryFuture<'a, Vec<Device>>;
 }

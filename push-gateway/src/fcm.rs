@@ -446,7 +446,10 @@ pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
     }
 
     let mut message = Map::new();
-    message.insert("token".into(), Value::String(job.spec.token.clone()));
+    message.insert(
+        "token".into(),
+        Value::String(job.spec.token.text().unwrap_or_default().to_owned()),
+    );
     if n.is_alert() {
         let mut notification = Map::new();
         if let Some(t) = &n.title {

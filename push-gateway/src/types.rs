@@ -13,15 +13,91 @@ pub enum Platform {
     Apns,
     /// Firebase Cloud Messaging (HTTP v1).
     Fcm,
+    /// Web Push (RFC 8030) to a browser's push service.
+    #[serde(rename = "webpush")]
+    WebPush,
 }
 
 impl Platform {
-    /// The name used in JSON, metrics labels and logs: `apns` or `fcm`.
+    /// Every platform, in the order of [`Platform::index`].
+    pub const ALL: [Platform; 3] = [Platform::Apns, Platform::Fcm, Platform::WebPush];
+
+    /// The name used in JSON, metrics labels and logs: `apns`, `fcm` or
+    /// `webpush`.
     pub fn as_str(self) -> &'static str {
         match self {
             Platform::Apns => "apns",
             Platform::Fcm => "fcm",
+            Platform::WebPush => "webpush",
         }
+    }
+
+    /// A small number per platform (0, 1, 2), for per-platform arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Platform::Apns => 0,
+            Platform::Fcm => 1,
+            Platform::WebPush => 2,
+        }
+    }
+}
+
+/// A browser's push subscription (`PushSubscription.toJSON()`): where to
+/// send, and the keys to encrypt for (RFC 8291).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebPushSubscription {
+    /// The push service's URL for this subscription.
+    pub endpoint: String,
+    pub keys: WebPushKeys,
+}
+
+/// The subscription's keys, base64url without padding as browsers give them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebPushKeys {
+    /// The browser's P-256 public key, uncompressed (65 bytes).
+    pub p256dh: String,
+    /// The authentication secret (16 bytes).
+    pub auth: String,
+}
+
+/// A device's address at its provider: a string for APNs and FCM, a
+/// subscription object for Web Push (PROTOCOL.md §10). Secret-ish: never
+/// logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceToken {
+    Text(String),
+    WebPush(WebPushSubscription),
+}
+
+impl DeviceToken {
+    /// The token of APNs and FCM; `None` for a Web Push subscription.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            DeviceToken::Text(t) => Some(t),
+            DeviceToken::WebPush(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for DeviceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceToken::Text(_) => "Text(<redacted>)",
+            DeviceToken::WebPush(_) => "WebPush(<redacted>)",
+        })
+    }
+}
+
+impl From<String> for DeviceToken {
+    fn from(s: String) -> Self {
+        DeviceToken::Text(s)
+    }
+}
+
+impl From<&str> for DeviceToken {
+    fn from(s: &str) -> Self {
+        DeviceToken::Text(s.to_owned())
     }
 }
 
@@ -88,8 +164,8 @@ pub struct Device {
     pub device_id: String,
     pub user: String,
     pub platform: Platform,
-    /// The provider's device token. Secret-ish: never logged.
-    pub token: String,
+    /// The provider's address of the device. Secret-ish: never logged.
+    pub token: DeviceToken,
     /// APNs topic (bundle id) for this device, overriding `--apns-topic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
@@ -121,7 +197,7 @@ pub struct NewPushJob {
     pub device_id: String,
     pub user: String,
     pub platform: Platform,
-    pub token: String,
+    pub token: DeviceToken,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     #[serde(default)]
@@ -266,6 +342,25 @@ mod tests {
         );
         assert_eq!(serde_json::to_string(&Priority::High).unwrap(), "\"high\"");
         assert!(serde_json::from_str::<Platform>("\"APNS\"").is_err());
+        assert_eq!(
+            serde_json::from_str::<Platform>("\"webpush\"").unwrap(),
+            Platform::WebPush
+        );
+    }
+
+    #[test]
+    fn a_token_is_a_string_or_a_web_push_subscription() {
+        let t: DeviceToken = serde_json::from_str("\"abc\"").unwrap();
+        assert_eq!(t.text(), Some("abc"));
+        let w: DeviceToken = serde_json::from_str(
+            r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"p","auth":"a"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(&w, DeviceToken::WebPush(s) if s.endpoint == "https://push.example/x"));
+        assert_eq!(
+            serde_json::to_value(&w).unwrap()["keys"]["auth"],
+            serde_json::json!("a")
+        );
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::str::FromStr;
 use tether_protocol::UserId;
 use tether_protocol::names::NameError;
 
-use crate::types::{Device, Platform};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::types::{Device, DeviceToken, Platform, WebPushSubscription};
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 255;
@@ -19,6 +22,8 @@ pub const MAX_APNS_TOKEN_LEN: usize = 200;
 pub const MAX_FCM_TOKEN_LEN: usize = 4096;
 /// Longest APNs topic, in bytes.
 pub const MAX_TOPIC_LEN: usize = 255;
+/// Longest Web Push endpoint URL accepted, in bytes.
+pub const MAX_ENDPOINT_LEN: usize = 2048;
 
 /// Why a device registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,8 +34,12 @@ pub enum DeviceError {
     BadDeviceId,
     #[error("user: {0}")]
     BadUser(#[from] NameError),
-    #[error("platform must be \"apns\" or \"fcm\", not {0:?}")]
+    #[error("platform must be \"apns\", \"fcm\" or \"webpush\", not {0:?}")]
     BadPlatform(String),
+    #[error(
+        "token must be a string for APNs and FCM, and a subscription object {{endpoint, keys: {{p256dh, auth}}}} for Web Push"
+    )]
+    TokenShape,
     #[error(
         "APNs token must be an even number of hex digits, {MIN_APNS_TOKEN_LEN} to {MAX_APNS_TOKEN_LEN}"
     )]
@@ -39,6 +48,12 @@ pub enum DeviceError {
     BadFcmToken,
     #[error("topic must be 1 to {MAX_TOPIC_LEN} bytes of ASCII letters, digits and _ - .")]
     BadTopic,
+    #[error("Web Push endpoint must be an https:// URL of at most {MAX_ENDPOINT_LEN} bytes")]
+    BadEndpoint,
+    #[error(
+        "Web Push keys: p256dh must be a base64url P-256 public key (65 bytes, uncompressed) and auth a base64url 16-byte secret"
+    )]
+    BadWebPushKeys,
 }
 
 fn name_char(c: u8) -> bool {
@@ -59,7 +74,7 @@ pub fn validate_user(user: &str) -> Result<(), DeviceError> {
     Ok(())
 }
 
-/// `"apns"` or `"fcm"`.
+/// `"apns"`, `"fcm"` or `"webpush"`.
 pub fn parse_platform(s: &str) -> Result<Platform, DeviceError> {
     s.parse()
 }
@@ -70,15 +85,24 @@ impl FromStr for Platform {
         match s {
             "apns" => Ok(Platform::Apns),
             "fcm" => Ok(Platform::Fcm),
+            "webpush" => Ok(Platform::WebPush),
             other => Err(DeviceError::BadPlatform(other.to_owned())),
         }
     }
 }
 
 /// A provider token: APNs an even number (64–200) of hex digits; FCM 1–4096
-/// characters of `[A-Za-z0-9_:.-]`.
-pub fn validate_token(platform: Platform, token: &str) -> Result<(), DeviceError> {
+/// characters of `[A-Za-z0-9_:.-]`; Web Push a subscription whose endpoint
+/// is an `https://` URL (`http://` only on loopback, for local test
+/// services) and whose keys decode to a P-256 point and a 16-byte secret.
+pub fn validate_token(platform: Platform, token: &DeviceToken) -> Result<(), DeviceError> {
+    let token = match (platform, token) {
+        (Platform::WebPush, DeviceToken::WebPush(s)) => return validate_subscription(s),
+        (Platform::Apns | Platform::Fcm, DeviceToken::Text(t)) => t.as_str(),
+        _ => return Err(DeviceError::TokenShape),
+    };
     match platform {
+        Platform::WebPush => return Err(DeviceError::TokenShape),
         Platform::Apns => {
             let n = token.len();
             if !(MIN_APNS_TOKEN_LEN..=MAX_APNS_TOKEN_LEN).contains(&n)
@@ -98,6 +122,31 @@ pub fn validate_token(platform: Platform, token: &str) -> Result<(), DeviceError
                 return Err(DeviceError::BadFcmToken);
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_subscription(s: &WebPushSubscription) -> Result<(), DeviceError> {
+    let e = &s.endpoint;
+    let loopback = [
+        "http://127.",
+        "http://localhost:",
+        "http://localhost/",
+        "http://[::1]",
+    ];
+    let scheme_ok = (e.starts_with("https://") && e.len() > "https://".len())
+        || loopback.iter().any(|p| e.starts_with(p));
+    if !scheme_ok || e.len() > MAX_ENDPOINT_LEN || e.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(DeviceError::BadEndpoint);
+    }
+    let p256dh = URL_SAFE_NO_PAD
+        .decode(s.keys.p256dh.trim_end_matches('='))
+        .map_err(|_| DeviceError::BadWebPushKeys)?;
+    let auth = URL_SAFE_NO_PAD
+        .decode(s.keys.auth.trim_end_matches('='))
+        .map_err(|_| DeviceError::BadWebPushKeys)?;
+    if p256dh.len() != 65 || p256dh[0] != 0x04 || auth.len() != 16 {
+        return Err(DeviceError::BadWebPushKeys);
     }
     Ok(())
 }
@@ -133,11 +182,65 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn text(s: &str) -> DeviceToken {
+        DeviceToken::Text(s.to_owned())
+    }
+
+    fn web(endpoint: &str, p256dh: &[u8], auth: &[u8]) -> DeviceToken {
+        DeviceToken::WebPush(WebPushSubscription {
+            endpoint: endpoint.into(),
+            keys: crate::types::WebPushKeys {
+                p256dh: URL_SAFE_NO_PAD.encode(p256dh),
+                auth: URL_SAFE_NO_PAD.encode(auth),
+            },
+        })
+    }
+
+    #[test]
+    fn web_push_subscriptions_need_an_https_endpoint_and_real_keys() {
+        let point = [&[4u8][..], &[7u8; 64][..]].concat();
+        let wp = Platform::WebPush;
+        assert_eq!(
+            validate_token(wp, &web("https://push.example/s/1", &point, &[1; 16])),
+            Ok(())
+        );
+        assert_eq!(
+            validate_token(wp, &web("http://127.0.0.1:9/s", &point, &[1; 16])),
+            Ok(())
+        );
+        assert_eq!(
+            validate_token(wp, &web("http://push.example/s", &point, &[1; 16])),
+            Err(DeviceError::BadEndpoint)
+        );
+        assert_eq!(
+            validate_token(wp, &web("https://push.example/s", &point[..64], &[1; 16])),
+            Err(DeviceError::BadWebPushKeys)
+        );
+        assert_eq!(
+            validate_token(wp, &web("https://push.example/s", &point, &[1; 15])),
+            Err(DeviceError::BadWebPushKeys)
+        );
+        assert_eq!(
+            validate_token(wp, &text("abc")),
+            Err(DeviceError::TokenShape)
+        );
+        assert_eq!(
+            validate_token(
+                Platform::Apns,
+                &web("https://push.example/s", &point, &[1; 16])
+            ),
+            Err(DeviceError::TokenShape)
+        );
+    }
+
     #[test]
     fn apns_tokens_are_even_length_hex_of_64_to_200() {
         let ok = "a1".repeat(32);
-        assert_eq!(validate_token(Platform::Apns, &ok), Ok(()));
-        assert_eq!(validate_token(Platform::Apns, &"AB".repeat(100)), Ok(()));
+        assert_eq!(validate_token(Platform::Apns, &text(&ok)), Ok(()));
+        assert_eq!(
+            validate_token(Platform::Apns, &text(&"AB".repeat(100))),
+            Ok(())
+        );
         for bad in [
             "a1".repeat(31),
             format!("{ok}a"),
@@ -146,7 +249,7 @@ mod tests {
             String::new(),
         ] {
             assert_eq!(
-                validate_token(Platform::Apns, &bad),
+                validate_token(Platform::Apns, &text(&bad)),
                 Err(DeviceError::BadApnsToken)
             );
         }
@@ -154,15 +257,21 @@ mod tests {
 
     #[test]
     fn fcm_tokens_are_1_to_4096_safe_chars() {
-        assert_eq!(validate_token(Platform::Fcm, "abc:DEF_1.2-3"), Ok(()));
-        assert_eq!(validate_token(Platform::Fcm, &"x".repeat(4096)), Ok(()));
+        assert_eq!(
+            validate_token(Platform::Fcm, &text("abc:DEF_1.2-3")),
+            Ok(())
+        );
+        assert_eq!(
+            validate_token(Platform::Fcm, &text(&"x".repeat(4096))),
+            Ok(())
+        );
         for bad in ["", "a b", "a/b", "tok\n"] {
             assert_eq!(
-                validate_token(Platform::Fcm, bad),
+                validate_token(Platform::Fcm, &text(bad)),
                 Err(DeviceError::BadFcmToken)
             );
         }
-        assert!(validate_token(Platform::Fcm, &"x".repeat(4097)).is_err());
+        assert!(validate_token(Platform::Fcm, &text(&"x".repeat(4097))).is_err());
     }
 
     #[test]

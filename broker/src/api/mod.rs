@@ -397,7 +397,8 @@ async fn history(
 struct DeviceBody {
     user: String,
     platform: String,
-    token: String,
+    /// A string for APNs and FCM, a subscription object for Web Push.
+    token: tether_push_gateway::types::DeviceToken,
     #[serde(default)]
     topic: Option<String>,
     #[serde(default)]

@@ -180,6 +180,7 @@ impl Gateway {
             stopped: CancellationToken::new(),
             events_dropped: AtomicU64::new(0),
         });
+        // No Web Push provider yet: its jobs fail as not configured.
         for (slot, provider) in [(Platform::Apns, &apns), (Platform::Fcm, &fcm)] {
             if let Some(p) = provider
                 && p.platform() != slot
@@ -189,13 +190,13 @@ impl Gateway {
         }
         let runner = Runner {
             shared: shared.clone(),
-            providers: [apns, fcm],
+            providers: [apns, fcm, None],
             config,
             events,
             shutdown,
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
-            busy: [0, 0],
+            busy: [0; 3],
         };
         tokio::spawn(runner.run().instrument(tracing::info_span!("push_gateway")));
         Gateway { shared }

@@ -29,17 +29,14 @@ const UNCONFIGURED_BATCH: usize = 256;
 const SETTLE_BATCH: usize = 1024;
 
 fn index(p: Platform) -> usize {
-    match p {
-        Platform::Apns => 0,
-        Platform::Fcm => 1,
-    }
+    p.index()
 }
 
-const PLATFORMS: [Platform; 2] = [Platform::Apns, Platform::Fcm];
+const PLATFORMS: [Platform; 3] = Platform::ALL;
 
 pub(super) struct Runner {
     pub(super) shared: Arc<Shared>,
-    pub(super) providers: [Option<Arc<dyn Provider>>; 2],
+    pub(super) providers: [Option<Arc<dyn Provider>>; 3],
     pub(super) config: GatewayConfig,
     pub(super) events: mpsc::Sender<GatewayEvent>,
     pub(super) shutdown: CancellationToken,
@@ -47,7 +44,7 @@ pub(super) struct Runner {
     /// The job each send task carries.
     pub(super) in_flight: HashMap<tokio::task::Id, OutboxEntry>,
     /// Sends in flight per provider.
-    pub(super) busy: [usize; 2],
+    pub(super) busy: [usize; 3],
 }
 
 /// What one dispatch round found.
@@ -177,7 +174,7 @@ impl Runner {
         let now = self.shared.clock.now_ms();
         let mut settlements = Vec::with_capacity(done.len());
         let mut events = Vec::with_capacity(done.len());
-        let mut dead: Vec<(String, String, Platform)> = Vec::new();
+        let mut dead: Vec<(String, crate::types::DeviceToken, Platform)> = Vec::new();
         let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
         for result in done {
             let (task_id, outcome) = match result {

@@ -59,7 +59,7 @@ fn new_job(platform: Platform, i: u64) -> NewPushJob {
         device_id: format!("d{i}"),
         user: "u".into(),
         platform,
-        token: "ab".repeat(32),
+        token: "ab".repeat(32).into(),
         topic: None,
         sandbox: false,
         updated_at: 0,

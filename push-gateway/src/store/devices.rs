@@ -5,7 +5,7 @@ use redb::ReadableTable;
 
 use super::{DEVICES, DEVICES_BY_USER, Store, StoreError};
 use crate::devices::{DeviceRegistry, RegistryFuture};
-use crate::types::{Device, unix_now};
+use crate::types::{Device, DeviceToken, unix_now};
 
 fn user_key(user: &str, device_id: &str) -> String {
     format!("{user}\0{device_id}")
@@ -29,9 +29,9 @@ impl Store {
     pub async fn remove_dead_device(
         &self,
         device_id: &str,
-        token: &str,
+        token: &DeviceToken,
     ) -> Result<bool, StoreError> {
-        let (id, token) = (device_id.to_owned(), token.to_owned());
+        let (id, token) = (device_id.to_owned(), token.clone());
         self.call(move |s| s.delete_device_blocking(&id, Some(&token)))
             .await
     }
@@ -75,7 +75,7 @@ impl Store {
     fn delete_device_blocking(
         &self,
         device_id: &str,
-        token: Option<&str>,
+        token: Option<&DeviceToken>,
     ) -> Result<bool, StoreError> {
         let txn = self.begin_write()?;
         let removed = {
@@ -85,7 +85,7 @@ impl Store {
                 None => None,
             };
             match existing {
-                Some(d) if token.is_none_or(|t| t == d.token) => {
+                Some(d) if token.is_none_or(|t| *t == d.token) => {
                     devices.remove(device_id)?;
                     let mut by_user = txn.open_table(DEVICES_BY_USER)?;
                     by_user.remove(user_key(&d.user, device_id).as_str())?;
@@ -135,7 +135,11 @@ impl DeviceRegistry for Store {
         Box::pin(async move { Ok(Store::delete_device(self, device_id).await?) })
     }
 
-    fn remove_dead<'a>(&'a self, device_id: &'a str, token: &'a str) -> RegistryFuture<'a, bool> {
+    fn remove_dead<'a>(
+        &'a self,
+        device_id: &'a str,
+        token: &'a DeviceToken,
+    ) -> RegistryFuture<'a, bool> {
         Box::pin(async move { Ok(self.remove_dead_device(device_id, token).await?) })
     }
 
@@ -208,7 +212,7 @@ mod tests {
         let mut d = device("a", "alice");
         store.put_device(d.clone()).await.unwrap();
         let old_token = d.token.clone();
-        d.token = "ab".repeat(32);
+        d.token = "ab".repeat(32).into();
         store.put_device(d.clone()).await.unwrap();
         assert!(!store.remove_dead_device("a", &old_token).await.unwrap());
         assert!(store.get_device("a").await.unwrap().is_some());

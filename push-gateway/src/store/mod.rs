@@ -158,10 +158,8 @@ impl std::fmt::Debug for Store {
 }
 
 fn platform_code(p: Platform) -> u8 {
-    match p {
-        Platform::Apns => 0,
-        Platform::Fcm => 1,
-    }
+    // 0, 1, 2: the codes stored in `outbox_due` keys.
+    p.index() as u8
 }
 
 impl Store {
@@ -265,7 +263,7 @@ mod tests {
             device_id: id.into(),
             user: user.into(),
             platform: Platform::Apns,
-            token: format!("{:0>64}", id.len()),
+            token: format!("{:0>64}", id.len()).into(),
             topic: None,
             sandbox: false,
             updated_at: 0,

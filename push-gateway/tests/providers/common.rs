@@ -66,7 +66,7 @@ pub fn device(id: &str, user: &str, platform: Platform, token: String) -> Device
         device_id: id.into(),
         user: user.into(),
         platform,
-        token,
+        token: token.into(),
         topic: None,
         sandbox: false,
         updated_at: 0,

@@ -208,6 +208,57 @@ async fn the_device_registry_validates_and_survives_a_restart() {
     assert_eq!(list[0]["device_id"], "iphone-1");
 }
 
+/// A browser's subscription object as Web Push registers it (§10).
+fn subscription(endpoint: &str) -> Value {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let point = [&[4u8][..], &[9u8; 64][..]].concat();
+    json!({"endpoint": endpoint, "keys": {"p256dh": b64(&point), "auth": b64(&[3u8; 16])}})
+}
+
+#[tokio::test]
+async fn a_web_push_device_registers_with_its_subscription_object() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let sub = subscription("https://push.example.net/send/abc123");
+    let (s, rec) = put_device(
+        &broker,
+        "browser-1",
+        json!({"user": "walt", "platform": "webpush", "token": sub}),
+    )
+    .await;
+    assert_eq!(s, 200, "{rec}");
+    assert_eq!(rec["platform"], "webpush");
+    assert_eq!(rec["token"], sub, "the object comes back as it was given");
+    let list = devices(&broker, "walt").await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        list[0]["token"]["endpoint"],
+        "https://push.example.net/send/abc123"
+    );
+    for (body, what) in [
+        (
+            json!({"user": "walt", "platform": "webpush", "token": "a-string"}),
+            "a string token",
+        ),
+        (
+            json!({"user": "walt", "platform": "webpush", "token": subscription("http://push.example.net/x")}),
+            "plain http endpoint",
+        ),
+        (
+            json!({"user": "walt", "platform": "apns", "token": sub}),
+            "an object for APNs",
+        ),
+        (
+            json!({"user": "walt", "platform": "webpush", "token": {"endpoint": "https://p.example/x", "keys": {"p256dh": "AAAA", "auth": "AAAA"}}}),
+            "keys too short",
+        ),
+    ] {
+        let (s, body) = put_device(&broker, "bad-1", body).await;
+        assert_eq!(s, 400, "{what}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request");
+    }
+}
+
 #[tokio::test]
 async fn an_offline_device_gets_the_message_through_apns() {
     let apns = Apns::start().await;
