@@ -152,7 +152,8 @@ impl Server {
         let table = Arc::new(SessionTable::default());
         let control: Weak<dyn ControlSink> = Arc::downgrade(&table) as Weak<dyn ControlSink>;
         let bus = Arc::new(LocalBus::new(config.node_id.clone(), control));
-        let resumes: Arc<dyn ResumeStore> = Arc::new(MemoryResumeStore::default());
+        let resumes: Arc<dyn ResumeStore> =
+            Arc::new(MemoryResumeStore::new(config.node_id.clone()));
         // A device's presence outlives a silent session by at most two
         // heartbeats (sessions refresh it with every ping they send).
         let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(2 * config.heartbeat));

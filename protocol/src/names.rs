@@ -41,9 +41,11 @@ fn validate(what: &'static str, s: &str, max: usize) -> Result<(), NameError> {
 }
 
 /// A channel name: 1–255 bytes of ASCII letters, digits and `_ - : . @ /`.
+/// Cheap to clone (shared, immutable): a broker keeps a channel's name in
+/// several tables (hub, broker, each session's subscriptions), one copy.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct ChannelName(Box<str>);
+pub struct ChannelName(std::sync::Arc<str>);
 
 impl ChannelName {
     /// Longest channel name, in bytes.
@@ -54,12 +56,12 @@ impl ChannelName {
     pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
         let s = s.into();
         validate("channel name", &s, Self::MAX_LEN)?;
-        Ok(Self(s.into_boxed_str()))
+        Ok(Self(s.into()))
     }
 
     /// The personal channel of `user`.
     pub fn personal(user: &UserId) -> Self {
-        Self(format!("{}{}", Self::USER_PREFIX, user.as_str()).into_boxed_str())
+        Self(format!("{}{}", Self::USER_PREFIX, user.as_str()).into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -90,7 +92,7 @@ impl TryFrom<&str> for ChannelName {
 
 impl From<ChannelName> for String {
     fn from(c: ChannelName) -> String {
-        c.0.into()
+        c.0.to_string()
     }
 }
 

@@ -98,6 +98,17 @@ struct Pending {
     overflowed: bool,
 }
 
+/// Whether the broker knows this node watches the channel (for this table
+/// entry).
+#[derive(Debug, Default)]
+enum Watch {
+    #[default]
+    No,
+    /// A `watch` call is under way; joiners wait for it.
+    Pending(Arc<tokio::sync::Notify>),
+    Yes,
+}
+
 #[derive(Debug, Default)]
 struct ChannelState {
     /// Shared with the fan-out pool during a large fan-out; changed with
@@ -106,6 +117,7 @@ struct ChannelState {
     pending: Vec<Pending>,
     /// Subscribers (live and pending) per encoding: which frames to build.
     encodings: [usize; 2],
+    watch: Watch,
     /// Set when the channel left the table: lookups must start again.
     removed: bool,
 }
@@ -132,13 +144,8 @@ fn slot(e: Encoding) -> usize {
     }
 }
 
-#[derive(Debug)]
-struct Channel {
-    name: ChannelName,
-    state: Mutex<ChannelState>,
-    /// Set once the broker has confirmed `watch` for this table entry.
-    watched: tokio::sync::OnceCell<()>,
-}
+/// One channel's entry in the table (the name is the table's key).
+type Channel = Mutex<ChannelState>;
 
 type Shard = RwLock<HashMap<ChannelName, Arc<Channel>>>;
 
@@ -165,6 +172,7 @@ impl std::fmt::Debug for Hub {
 /// or the future dropped).
 struct PendingGuard<'a> {
     hub: &'a Hub,
+    name: &'a ChannelName,
     channel: &'a Arc<Channel>,
     id: SubscriptionId,
     armed: bool,
@@ -176,7 +184,7 @@ impl Drop for PendingGuard<'_> {
             return;
         }
         let empty = {
-            let mut st = self.channel.state.lock();
+            let mut st = self.channel.lock();
             if let Some(i) = st.pending.iter().position(|p| p.id == self.id) {
                 let p = st.pending.swap_remove(i);
                 st.count(p.encoding, false);
@@ -184,7 +192,7 @@ impl Drop for PendingGuard<'_> {
             st.is_empty()
         };
         if empty {
-            self.hub.remove_if_empty(self.channel);
+            self.hub.remove_if_empty(self.name, self.channel);
         }
     }
 }
@@ -240,16 +248,10 @@ impl Hub {
                     .shard(name)
                     .write()
                     .entry(name.clone())
-                    .or_insert_with(|| {
-                        Arc::new(Channel {
-                            name: name.clone(),
-                            state: Mutex::new(ChannelState::default()),
-                            watched: tokio::sync::OnceCell::new(),
-                        })
-                    })
+                    .or_insert_with(|| Arc::new(Mutex::new(ChannelState::default())))
                     .clone(),
             };
-            let mut st = channel.state.lock();
+            let mut st = channel.lock();
             if st.removed {
                 // Lost a race with the last unsubscribe: look again.
                 continue;
@@ -266,26 +268,70 @@ impl Hub {
         }
     }
 
-    /// Forgets `channel` if it has no subscriber (live or pending), and
-    /// tells the broker.
-    fn remove_if_empty(&self, channel: &Arc<Channel>) {
+    /// Forgets `channel` (the entry of `name`) if it has no subscriber
+    /// (live or pending), and tells the broker.
+    fn remove_if_empty(&self, name: &ChannelName, channel: &Arc<Channel>) {
         let watched = {
-            let mut shard = self.shard(&channel.name).write();
-            let mut st = channel.state.lock();
+            let mut shard = self.shard(name).write();
+            let mut st = channel.lock();
             if !st.is_empty() || st.removed {
                 return;
             }
             st.removed = true;
-            if shard
-                .get(&channel.name)
-                .is_some_and(|c| Arc::ptr_eq(c, channel))
-            {
-                shard.remove(&channel.name);
+            if shard.get(name).is_some_and(|c| Arc::ptr_eq(c, channel)) {
+                shard.remove(name);
             }
-            channel.watched.initialized()
+            matches!(st.watch, Watch::Yes)
         };
         if watched {
-            self.broker.unwatch(&channel.name);
+            self.broker.unwatch(name);
+        }
+    }
+
+    /// Makes sure the broker knows this node watches `name` (once per table
+    /// entry; concurrent joiners wait for the first one's call).
+    async fn ensure_watched(
+        &self,
+        name: &ChannelName,
+        channel: &Channel,
+    ) -> Result<(), BrokerError> {
+        loop {
+            let wait = {
+                let mut st = channel.lock();
+                match &st.watch {
+                    Watch::Yes => return Ok(()),
+                    Watch::Pending(n) => Some(n.clone()),
+                    Watch::No => {
+                        st.watch = Watch::Pending(Arc::new(tokio::sync::Notify::new()));
+                        None
+                    }
+                }
+            };
+            let Some(n) = wait else {
+                // Settles the state however this call ends (its future may
+                // be dropped): waiters never wait for a call nobody makes.
+                struct Settle<'a>(&'a Channel, bool);
+                impl Drop for Settle<'_> {
+                    fn drop(&mut self) {
+                        let next = if self.1 { Watch::Yes } else { Watch::No };
+                        let was = std::mem::replace(&mut self.0.lock().watch, next);
+                        if let Watch::Pending(n) = was {
+                            n.notify_waiters();
+                        }
+                    }
+                }
+                let mut settle = Settle(channel, false);
+                let result = self.broker.watch(name).await;
+                settle.1 = result.is_ok();
+                return result;
+            };
+            let notified = n.notified();
+            tokio::pin!(notified);
+            // Registered before looking again: no wake-up is missed.
+            notified.as_mut().enable();
+            if matches!(channel.lock().watch, Watch::Pending(_)) {
+                notified.await;
+            }
         }
     }
 
@@ -303,13 +349,12 @@ impl Hub {
         let ch = self.register(channel, &subscriber);
         let mut guard = PendingGuard {
             hub: self,
+            name: channel,
             channel: &ch,
             id: subscriber.id,
             armed: true,
         };
-        ch.watched
-            .get_or_try_init(|| self.broker.watch(channel))
-            .await?;
+        self.ensure_watched(channel, &ch).await?;
         let read = HistoryRead {
             since: since.map(|s| s.offset),
             limit: self.config.history_limit,
@@ -318,7 +363,7 @@ impl Hub {
         loop {
             attempt += 1;
             let page = self.broker.history(channel, read).await?;
-            let mut st = ch.state.lock();
+            let mut st = ch.lock();
             let Some(i) = st.pending.iter().position(|p| p.id == subscriber.id) else {
                 // Only this call removes its own registration.
                 return Err(SubscribeError::Outbox(PushError::Closed));
@@ -344,16 +389,21 @@ impl Hub {
             } else {
                 &[]
             };
-            if let Err(e) = join(&ch.name, &subscriber, &plan, replay, pending.buffer, &reply) {
+            if let Err(e) = join(channel, &subscriber, &plan, replay, pending.buffer, &reply) {
                 st.count(subscriber.encoding, false);
                 let empty = st.is_empty();
                 drop(st);
                 if empty {
-                    self.remove_if_empty(&ch);
+                    self.remove_if_empty(channel, &ch);
                 }
                 return Err(SubscribeError::Outbox(e));
             }
-            Arc::make_mut(&mut st.live).push(LiveSub {
+            let live = Arc::make_mut(&mut st.live);
+            if live.capacity() == 0 {
+                // Most channels have one subscriber: no room for four.
+                live.reserve_exact(1);
+            }
+            live.push(LiveSub {
                 subscriber,
                 skip: plan
                     .skip_through
@@ -375,7 +425,7 @@ impl Hub {
             return;
         };
         let empty = {
-            let mut st = ch.state.lock();
+            let mut st = ch.lock();
             if let Some(i) = st.live.iter().position(|s| s.subscriber.id == id) {
                 let gone = Arc::make_mut(&mut st.live).swap_remove(i);
                 st.count(gone.subscriber.encoding, false);
@@ -384,7 +434,7 @@ impl Hub {
             st.is_empty()
         };
         if empty {
-            self.remove_if_empty(&ch);
+            self.remove_if_empty(channel, &ch);
         }
     }
 
@@ -443,11 +493,11 @@ impl Deliver for Hub {
             let Some(ch) = self.lookup(channel) else {
                 return;
             };
-            let mut st = ch.state.lock();
+            let mut st = ch.lock();
             if st.removed {
                 continue;
             }
-            let template = Template::new(&ch.name, p, st.needs());
+            let template = Template::new(channel, p, st.needs());
             let max = self.config.max_buffered;
             for pending in st.pending.iter_mut().filter(|p| !p.overflowed) {
                 if pending.buffer.len() >= max {
@@ -483,7 +533,7 @@ impl Deliver for Hub {
                 st.encodings = counts;
                 if st.is_empty() {
                     drop(st);
-                    self.remove_if_empty(&ch);
+                    self.remove_if_empty(channel, &ch);
                 }
             }
             return;

@@ -194,7 +194,7 @@ fn shared(config: SessionConfig, auth: ClientAuth) -> Arc<Shared> {
         hub,
         verifier: Verifier::new(&auth).expect("valid auth"),
         keys: ResumeKeys::new(Some(b"0123456789abcdef".to_vec())),
-        resumes: Arc::new(MemoryResumeStore::default()),
+        resumes: Arc::new(MemoryResumeStore::new(config.node_id.clone())),
         bus: Arc::new(LocalBus::new(config.node_id.clone(), control)),
         presence: Arc::new(MemoryPresence::new(2 * config.heartbeat)),
         table,

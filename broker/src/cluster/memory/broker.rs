@@ -56,14 +56,26 @@ impl MemoryBrokerConfig {
 
 #[derive(Debug)]
 struct ChannelState {
-    epoch: Epoch,
+    /// The epoch, as a number (its name is made when it is needed: a
+    /// channel nobody publishes to carries no string).
+    epoch: u64,
     offset: Offset,
-    history: MemoryHistory,
-    last_activity: Instant,
+    /// `None` while nothing is retained (most channels, most of the time).
+    history: Option<Box<MemoryHistory>>,
+    /// Seconds since the broker started, at the last publish, watch or
+    /// unwatch.
+    last_activity: u32,
     /// [`Broker::watch`] calls not yet matched by `unwatch`.
-    watchers: usize,
+    watchers: u32,
     /// Set when the sweeper forgot this channel: lookups must start again.
     removed: bool,
+}
+
+impl ChannelState {
+    fn history(&self) -> &MemoryHistory {
+        static EMPTY: MemoryHistory = MemoryHistory::new();
+        self.history.as_deref().unwrap_or(&EMPTY)
+    }
 }
 
 type Shard = RwLock<HashMap<ChannelName, Arc<Mutex<ChannelState>>>>;
@@ -76,6 +88,7 @@ pub struct MemoryBroker {
     metrics: Metrics,
     sink: Weak<dyn Deliver>,
     idempotency: IdempotencyCache,
+    started: Instant,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -93,8 +106,8 @@ fn unix_millis() -> u64 {
         .unwrap_or(0)
 }
 
-fn new_epoch() -> Epoch {
-    Epoch::new(format!("{:016x}", rand::random::<u64>()))
+fn epoch_name(epoch: u64) -> Epoch {
+    Epoch::new(format!("{epoch:016x}"))
 }
 
 impl MemoryBroker {
@@ -108,7 +121,13 @@ impl MemoryBroker {
             config,
             metrics,
             sink,
+            started: Instant::now(),
         }
+    }
+
+    /// Seconds since the broker started (what `last_activity` counts in).
+    fn now_secs(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
     fn shard(&self, name: &ChannelName) -> &Shard {
@@ -130,10 +149,10 @@ impl MemoryBroker {
             .or_insert_with(|| {
                 self.metrics.channels.inc();
                 Arc::new(Mutex::new(ChannelState {
-                    epoch: new_epoch(),
+                    epoch: rand::random::<u64>(),
                     offset: Offset::ZERO,
-                    history: MemoryHistory::default(),
-                    last_activity: Instant::now(),
+                    history: None,
+                    last_activity: self.now_secs(),
                     watchers: 0,
                     removed: false,
                 }))
@@ -157,16 +176,22 @@ impl MemoryBroker {
     /// Keeps the history gauges true after `h` changed from `before`
     /// (messages, payload bytes).
     fn account(&self, before: (usize, usize), h: &MemoryHistory) {
+        let h = (h.len(), h.payload_bytes());
         let m = &self.metrics;
-        m.history_messages.inc_by(h.len() as i64 - before.0 as i64);
-        m.history_bytes
-            .inc_by(h.payload_bytes() as i64 - before.1 as i64);
+        m.history_messages.inc_by(h.0 as i64 - before.0 as i64);
+        m.history_bytes.inc_by(h.1 as i64 - before.1 as i64);
     }
 
     fn expire(&self, st: &mut ChannelState, now_ms: u64) {
-        let before = (st.history.len(), st.history.payload_bytes());
-        st.history.expire(self.config.history_ttl, now_ms);
-        self.account(before, &st.history);
+        let Some(h) = st.history.as_deref_mut() else {
+            return;
+        };
+        let before = (h.len(), h.payload_bytes());
+        h.expire(self.config.history_ttl, now_ms);
+        self.account(before, h);
+        if h.is_empty() {
+            st.history = None;
+        }
     }
 
     /// Assigns the next offset, delivers, appends to history.
@@ -176,12 +201,13 @@ impl MemoryBroker {
         let cfg = &self.config;
         self.with_channel(channel, |st| {
             st.offset = st.offset.next();
-            st.last_activity = published_at;
+            st.last_activity = self.now_secs();
+            let epoch = epoch_name(st.epoch);
             if let Some(sink) = self.sink.upgrade() {
                 sink.deliver(
                     channel,
                     &Publication {
-                        epoch: &st.epoch,
+                        epoch: &epoch,
                         offset: st.offset,
                         ts,
                         raw: &raw,
@@ -190,10 +216,12 @@ impl MemoryBroker {
                     },
                 );
             }
-            let before = (st.history.len(), st.history.payload_bytes());
-            st.history.push(
+            let offset = st.offset;
+            let h = st.history.get_or_insert_with(Box::default);
+            let before = (h.len(), h.payload_bytes());
+            h.push(
                 Entry {
-                    offset: st.offset,
+                    offset,
                     ts,
                     data: raw,
                 },
@@ -201,9 +229,9 @@ impl MemoryBroker {
                 cfg.history_ttl,
                 ts,
             );
-            self.account(before, &st.history);
+            self.account(before, h);
             Position {
-                epoch: st.epoch.clone(),
+                epoch,
                 offset: st.offset,
             }
         })
@@ -225,8 +253,8 @@ impl MemoryBroker {
         let (recovered, messages) = match read.since {
             None => (false, Vec::new()),
             Some(since) => (
-                st.history.reaches_back_to(since, st.offset),
-                st.history
+                st.history().reaches_back_to(since, st.offset),
+                st.history()
                     .after(since)
                     .take(read.limit)
                     .map(|e| HistoryEntry {
@@ -239,7 +267,7 @@ impl MemoryBroker {
         };
         HistoryPage {
             position: Position {
-                epoch: st.epoch.clone(),
+                epoch: epoch_name(st.epoch),
                 offset: st.offset,
             },
             recovered,
@@ -281,7 +309,7 @@ impl Broker for MemoryBroker {
     fn watch<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<(), BrokerError>> {
         self.with_channel(channel, |st| {
             st.watchers += 1;
-            st.last_activity = Instant::now();
+            st.last_activity = self.now_secs();
         });
         Box::pin(async { Ok(()) })
     }
@@ -290,7 +318,7 @@ impl Broker for MemoryBroker {
         if let Some(ch) = self.lookup(channel) {
             let mut st = ch.lock();
             st.watchers = st.watchers.saturating_sub(1);
-            st.last_activity = Instant::now();
+            st.last_activity = self.now_secs();
         }
     }
 
@@ -298,7 +326,8 @@ impl Broker for MemoryBroker {
     /// watches and that have had no history and no activity for
     /// `idle_channel_ttl`.
     fn sweep(&self) {
-        let now = Instant::now();
+        let now = self.now_secs();
+        let idle_secs = self.config.idle_channel_ttl.as_secs();
         let now_ms = unix_millis();
         for shard in self.shards.iter() {
             let mut map = shard.write();
@@ -306,9 +335,8 @@ impl Broker for MemoryBroker {
                 let mut st = ch.lock();
                 self.expire(&mut st, now_ms);
                 let idle = st.watchers == 0
-                    && st.history.is_empty()
-                    && now.saturating_duration_since(st.last_activity)
-                        > self.config.idle_channel_ttl;
+                    && st.history.is_none()
+                    && u64::from(now.saturating_sub(st.last_activity)) >= idle_secs;
                 if idle {
                     st.removed = true;
                     self.metrics.channels.dec();

@@ -50,6 +50,15 @@ pub struct MemoryHistory {
 }
 
 impl MemoryHistory {
+    /// An empty history.
+    pub const fn new() -> Self {
+        MemoryHistory {
+            entries: VecDeque::new(),
+            first: Offset::ZERO,
+            bytes: 0,
+        }
+    }
+
     fn pop_front(&mut self) {
         if let Some(e) = self.entries.pop_front() {
             self.bytes -= e.data.get().len();

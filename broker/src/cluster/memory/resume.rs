@@ -27,7 +27,8 @@ struct Handoff {
 #[derive(Debug)]
 enum Entry {
     Live {
-        live: LiveSession,
+        /// The connection on this node.
+        conn_id: u64,
         nonce: u64,
         /// A claim waiting for this session's record.
         takeover: Option<Arc<Handoff>>,
@@ -42,12 +43,22 @@ enum Entry {
 /// Resumable sessions of one node.
 #[derive(Debug, Default)]
 pub struct MemoryResumeStore {
+    /// This node: every live session is here.
+    node: String,
     sessions: Mutex<HashMap<String, Entry>>,
     /// Handoffs by (session, nonce) until the claimant has taken them.
     handoffs: Mutex<HashMap<(String, u64), Arc<Handoff>>>,
 }
 
 impl MemoryResumeStore {
+    /// The store of node `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            ..Self::default()
+        }
+    }
+
     /// Number of detached (resumable) sessions.
     pub fn detached(&self) -> usize {
         self.sessions
@@ -76,7 +87,7 @@ impl MemoryResumeStore {
                 }
             }
             Entry::Live {
-                live,
+                conn_id,
                 nonce: n,
                 takeover,
             } => {
@@ -88,17 +99,20 @@ impl MemoryResumeStore {
                 self.handoffs
                     .lock()
                     .insert((session.to_owned(), nonce), handoff);
-                Claim::Live(live.clone())
+                Claim::Live(LiveSession {
+                    node: self.node.clone(),
+                    conn_id: *conn_id,
+                })
             }
         }
     }
 
     fn detach_now(&self, session: &str, conn_id: u64, record: SessionRecord, window: Duration) {
         let mut map = self.sessions.lock();
-        let Some(Entry::Live { live, .. }) = map.get(session) else {
+        let Some(Entry::Live { conn_id: live, .. }) = map.get(session) else {
             return;
         };
-        if live.conn_id != conn_id {
+        if *live != conn_id {
             // Already taken over and registered by a newer connection.
             return;
         }
@@ -145,10 +159,11 @@ impl ResumeStore for MemoryResumeStore {
         live: LiveSession,
         nonce: u64,
     ) -> BoxFuture<'a, Result<(), ResumeError>> {
+        debug_assert_eq!(live.node, self.node, "a single node holds every session");
         self.sessions.lock().insert(
             session.to_owned(),
             Entry::Live {
-                live,
+                conn_id: live.conn_id,
                 nonce,
                 takeover: None,
             },
@@ -275,7 +290,7 @@ mod tests {
 
     #[test]
     fn a_detached_session_is_claimed_once_within_its_window() {
-        let r = MemoryResumeStore::default();
+        let r = MemoryResumeStore::new("n");
         now(r.register_live("s", live(1), 42)).expect("ok");
         now(r.detach("s", 1, SessionRecord::default(), Duration::from_secs(60))).expect("ok");
         assert_eq!(r.detached(), 1);
@@ -292,7 +307,7 @@ mod tests {
 
     #[test]
     fn after_the_window_the_session_is_gone() {
-        let r = MemoryResumeStore::default();
+        let r = MemoryResumeStore::new("n");
         now(r.register_live("s", live(1), 1)).expect("ok");
         now(r.detach("s", 1, SessionRecord::default(), Duration::ZERO)).expect("ok");
         std::thread::sleep(Duration::from_millis(2));
@@ -304,7 +319,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_live_session_hands_its_record_to_the_claim() {
-        let r = Arc::new(MemoryResumeStore::default());
+        let r = Arc::new(MemoryResumeStore::new("n"));
         r.register_live("s", live(1), 7).await.expect("ok");
         let Ok(Claim::Live(at)) = r.claim("s", 7).await else {
             panic!("expected a takeover")
@@ -337,7 +352,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_takeover_that_gets_no_answer_leaves_the_token_usable() {
-        let r = MemoryResumeStore::default();
+        let r = MemoryResumeStore::new("n");
         r.register_live("s", live(1), 7).await.expect("ok");
         assert!(matches!(r.claim("s", 7).await, Ok(Claim::Live(_))));
         let got = r
