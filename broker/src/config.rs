@@ -68,9 +68,12 @@ pub struct Settings {
     /// PEM public key (RSA for RS256, EC P-256 for ES256) for client JWTs
     #[arg(long, env = "TETHER_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
-    /// Redis URL for cluster mode [default: none, single node]
+    /// Redis URL for cluster mode, redis:// or rediss:// (TLS) [default: none, single node]
     #[arg(long, env = "TETHER_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes for cluster mode, comma separated redis:// or rediss:// URLs [default: none]
+    #[arg(long, env = "TETHER_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
     /// This node's name [default: host name + random suffix]
     #[arg(long, env = "TETHER_NODE_ID")]
     pub node_id: Option<String>,
@@ -202,6 +205,15 @@ pub struct FcmSettings {
     pub endpoint: Option<String>,
 }
 
+/// The Redis a cluster shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis (`--redis-url`).
+    Single(String),
+    /// A Redis Cluster, found through these seed nodes (`--redis-cluster`).
+    Cluster(Vec<String>),
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -217,7 +229,8 @@ pub struct Config {
     pub api_addr: SocketAddr,
     pub api_key: Option<String>,
     pub client_auth: ClientAuth,
-    pub redis_url: Option<String>,
+    /// Cluster mode: where the shared state lives; `None` for a single node.
+    pub redis: Option<RedisTarget>,
     pub node_id: String,
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
@@ -314,6 +327,7 @@ impl Settings {
             jwt_secret,
             jwt_public_key,
             redis_url,
+            redis_cluster,
             node_id,
             data_dir,
             heartbeat,
@@ -462,12 +476,42 @@ impl Settings {
             Some(s) => Some(s.into_bytes()),
             None => None,
         };
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
+        let redis_scheme = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
+        let redis = match (self.redis_url, self.redis_cluster) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "redis-url",
+                    "give either redis-url (one Redis) or redis-cluster (a Redis Cluster), not both",
+                ));
+            }
+            (Some(url), None) if !redis_scheme(&url) => {
+                return Err(invalid(
+                    "redis-url",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+            (Some(url), None) => Some(RedisTarget::Single(url)),
+            (None, Some(list)) => {
+                let seeds: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if seeds.is_empty() || !seeds.iter().all(|s| redis_scheme(s)) {
+                    return Err(invalid(
+                        "redis-cluster",
+                        "must be a comma-separated list of redis:// or rediss:// URLs",
+                    ));
+                }
+                Some(RedisTarget::Cluster(seeds))
+            }
+            (None, None) => None,
+        };
+        if redis.is_some() && resume_secret.is_none() {
             return Err(invalid(
-                "redis-url",
-                "must start with redis:// or rediss://",
+                "resume-secret",
+                "cluster mode needs the same resume-secret on every node: resume tokens signed with a random key of one node cannot be read by the others",
             ));
         }
         let log_format = match self.log_format.as_deref() {
@@ -530,6 +574,12 @@ impl Settings {
                 })?)
             }
         };
+        if redis.is_some() && quic_addr.is_some() && quic_ticket_key.is_none() {
+            return Err(invalid(
+                "quic-ticket-key",
+                "cluster mode with QUIC on needs the same quic-ticket-key on every node (or --quic-addr off): a session ticket from one node must open on the others",
+            ));
+        }
 
         Ok(Config {
             client_addr,
@@ -537,7 +587,7 @@ impl Settings {
             api_addr,
             api_key: self.api_key.filter(|k| !k.is_empty()),
             client_auth,
-            redis_url: self.redis_url,
+            redis,
             node_id,
             data_dir: self
                 .data_dir
@@ -668,6 +718,53 @@ mod tests {
             ..Settings::default()
         });
         assert!(e.contains("log-format"), "{e}");
+    }
+
+    #[test]
+    fn cluster_mode_needs_shared_secrets_and_one_kind_of_redis() {
+        let secret = Some("0123456789abcdef0123".to_owned());
+        let bad = |s: Settings| s.resolve_without_file().expect_err("invalid").to_string();
+        let e = bad(Settings {
+            redis_url: Some("redis://127.0.0.1:6390".into()),
+            quic_addr: Some("off".into()),
+            ..Settings::default()
+        });
+        assert!(e.contains("resume-secret"), "{e}");
+        let e = bad(Settings {
+            redis_url: Some("redis://127.0.0.1:6390".into()),
+            resume_secret: secret.clone(),
+            ..Settings::default()
+        });
+        assert!(e.contains("quic-ticket-key"), "{e}");
+        let e = bad(Settings {
+            redis_url: Some("redis://a:1".into()),
+            redis_cluster: Some("redis://b:2".into()),
+            resume_secret: secret.clone(),
+            ..Settings::default()
+        });
+        assert!(e.contains("not both"), "{e}");
+        let e = bad(Settings {
+            redis_cluster: Some("redis://a:1,http://b:2".into()),
+            resume_secret: secret.clone(),
+            quic_addr: Some("off".into()),
+            ..Settings::default()
+        });
+        assert!(e.contains("redis-cluster"), "{e}");
+        let c = Settings {
+            redis_cluster: Some(" redis://a:1, rediss://b:2 ".into()),
+            resume_secret: secret,
+            quic_addr: Some("off".into()),
+            ..Settings::default()
+        }
+        .resolve_without_file()
+        .expect("valid");
+        assert_eq!(
+            c.redis,
+            Some(RedisTarget::Cluster(vec![
+                "redis://a:1".into(),
+                "rediss://b:2".into()
+            ]))
+        );
     }
 
     #[test]

@@ -76,6 +76,11 @@ pub struct Metrics {
     pub push_enqueue_failures: Counter,
     pub push_outbox_depth: Gauge,
     pub push_token_refreshes: Family<ProviderLabel, Gauge>,
+    pub cluster_reconnects: Counter,
+    pub cluster_probes_failed: Counter,
+    pub cluster_gaps_filled: Counter,
+    pub cluster_gaps_unfilled: Counter,
+    pub cluster_redis_latency: Histogram,
 }
 
 impl Metrics {
@@ -107,6 +112,14 @@ impl Metrics {
             push_enqueue_failures: Counter::default(),
             push_outbox_depth: Gauge::default(),
             push_token_refreshes: Family::default(),
+            cluster_reconnects: Counter::default(),
+            cluster_probes_failed: Counter::default(),
+            cluster_gaps_filled: Counter::default(),
+            cluster_gaps_unfilled: Counter::default(),
+            // 100 µs … ~1.6 s
+            cluster_redis_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+            ),
         };
         let r = registry.sub_registry_with_prefix("tether");
         r.register(
@@ -223,6 +236,31 @@ impl Metrics {
             "push_token_refreshes",
             "Provider tokens made: APNs provider JWTs signed, FCM OAuth grants",
             m.push_token_refreshes.clone(),
+        );
+        r.register(
+            "cluster_reconnects",
+            "Cluster mode: Redis pub/sub connections lost or replaced",
+            m.cluster_reconnects.clone(),
+        );
+        r.register(
+            "cluster_probes_failed",
+            "Cluster mode: probes of this node's pub/sub connection that did not come back in time",
+            m.cluster_probes_failed.clone(),
+        );
+        r.register(
+            "cluster_gaps_filled",
+            "Cluster mode: publications this node missed on pub/sub and read from history instead",
+            m.cluster_gaps_filled.clone(),
+        );
+        r.register(
+            "cluster_gaps_unfilled",
+            "Cluster mode: publications this node missed that history no longer held",
+            m.cluster_gaps_unfilled.clone(),
+        );
+        r.register(
+            "cluster_redis_latency_seconds",
+            "Cluster mode: round trip of the periodic position check to Redis",
+            m.cluster_redis_latency.clone(),
         );
         m
     }

@@ -55,8 +55,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("setting `redis-url`: cluster mode through Redis is not available in this build yet")]
-    ClusterUnavailable,
+    #[error("cluster mode: cannot reach Redis at start: {0}")]
+    Redis(String),
     #[error(transparent)]
     Tls(#[from] crate::transport::tls::TlsError),
     #[error("setting `data-dir`: {0}")]
@@ -129,26 +129,45 @@ pub struct Server {
 impl Server {
     /// Builds the node and binds its listeners (port 0 picks a free port).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        if config.redis_url.is_some() {
-            return Err(ServerError::ClusterUnavailable);
-        }
         let tokens = Tokens::new();
         let tasks = TaskTracker::new();
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         let lifecycle = Arc::new(Lifecycle::default());
 
-        // The single-node implementations of the cluster seams.
-        let broker_config = MemoryBrokerConfig::from_config(&config);
+        // The broker: in memory for one node, Redis for a cluster.
+        let hub_config = HubConfig {
+            history_limit: config.history_size,
+            max_buffered: config.max_outbox_messages,
+        };
         let broker_metrics = metrics.clone();
-        let hub = Hub::with_broker(
-            HubConfig {
-                history_limit: config.history_size,
-                max_buffered: config.max_outbox_messages,
-            },
-            metrics.clone(),
-            |sink| MemoryBroker::new(broker_config, broker_metrics, sink),
-        );
+        let hub = match &config.redis {
+            None => {
+                let broker_config = MemoryBrokerConfig::from_config(&config);
+                Hub::with_broker(hub_config, metrics.clone(), |sink| {
+                    MemoryBroker::new(broker_config, broker_metrics, sink)
+                })
+            }
+            Some(target) => {
+                let redis = crate::cluster::redis::Redis::connect(target)
+                    .await
+                    .map_err(|e| ServerError::Redis(e.to_string()))?;
+                info!(redis = ?target, "cluster mode: positions, history and deliveries through Redis");
+                let broker_config =
+                    crate::cluster::redis::broker::RedisBrokerConfig::from_config(&config);
+                let sub_config =
+                    crate::cluster::redis::pubsub::SubscriberConfig::new(config.node_id.clone());
+                Hub::with_broker(hub_config, metrics.clone(), |sink| {
+                    crate::cluster::redis::broker::RedisBroker::new(
+                        &redis,
+                        broker_config,
+                        sub_config,
+                        broker_metrics,
+                        sink,
+                    )
+                })
+            }
+        };
         let table = Arc::new(SessionTable::default());
         let control: Weak<dyn ControlSink> = Arc::downgrade(&table) as Weak<dyn ControlSink>;
         let bus = Arc::new(LocalBus::new(config.node_id.clone(), control));

@@ -10,6 +10,7 @@
 
 pub mod fakes;
 pub mod raw;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

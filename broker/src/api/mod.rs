@@ -152,11 +152,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.lifecycle.is_ready() {
+    if state.lifecycle.is_ready() && state.broker.ready() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         let status = if state.lifecycle.is_shutting_down() {
             "shutting down"
+        } else if state.lifecycle.is_ready() {
+            "redis unreachable"
         } else {
             "starting"
         };

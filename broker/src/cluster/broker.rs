@@ -147,6 +147,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Periodic housekeeping (expired history, forgotten channels), called
     /// by the node's maintenance task, never on the publish path.
     fn sweep(&self) {}
+
+    /// Whether the shared state is reachable and deliveries arrive (the
+    /// node's `/readyz`). Always true in memory.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Where a broker hands publications for the local subscribers: the hub.

@@ -14,6 +14,7 @@
 pub mod broker;
 pub mod memory;
 pub mod presence;
+pub mod redis;
 pub mod resume;
 
 use std::future::Future;

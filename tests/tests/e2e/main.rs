@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 mod bad_input;
+mod cluster;
 mod lifecycle;
 mod push;
 mod quic;

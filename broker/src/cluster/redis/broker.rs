@@ -1,0 +1,337 @@
+//! [`RedisBroker`]: channel positions, history and idempotency keys in
+//! Redis, the same for every node.
+//!
+//! **One round trip per publication**: one Lua script ([`PUBLISH_SCRIPT`],
+//! sent as `EVALSHA`) checks the idempotency key, creates the channel's
+//! epoch if it has none (and drops any history of an older epoch), takes the
+//! next offset (`HINCRBY`), appends to the capped history stream (`XADD
+//! MAXLEN <history size>` with the offset as entry id), refreshes the keys'
+//! expiry, publishes the encoded publication with its epoch and offset on
+//! the channel's (sharded) pub/sub channel, and answers the position.
+//! Concurrent publications from one node share its command connection,
+//! which pipelines them.
+//!
+//! Deliveries come back through [`super::pubsub`]: this node subscribes to
+//! a channel while its hub watches it, checks the offsets it receives, and
+//! fills gaps from the history stream.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redis::{Script, Value};
+use tether_protocol::{ChannelName, Epoch, Offset};
+
+use super::pubsub::{Subscriber, SubscriberConfig};
+use super::{Conn, Redis, keys, timed};
+use crate::cluster::{
+    BoxFuture, Broker, BrokerError, HistoryEntry, HistoryPage, HistoryRead, Position, Publish,
+    Published,
+};
+use crate::metrics::Metrics;
+
+/// The publish script (see the module doc). KEYS: position, history,
+/// pub/sub channel, [idempotency key]. ARGV: data, ts, history size,
+/// history ttl (ms), position ttl (ms), publish command, a new epoch.
+/// Answers `{1, "<epoch> <offset>"}`, or `{0, "<epoch> <offset>"}` for a
+/// repeated idempotency key (nothing published).
+pub const PUBLISH_SCRIPT: &str = r"
+if KEYS[4] then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return {0, seen} end
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[7]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local answer = epoch .. ' ' .. offset
+redis.call(ARGV[6], KEYS[3], answer .. ' ' .. ARGV[2] .. ' ' .. ARGV[1])
+if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', ARGV[4]) end
+return {1, answer}
+";
+
+/// Creates a channel's epoch if it has none; refreshes the position's
+/// expiry; answers `{epoch, offset}`. KEYS: position, history. ARGV: a new
+/// epoch, position ttl (ms).
+pub const ENSURE_SCRIPT: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {epoch, redis.call('HGET', KEYS[1], 'offset')}
+";
+
+/// Limits of the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisBrokerConfig {
+    pub history_size: usize,
+    pub history_ttl_ms: u64,
+    /// How long a channel's position outlives its last publish (or the
+    /// last check of a node watching it): its epoch and offset survive
+    /// quiet periods longer than the history.
+    pub position_ttl_ms: u64,
+}
+
+impl RedisBrokerConfig {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            history_size: c.history_size,
+            history_ttl_ms: ms(c.history_ttl),
+            position_ttl_ms: ms(c.history_ttl
+                + c.resume_window
+                + std::time::Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Parses `"<epoch> <offset>"`.
+fn position_of(s: &str) -> Result<Position, BrokerError> {
+    let (epoch, offset) = s
+        .split_once(' ')
+        .ok_or_else(|| BrokerError::Internal(format!("bad position {s:?} from Redis")))?;
+    let offset = offset
+        .parse()
+        .map_err(|_| BrokerError::Internal(format!("bad offset {offset:?} from Redis")))?;
+    Ok(Position {
+        epoch: Epoch::new(epoch),
+        offset: Offset(offset),
+    })
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A fresh epoch name: 16 hex digits.
+pub fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// One history stream entry (`XRANGE` reply element) as offset, ts, data.
+pub fn parse_entry(v: &Value) -> Option<(u64, u64, String)> {
+    let Value::Array(parts) = v else {
+        return None;
+    };
+    let [id, fields] = parts.as_slice() else {
+        return None;
+    };
+    let id: String = redis::from_redis_value(id.clone()).ok()?;
+    let offset = id.split_once('-')?.0.parse().ok()?;
+    let fields: Vec<(String, String)> = match fields {
+        Value::Array(_) => redis::from_redis_value(fields.clone()).ok()?,
+        Value::Map(m) => m
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    redis::from_redis_value(k.clone()).ok()?,
+                    redis::from_redis_value(v.clone()).ok()?,
+                ))
+            })
+            .collect(),
+        _ => return None,
+    };
+    let mut data = None;
+    let mut ts = 0;
+    for (k, v) in fields {
+        match k.as_str() {
+            "d" => data = Some(v),
+            "t" => ts = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    Some((offset, ts, data?))
+}
+
+/// Reads the position of `channel` and its history after `after`, at most
+/// `limit` entries, in one round trip. `None` position: unknown channel.
+pub async fn read_history(
+    conn: &mut Conn,
+    channel: &ChannelName,
+    after: Option<Offset>,
+    limit: usize,
+) -> Result<(Option<Position>, Vec<(u64, u64, String)>), BrokerError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("HMGET")
+        .arg(keys::position(channel))
+        .arg("epoch")
+        .arg("offset");
+    if let Some(after) = after {
+        pipe.cmd("XRANGE")
+            .arg(keys::history(channel))
+            .arg(format!("{}-0", after.get().saturating_add(1)))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.max(1));
+    }
+    let mut replies: Vec<Value> = timed(pipe.query_async(conn)).await?;
+    let entries = match (after, replies.pop()) {
+        (Some(_), Some(Value::Array(items))) => items.iter().filter_map(parse_entry).collect(),
+        (Some(_), _) => Vec::new(),
+        (None, Some(last)) => {
+            replies.push(last);
+            Vec::new()
+        }
+        (None, None) => Vec::new(),
+    };
+    let position = match replies.pop() {
+        Some(v) => {
+            let (epoch, offset): (Option<String>, Option<u64>) =
+                redis::from_redis_value(v).map_err(|e| BrokerError::Internal(e.to_string()))?;
+            epoch.map(|epoch| Position {
+                epoch: Epoch::new(epoch),
+                offset: Offset(offset.unwrap_or(0)),
+            })
+        }
+        None => None,
+    };
+    Ok((position, entries))
+}
+
+/// The broker of a node in cluster mode.
+pub struct RedisBroker {
+    conn: Conn,
+    cluster: bool,
+    config: RedisBrokerConfig,
+    publish: Script,
+    subscriber: Subscriber,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("cluster", &self.cluster)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// The broker over `redis`; its subscriber task delivers to `sink`.
+    pub fn new(
+        redis: &Redis,
+        config: RedisBrokerConfig,
+        sub_config: SubscriberConfig,
+        metrics: Metrics,
+        sink: std::sync::Weak<dyn crate::cluster::Deliver>,
+    ) -> RedisBroker {
+        let subscriber = Subscriber::start(redis, sub_config, config.clone(), metrics, sink);
+        RedisBroker {
+            conn: redis.conn.clone(),
+            cluster: redis.is_cluster(),
+            config,
+            publish: Script::new(PUBLISH_SCRIPT),
+            subscriber,
+        }
+    }
+
+    /// Whether Redis answers and this node's pub/sub is known to deliver.
+    pub fn healthy(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.subscriber.healthy()
+    }
+
+    async fn publish_now(&self, p: &Publish<'_>) -> Result<Published, BrokerError> {
+        let ts = unix_millis();
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
+            .key(keys::position(p.channel))
+            .key(keys::history(p.channel))
+            .key(keys::messages(p.channel));
+        if let Some(k) = p.idempotency_key {
+            invocation.key(keys::idempotency(p.channel, k));
+        }
+        invocation
+            .arg(p.raw.get())
+            .arg(ts)
+            .arg(self.config.history_size)
+            .arg(self.config.history_ttl_ms)
+            .arg(self.config.position_ttl_ms)
+            .arg(if self.cluster { "SPUBLISH" } else { "PUBLISH" })
+            .arg(new_epoch());
+        let mut conn = self.conn.clone();
+        let (fresh, answer): (i64, String) = timed(invocation.invoke_async(&mut conn)).await?;
+        Ok(Published {
+            position: position_of(&answer)?,
+            fresh: fresh == 1,
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(&'a self, p: Publish<'a>) -> BoxFuture<'a, Result<Published, BrokerError>> {
+        Box::pin(async move { self.publish_now(&p).await })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a ChannelName,
+        read: HistoryRead,
+    ) -> BoxFuture<'a, Result<HistoryPage, BrokerError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let (position, entries) =
+                read_history(&mut conn, channel, read.since, read.limit).await?;
+            let position = position.unwrap_or(Position {
+                epoch: Epoch::default(),
+                offset: Offset::ZERO,
+            });
+            let Some(since) = read.since else {
+                return Ok(HistoryPage {
+                    position,
+                    recovered: false,
+                    messages: Vec::new(),
+                });
+            };
+            // Entries older than the history TTL are gone, as on one node.
+            let oldest = unix_millis().saturating_sub(self.config.history_ttl_ms);
+            let messages: Vec<HistoryEntry> = entries
+                .into_iter()
+                .filter(|(offset, ts, _)| *ts >= oldest && *offset <= position.offset.get())
+                .filter_map(|(offset, ts, data)| {
+                    Some(HistoryEntry {
+                        offset: Offset(offset),
+                        ts,
+                        data: serde_json::value::RawValue::from_string(data).ok()?,
+                    })
+                })
+                .collect();
+            let recovered = if since > position.offset {
+                false
+            } else if since == position.offset {
+                true
+            } else {
+                messages.first().is_some_and(|m| m.offset == since.next())
+            };
+            Ok(HistoryPage {
+                position,
+                recovered,
+                messages,
+            })
+        })
+    }
+
+    fn watch<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.subscriber.watch(channel))
+    }
+
+    fn unwatch(&self, channel: &ChannelName) {
+        self.subscriber.unwatch(channel);
+    }
+
+    fn ready(&self) -> bool {
+        self.subscriber
+            .healthy()
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+}

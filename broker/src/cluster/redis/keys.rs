@@ -1,0 +1,100 @@
+//! The names of Tether's keys and pub/sub channels in Redis.
+//!
+//! A channel's keys all carry `{<channel>}` as their hash tag, so a Redis
+//! Cluster keeps them — and the channel's sharded pub/sub channel — on one
+//! slot: one script can read and write them, and the publication is
+//! published from the shard that holds the history. Channel names cannot
+//! contain braces (PROTOCOL.md §5), so the tag is always the whole name.
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `tether:{ch}:p` | hash `epoch`, `offset` | the channel's position; expires `meta_ttl` after the last publish or watch check |
+//! | `tether:{ch}:h` | stream, entry id `<offset>-0`, fields `d` (data, JSON), `t` (unix ms) | history, `MAXLEN` = history size, expires `history_ttl` after the last publish |
+//! | `tether:{ch}:i:<key>` | string `"<epoch> <offset>"` | an idempotency key's answer, expires after `history_ttl` |
+//! | `tether:{ch}:m` | (s)pub/sub channel | publications: `"<epoch> <offset> <ts> <data>"` |
+//! | `tether:{#probe:<node>}:m` | (s)pub/sub channel | the node's own probe of its pub/sub connection (`#` is not allowed in channel names: no channel can take this name) |
+
+use tether_protocol::ChannelName;
+
+const PREFIX: &str = "tether:{";
+
+/// The position hash of `channel`.
+pub fn position(channel: &ChannelName) -> String {
+    format!("{PREFIX}{channel}}}:p")
+}
+
+/// The history stream of `channel`.
+pub fn history(channel: &ChannelName) -> String {
+    format!("{PREFIX}{channel}}}:h")
+}
+
+/// The idempotency key `key` of `channel`.
+pub fn idempotency(channel: &ChannelName, key: &str) -> String {
+    format!("{PREFIX}{channel}}}:i:{key}")
+}
+
+/// The pub/sub channel of `channel`.
+pub fn messages(channel: &ChannelName) -> String {
+    format!("{PREFIX}{channel}}}:m")
+}
+
+/// The channel a pub/sub channel name belongs to, if it is one of ours.
+pub fn channel_of(pubsub: &[u8]) -> Option<ChannelName> {
+    let s = std::str::from_utf8(pubsub).ok()?;
+    let name = s.strip_prefix(PREFIX)?.strip_suffix("}:m")?;
+    ChannelName::new(name).ok()
+}
+
+/// The probe channel of node `node`.
+pub fn probe(node: &str) -> String {
+    format!("{PREFIX}#probe:{node}}}:m")
+}
+
+/// A publication as it travels on pub/sub: epoch, offset, ts, then the data.
+pub fn encode_message(epoch: &str, offset: u64, ts: u64, data: &str) -> String {
+    format!("{epoch} {offset} {ts} {data}")
+}
+
+/// The parts of a pub/sub publication: epoch, offset, ts, data.
+pub fn decode_message(payload: &[u8]) -> Option<(&str, u64, u64, &str)> {
+    let s = std::str::from_utf8(payload).ok()?;
+    let mut parts = s.splitn(4, ' ');
+    let epoch = parts.next().filter(|e| !e.is_empty())?;
+    let offset = parts.next()?.parse().ok()?;
+    let ts = parts.next()?.parse().ok()?;
+    let data = parts.next()?;
+    Some((epoch, offset, ts, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channels_keys_share_its_hash_tag() {
+        let c = ChannelName::new("user:alice/inbox").expect("valid");
+        for key in [
+            position(&c),
+            history(&c),
+            idempotency(&c, "k 1"),
+            messages(&c),
+        ] {
+            assert!(key.starts_with("tether:{user:alice/inbox}:"), "{key}");
+        }
+        assert_eq!(channel_of(messages(&c).as_bytes()), Some(c));
+        assert_eq!(channel_of(probe("n1").as_bytes()), None);
+        assert_eq!(channel_of(b"other"), None);
+    }
+
+    #[test]
+    fn messages_round_trip_and_junk_is_refused() {
+        let m = encode_message("00ff", 7, 1700, r#"{"a":"b c"}"#);
+        assert_eq!(
+            decode_message(m.as_bytes()),
+            Some(("00ff", 7, 1700, r#"{"a":"b c"}"#))
+        );
+        assert_eq!(decode_message(b"00ff x 1 {}"), None);
+        assert_eq!(decode_message(b"00ff 1"), None);
+        assert_eq!(decode_message(b" 1 2 3"), None);
+    }
+}

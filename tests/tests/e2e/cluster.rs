@@ -1,0 +1,291 @@
+//! Cluster mode: several broker processes sharing one real `redis-server`
+//! (started by the harness on a free port), and the same core cases on a
+//! real three-master Redis Cluster.
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+use tether_protocol::{ChannelName, Offset, StreamPosition};
+use tether_tests::redis::{TestRedis, TestRedisCluster};
+use tether_tests::{TestBroker, WsClient, connected_client};
+
+const SECRET: &str = "cluster-resume-secret-0123456789";
+
+/// A node of a cluster on `redis` (`--redis-url` or `--redis-cluster`).
+fn node(flag: &str, redis: &str, id: &str, extra: &[&str]) -> TestBroker {
+    let mut args = vec![flag, redis, "--resume-secret", SECRET, "--node-id", id];
+    args.extend_from_slice(extra);
+    TestBroker::start(&args).unwrap()
+}
+
+fn nodes(flag: &str, redis: &str, n: usize) -> Vec<TestBroker> {
+    (0..n)
+        .map(|i| node(flag, redis, &format!("node-{i}"), &[]))
+        .collect()
+}
+
+async fn publish(broker: &TestBroker, channel: &str, data: serde_json::Value) -> u64 {
+    let (status, body) = broker
+        .publish(json!({"channel": channel, "data": data}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body["offset"].as_u64().unwrap()
+}
+
+/// Receives publications on `client` until it has offset `until`; returns
+/// the offsets in the order they came.
+async fn offsets_until(client: &mut WsClient, until: u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.last() != Some(&until) {
+        got.push(client.recv_publication().await.unwrap().offset.get());
+    }
+    got
+}
+
+/// Subscribe on the first node, publish on the others in turn: every
+/// subscriber sees one offset sequence, 1, 2, 3, … with no gap.
+async fn any_node_publishes_any_node_delivers(flag: &str, redis: &str) {
+    let nodes = nodes(flag, redis, 3);
+    let mut a = connected_client(&nodes[0]).await.unwrap();
+    let mut b = connected_client(&nodes[1]).await.unwrap();
+    let sa = a.subscribe("news").await.unwrap();
+    let sb = b.subscribe("news").await.unwrap();
+    assert_eq!(sa.epoch, sb.epoch, "one epoch, whichever node is asked");
+    let mut offsets = Vec::new();
+    for i in 0..30 {
+        offsets.push(publish(&nodes[1 + i % 2], "news", json!(i)).await);
+    }
+    let expected: Vec<u64> = (1..=30).collect();
+    assert_eq!(offsets, expected, "offsets are the same on every node");
+    assert_eq!(offsets_until(&mut a, 30).await, expected);
+    assert_eq!(offsets_until(&mut b, 30).await, expected);
+    // History is shared too.
+    let h: serde_json::Value = nodes[2]
+        .http()
+        .get(nodes[2].api_url("/v1/channels/news/history?since=25"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, vec![26, 27, 28, 29, 30]);
+    assert_eq!(h["recovered"], true);
+}
+
+#[tokio::test]
+async fn one_redis_any_node_publishes_any_node_delivers() {
+    let redis = TestRedis::start().unwrap();
+    any_node_publishes_any_node_delivers("--redis-url", &redis.url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_any_node_publishes_any_node_delivers() {
+    let cluster = TestRedisCluster::start().unwrap();
+    any_node_publishes_any_node_delivers("--redis-cluster", &cluster.seeds()).await;
+}
+
+/// Subscribe with `since` on one node to what was published through
+/// another: the replay and the live messages meet with no gap.
+async fn subscribe_since_on_another_node(flag: &str, redis: &str) {
+    let nodes = nodes(flag, redis, 2);
+    let first = {
+        let (s, b) = nodes[0]
+            .publish(json!({"channel": "feed", "data": 0}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        b
+    };
+    for i in 1..10 {
+        publish(&nodes[0], "feed", json!(i)).await;
+    }
+    let mut c = connected_client(&nodes[1]).await.unwrap();
+    let s = c
+        .subscribe_since(
+            "feed",
+            StreamPosition {
+                epoch: tether_protocol::Epoch::new(first["epoch"].as_str().unwrap()),
+                offset: Offset(4),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(s.recovered);
+    assert_eq!(s.offset, Offset(10));
+    publish(&nodes[0], "feed", json!(10)).await;
+    assert_eq!(
+        offsets_until(&mut c, 11).await,
+        (5..=11).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn one_redis_subscribe_since_on_another_node() {
+    let redis = TestRedis::start().unwrap();
+    subscribe_since_on_another_node("--redis-url", &redis.url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_subscribe_since_on_another_node() {
+    let cluster = TestRedisCluster::start().unwrap();
+    subscribe_since_on_another_node("--redis-cluster", &cluster.seeds()).await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_is_one_publication_across_nodes() {
+    let redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut c = connected_client(&nodes[0]).await.unwrap();
+    c.subscribe("orders").await.unwrap();
+    let mut answers = BTreeSet::new();
+    for n in &nodes {
+        let (s, b) = n
+            .publish(json!({"channel": "orders", "data": 1, "idempotency_key": "order-77"}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{b}");
+        answers.insert(b["offset"].as_u64().unwrap());
+    }
+    assert_eq!(answers.len(), 1, "both nodes answer the first publication");
+    // A barrier: the next publication must be the next offset, and the one
+    // delivered right after the first.
+    let next = publish(&nodes[1], "orders", json!(2)).await;
+    assert_eq!(next, 2);
+    assert_eq!(offsets_until(&mut c, 2).await, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_node_whose_pubsub_connection_is_killed_fills_the_gap() {
+    let redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut c = connected_client(&nodes[0]).await.unwrap();
+    c.subscribe("ticker").await.unwrap();
+    publish(&nodes[1], "ticker", json!(0)).await;
+    assert_eq!(offsets_until(&mut c, 1).await, vec![1]);
+    // Kill every pub/sub connection, publish meanwhile (one batch: before
+    // the node has subscribed again).
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    let batch: Vec<_> = (1..20)
+        .map(|i| json!({"channel": "ticker", "data": i}))
+        .collect();
+    let r = nodes[1]
+        .http()
+        .post(nodes[1].api_url("/v1/publish/batch"))
+        .json(&json!({ "messages": batch }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Every offset once, in order: what pub/sub lost comes from history.
+    assert_eq!(
+        offsets_until(&mut c, 20).await,
+        (2..=20).collect::<Vec<_>>()
+    );
+    c.expect_nothing_pending().await.unwrap();
+    let metrics = nodes[0].metrics().await.unwrap();
+    assert!(
+        counter(&metrics, "tether_cluster_reconnects_total") >= 1,
+        "{metrics}"
+    );
+}
+
+/// A counter's value in a Prometheus text exposition (0 when absent).
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Appends a publication to `channel`'s position and history the way the
+/// publish script does, but without publishing it on pub/sub: a
+/// publication lost between Redis and the nodes.
+fn publish_behind_pubsub(redis: &TestRedis, channel: &str, data: &str) -> u64 {
+    let pos = format!("tether:{{{channel}}}:p");
+    let hist = format!("tether:{{{channel}}}:h");
+    let offset: u64 = redis
+        .cli(&["HINCRBY", &pos, "offset", "1"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ts = tether_tests::unix_now() * 1000;
+    redis
+        .cli(&[
+            "XADD",
+            &hist,
+            &format!("{offset}-0"),
+            "d",
+            data,
+            "t",
+            &ts.to_string(),
+        ])
+        .unwrap();
+    offset
+}
+
+#[tokio::test]
+async fn a_publication_lost_on_pubsub_is_filled_from_history_before_the_next() {
+    let redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut c = connected_client(&nodes[0]).await.unwrap();
+    c.subscribe("alerts").await.unwrap();
+    publish(&nodes[1], "alerts", json!("one")).await;
+    assert_eq!(offsets_until(&mut c, 1).await, vec![1]);
+    assert_eq!(publish_behind_pubsub(&redis, "alerts", "\"two\""), 2);
+    assert_eq!(publish(&nodes[1], "alerts", json!("three")).await, 3);
+    let two = c.recv_publication().await.unwrap();
+    assert_eq!((two.offset, two.data), (Offset(2), json!("two")));
+    assert_eq!(c.recv_publication().await.unwrap().offset, Offset(3));
+    let m = nodes[0].metrics().await.unwrap();
+    assert_eq!(counter(&m, "tether_cluster_gaps_filled_total"), 1, "{m}");
+}
+
+#[tokio::test]
+async fn a_lost_last_publication_is_found_by_the_position_check() {
+    let redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut c = connected_client(&nodes[0]).await.unwrap();
+    c.subscribe("quiet").await.unwrap();
+    publish(&nodes[1], "quiet", json!("one")).await;
+    assert_eq!(offsets_until(&mut c, 1).await, vec![1]);
+    // Nothing follows it: only the node's periodic position check can
+    // find it.
+    publish_behind_pubsub(&redis, "quiet", "\"two\"");
+    let two = c.recv_publication().await.unwrap();
+    assert_eq!((two.offset, two.data), (Offset(2), json!("two")));
+    c.expect_nothing_pending().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cluster_node_needs_a_shared_resume_secret() {
+    let redis = TestRedis::start().unwrap();
+    let err = TestBroker::start(&["--redis-url", &redis.url()])
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("resume-secret"), "{err:#}");
+}
+
+#[tokio::test]
+async fn channels_in_a_message_name_their_epoch() {
+    // The epoch given at subscribe is the one live messages carry, even for
+    // a channel nobody published to before (the subscribe creates it).
+    let redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut c = connected_client(&nodes[0]).await.unwrap();
+    let s = c.subscribe("fresh").await.unwrap();
+    assert_eq!(s.offset, Offset(0));
+    publish(&nodes[1], "fresh", json!("x")).await;
+    let m = c.recv_publication().await.unwrap();
+    assert_eq!(m.epoch, s.epoch);
+    assert_eq!(m.channel, ChannelName::new("fresh").unwrap());
+}
