@@ -81,6 +81,7 @@ pub struct Metrics {
     pub cluster_gaps_filled: Counter,
     pub cluster_gaps_unfilled: Counter,
     pub cluster_redis_latency: Histogram,
+    pub cluster_presence_dropped: Counter,
 }
 
 impl Metrics {
@@ -117,6 +118,7 @@ impl Metrics {
             cluster_gaps_filled: Counter::default(),
             cluster_gaps_unfilled: Counter::default(),
             // 100 µs … ~1.6 s
+            cluster_presence_dropped: Counter::default(),
             cluster_redis_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
             ),
@@ -256,6 +258,11 @@ impl Metrics {
             "cluster_gaps_unfilled",
             "Cluster mode: publications this node missed that history no longer held",
             m.cluster_gaps_unfilled.clone(),
+        );
+        r.register(
+            "cluster_presence_dropped",
+            "Cluster mode: presence writes dropped because their queue was full",
+            m.cluster_presence_dropped.clone(),
         );
         r.register(
             "cluster_redis_latency_seconds",

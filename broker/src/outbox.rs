@@ -162,6 +162,8 @@ struct Inner {
     queue: VecDeque<Frame>,
     bytes: usize,
     closed: Option<CloseCode>,
+    /// The delay the close advises the client to wait before reconnecting.
+    retry_after_ms: Option<u64>,
     /// The session has written all it took and waits for more: a push may
     /// write through.
     idle: bool,
@@ -187,6 +189,7 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 closed: None,
+                retry_after_ms: None,
                 idle: false,
                 direct: None,
                 written: Vec::new(),
@@ -309,6 +312,24 @@ impl Outbox {
             }
         }
         self.waker.wake();
+    }
+
+    /// [`Outbox::close`], advising the client to wait `retry_after_ms`
+    /// before it reconnects (`disconnect.retry_after_ms`).
+    pub fn close_after(&self, code: CloseCode, retry_after_ms: u64) {
+        {
+            let mut inner = self.inner.lock();
+            if inner.closed.is_none() {
+                inner.closed = Some(code);
+                inner.retry_after_ms = Some(retry_after_ms);
+            }
+        }
+        self.waker.wake();
+    }
+
+    /// The delay the close advised, if any.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.inner.lock().retry_after_ms
     }
 
     /// Closes the session as a slow consumer (4008) at once, dropping what

@@ -75,6 +75,9 @@ pub enum ServerError {
 const CLIENT_BACKLOG: u32 = 4096;
 /// How often the maintenance task sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Reconnects after a shutdown are advised over this many milliseconds
+/// (`disconnect.retry_after_ms`, random per client).
+const DRAIN_SPREAD_MS: u64 = 2000;
 /// The longest shutdown keeps for what follows the sessions.
 const RESERVE: Duration = Duration::from_secs(3);
 
@@ -135,47 +138,13 @@ impl Server {
         let metrics = Metrics::new(&mut registry);
         let lifecycle = Arc::new(Lifecycle::default());
 
-        // The broker: in memory for one node, Redis for a cluster.
-        let hub_config = HubConfig {
-            history_limit: config.history_size,
-            max_buffered: config.max_outbox_messages,
-        };
-        let broker_metrics = metrics.clone();
-        let hub = match &config.redis {
-            None => {
-                let broker_config = MemoryBrokerConfig::from_config(&config);
-                Hub::with_broker(hub_config, metrics.clone(), |sink| {
-                    MemoryBroker::new(broker_config, broker_metrics, sink)
-                })
-            }
-            Some(target) => {
-                let redis = crate::cluster::redis::Redis::connect(target)
-                    .await
-                    .map_err(|e| ServerError::Redis(e.to_string()))?;
-                info!(redis = ?target, "cluster mode: positions, history and deliveries through Redis");
-                let broker_config =
-                    crate::cluster::redis::broker::RedisBrokerConfig::from_config(&config);
-                let sub_config =
-                    crate::cluster::redis::pubsub::SubscriberConfig::new(config.node_id.clone());
-                Hub::with_broker(hub_config, metrics.clone(), |sink| {
-                    crate::cluster::redis::broker::RedisBroker::new(
-                        &redis,
-                        broker_config,
-                        sub_config,
-                        broker_metrics,
-                        sink,
-                    )
-                })
-            }
-        };
         let table = Arc::new(SessionTable::default());
-        let control: Weak<dyn ControlSink> = Arc::downgrade(&table) as Weak<dyn ControlSink>;
-        let bus = Arc::new(LocalBus::new(config.node_id.clone(), control));
-        let resumes: Arc<dyn ResumeStore> =
-            Arc::new(MemoryResumeStore::new(config.node_id.clone()));
-        // A device's presence outlives a silent session by at most two
-        // heartbeats (sessions refresh it with every ping they send).
-        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(2 * config.heartbeat));
+        let Seams {
+            hub,
+            resumes,
+            bus,
+            presence,
+        } = seams(&config, &metrics, &table).await?;
 
         let push = start_push(&config, &metrics, presence.clone(), &tokens, &tasks)?;
         let sessions = Arc::new(session::Shared {
@@ -367,7 +336,11 @@ impl Server {
         info!(sessions = sessions.table.len(), "shutting down");
         sessions.lifecycle.begin_shutdown();
         tokens.accept.cancel();
-        sessions.table.close_all(CloseCode::ShuttingDown);
+        // Clients come back spread over a few seconds (on the other nodes of
+        // a cluster, or on this one once it is back).
+        sessions
+            .table
+            .close_all(CloseCode::ShuttingDown, DRAIN_SPREAD_MS);
         connections.close();
         if tokio::time::timeout_at(deadline - reserve, connections.wait())
             .await
@@ -404,6 +377,77 @@ impl Server {
         tokens.root.cancel();
         info!("stopped");
     }
+}
+
+/// The implementations of the cluster seams this node runs with.
+struct Seams {
+    hub: Arc<Hub>,
+    resumes: Arc<dyn ResumeStore>,
+    bus: Arc<dyn crate::cluster::NodeBus>,
+    presence: Arc<dyn Presence>,
+}
+
+/// In memory for a single node; Redis for a cluster (`--redis-url` or
+/// `--redis-cluster`), where the node connects before it starts.
+async fn seams(
+    config: &Config,
+    metrics: &Metrics,
+    table: &Arc<SessionTable>,
+) -> Result<Seams, ServerError> {
+    let hub_config = HubConfig {
+        history_limit: config.history_size,
+        max_buffered: config.max_outbox_messages,
+    };
+    let broker_metrics = metrics.clone();
+    let control: Weak<dyn ControlSink> = Arc::downgrade(table) as Weak<dyn ControlSink>;
+    // A device's presence outlives a silent session by at most two
+    // heartbeats (sessions refresh it with every ping they send).
+    let presence_ttl = 2 * config.heartbeat;
+    let Some(target) = &config.redis else {
+        let broker_config = MemoryBrokerConfig::from_config(config);
+        return Ok(Seams {
+            hub: Hub::with_broker(hub_config, metrics.clone(), |sink| {
+                MemoryBroker::new(broker_config, broker_metrics, sink)
+            }),
+            resumes: Arc::new(MemoryResumeStore::new(config.node_id.clone())),
+            bus: Arc::new(LocalBus::new(config.node_id.clone(), control)),
+            presence: Arc::new(MemoryPresence::new(presence_ttl)),
+        });
+    };
+    use crate::cluster::redis::{self, broker, presence, pubsub, resume};
+    let redis = redis::Redis::connect(target)
+        .await
+        .map_err(|e| ServerError::Redis(e.to_string()))?;
+    info!(redis = ?target, "cluster mode: positions, history, sessions and presence in Redis");
+    let broker_config = broker::RedisBrokerConfig::from_config(config);
+    let sub_config = pubsub::SubscriberConfig::new(config.node_id.clone());
+    let hub = Hub::with_broker(hub_config, metrics.clone(), |sink| {
+        broker::RedisBroker::new(
+            &redis,
+            broker_config,
+            sub_config,
+            broker_metrics,
+            sink,
+            control,
+        )
+    });
+    Ok(Seams {
+        hub,
+        resumes: Arc::new(resume::RedisResumeStore::new(
+            redis.conn.clone(),
+            config.resume_window + 2 * config.heartbeat,
+        )),
+        bus: Arc::new(resume::RedisBus::new(
+            redis.conn.clone(),
+            redis.is_cluster(),
+        )),
+        presence: Arc::new(presence::RedisPresence::new(
+            redis.conn.clone(),
+            config.node_id.clone(),
+            presence_ttl,
+            metrics.cluster_presence_dropped.clone(),
+        )),
+    })
 }
 
 /// Builds the push side: the durable store (devices and the push outbox),

@@ -184,6 +184,12 @@ impl TestBroker {
         self.log.lock().unwrap().clone()
     }
 
+    /// Kills the process at once (SIGKILL: a crashed node) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit, up to `timeout`.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let status = Command::new("kill")

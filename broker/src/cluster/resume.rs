@@ -102,6 +102,27 @@ pub trait ResumeStore: Send + Sync + std::fmt::Debug + 'static {
         nonce: u64,
     ) -> BoxFuture<'a, Result<(), ResumeError>>;
 
+    /// Whether [`ResumeStore::snapshot`] keeps anything (sessions skip it
+    /// where it does not).
+    fn keeps_snapshots(&self) -> bool {
+        false
+    }
+
+    /// The live connection `conn_id` of `session` now stands at `record`
+    /// (called on every heartbeat and when its subscriptions change): what
+    /// a resume gets if its node dies. `seq` grows with every snapshot of
+    /// the connection: an older one arriving late is ignored. A store that
+    /// dies with its node keeps nothing.
+    fn snapshot<'a>(
+        &'a self,
+        _session: &'a str,
+        _conn_id: u64,
+        _seq: u64,
+        _record: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<(), ResumeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Claims `session` with the `nonce` of a verified token. Atomic: of
     /// concurrent claims with one token at most one gets the record. A
     /// refused claim changes nothing.
@@ -112,8 +133,9 @@ pub trait ResumeStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Claim, ResumeError>>;
 
     /// After [`Claim::Live`]: waits up to `wait` for the live session to
-    /// hand its record over. `None` when it did not: the claim is withdrawn
-    /// and the token stays usable.
+    /// hand its record over. When it did not: its last snapshot, where the
+    /// store keeps one (its node is dead or stuck), else `None` — the claim
+    /// is withdrawn and the token stays usable.
     fn await_handoff<'a>(
         &'a self,
         session: &'a str,

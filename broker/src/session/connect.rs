@@ -135,6 +135,7 @@ impl Session {
             }));
         }
         debug!(session = %self.session_id, resumed, "connected");
+        self.snapshot();
         Ok(())
     }
 

@@ -73,6 +73,7 @@ impl Session {
             ClientMessage::Subscribe(sub) => self.on_subscribe(sub).await,
             ClientMessage::Unsubscribe(u) => {
                 self.end_subscription(&u.channel);
+                self.snapshot();
                 self.reply(&ServerMessage::Unsubscribed(Unsubscribed {
                     id: Some(u.id),
                     channel: u.channel,
@@ -161,7 +162,8 @@ impl Session {
             .join(sub.channel, sub.since.as_ref(), None, reply)
             .await
         {
-            Ok(_) | Err(SubscribeError::Outbox(_)) => {
+            Ok(_) => self.snapshot(),
+            Err(SubscribeError::Outbox(_)) => {
                 // An outbox that overflowed closes the session as slow.
             }
             Err(SubscribeError::Broker(e)) => self.error(Some(id), e.code(), e.to_string()),

@@ -157,6 +157,8 @@ struct Session {
     device: Option<String>,
     /// Personal channels this device is live on (presence entries).
     personal: Vec<ChannelName>,
+    /// Snapshots sent to the resume store (their sequence numbers).
+    snapshots: u64,
     /// This transport's series, looked up once.
     messages_in: Counter,
     sent: SentMetrics,
@@ -227,6 +229,7 @@ async fn run_inner<T: Transport>(shared: Arc<Shared>, mut transport: T, conn_id:
         next_ping: now,
         device: None,
         personal: Vec::new(),
+        snapshots: 0,
         messages_in,
         sent,
         conn_id,
@@ -284,7 +287,7 @@ async fn run_inner<T: Transport>(shared: Arc<Shared>, mut transport: T, conn_id:
                 Err(End::Gone)
             }
             Event::WriteFailed => Err(End::Gone),
-            Event::Close(code) => Err(End::Close(code, None)),
+            Event::Close(code) => Err(End::Close(code, outbox.retry_after_ms())),
             Event::Timer => s.on_timer(),
         };
         if let Err(end) = step {
@@ -421,10 +424,12 @@ impl Session {
                 if now >= self.next_ping {
                     self.reply(&ServerMessage::Ping);
                     self.next_ping = deadline_after(now, hb);
-                    // Still here: presence entries live on.
+                    // Still here: presence entries live on, and the resume
+                    // store learns where the session stands.
                     for key in self.presence_keys() {
                         self.shared.presence.touch(key);
                     }
+                    self.snapshot();
                 }
             }
         }
@@ -441,6 +446,30 @@ impl Session {
                 conn_id: self.conn_id,
             })
         })
+    }
+
+    /// Leaves the session's current record with the resume store, where it
+    /// keeps snapshots (cluster mode: a resume after this node died starts
+    /// from it). Never waits: the write runs on its own task.
+    fn snapshot(&mut self) {
+        if !self.shared.resumes.keeps_snapshots() || !matches!(self.phase, Phase::Active) {
+            return;
+        }
+        self.sync_written();
+        let record = self.subs.record();
+        let shared = self.shared.clone();
+        let (session, conn_id) = (self.session_id.clone(), self.conn_id);
+        self.snapshots += 1;
+        let seq = self.snapshots;
+        tokio::spawn(async move {
+            if let Err(e) = shared
+                .resumes
+                .snapshot(&session, conn_id, seq, &record)
+                .await
+            {
+                debug!(error = %e, "session snapshot not stored");
+            }
+        });
     }
 
     /// Takes in the deliveries the hub wrote through to the connection.

@@ -125,6 +125,22 @@ impl Subscriptions {
         sub.acked
     }
 
+    /// What a resume would need of the subscriptions now.
+    pub(super) fn record(&self) -> SessionRecord {
+        SessionRecord {
+            subs: self
+                .by_number
+                .values()
+                .map(|sub| SubRecord {
+                    channel: sub.channel.clone(),
+                    epoch: sub.epoch.clone(),
+                    delivered: sub.delivered,
+                    acked: sub.acked,
+                })
+                .collect(),
+        }
+    }
+
     /// Ends every subscription: their numbers and channels (to leave the
     /// hub) and what a resume needs of them.
     pub(super) fn take_all(&mut self) -> (Vec<(u32, ChannelName)>, SessionRecord) {

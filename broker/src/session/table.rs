@@ -70,12 +70,18 @@ impl SessionTable {
         }
     }
 
-    /// Asks every session to close with `code`.
-    pub fn close_all(&self, code: CloseCode) {
+    /// Asks every session to close with `code`, advising each to wait a
+    /// random delay below `spread_ms` before it reconnects (0: no advice),
+    /// so that they do not all come back at once.
+    pub fn close_all(&self, code: CloseCode, spread_ms: u64) {
         for shard in self.shards.iter() {
             let outboxes: Vec<Arc<Outbox>> = shard.lock().values().cloned().collect();
             for o in outboxes {
-                o.close(code);
+                if spread_ms == 0 {
+                    o.close(code);
+                } else {
+                    o.close_after(code, rand::random::<u64>() % spread_ms);
+                }
             }
         }
     }

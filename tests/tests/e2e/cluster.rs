@@ -289,3 +289,174 @@ async fn channels_in_a_message_name_their_epoch() {
     assert_eq!(m.epoch, s.epoch);
     assert_eq!(m.channel, ChannelName::new("fresh").unwrap());
 }
+
+/// The offsets a resume names: the channel's last offset seen.
+fn named(channel: &str, offset: u64) -> Option<std::collections::BTreeMap<ChannelName, Offset>> {
+    Some([(ChannelName::new(channel).unwrap(), Offset(offset))].into())
+}
+
+#[tokio::test]
+async fn a_client_of_a_killed_node_resumes_on_another_with_nothing_lost() {
+    let redis = TestRedis::start().unwrap();
+    let mut a = node("--redis-url", &redis.url(), "a", &[]);
+    let c_node = node("--redis-url", &redis.url(), "c", &[]);
+    let mut client = WsClient::connect(&a.ws_url()).await.unwrap();
+    let connected = client.handshake(None).await.unwrap();
+    client.subscribe("k").await.unwrap();
+    for i in 1..=5 {
+        publish(&c_node, "k", json!(i)).await;
+    }
+    assert_eq!(offsets_until(&mut client, 5).await, vec![1, 2, 3, 4, 5]);
+    a.kill();
+    client.abort();
+    for i in 6..=10 {
+        publish(&c_node, "k", json!(i)).await;
+    }
+    let mut back = WsClient::connect(&c_node.ws_url()).await.unwrap();
+    let resumed = back
+        .resume(None, &connected.resume_token, named("k", 5))
+        .await
+        .unwrap();
+    assert!(resumed.resumed, "the session outlives its node");
+    let k = &resumed.channels.as_ref().unwrap()[&ChannelName::new("k").unwrap()];
+    assert!(k.recovered);
+    publish(&c_node, "k", json!(11)).await;
+    assert_eq!(
+        offsets_until(&mut back, 11).await,
+        (6..=11).collect::<Vec<_>>()
+    );
+    back.expect_nothing_pending().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_resume_on_another_node_takes_the_live_session_over() {
+    let redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut old = WsClient::connect(&nodes[0].ws_url()).await.unwrap();
+    let connected = old.handshake(None).await.unwrap();
+    old.subscribe("t").await.unwrap();
+    publish(&nodes[1], "t", json!(1)).await;
+    assert_eq!(offsets_until(&mut old, 1).await, vec![1]);
+    let mut new = WsClient::connect(&nodes[1].ws_url()).await.unwrap();
+    let resumed = new
+        .resume(None, &connected.resume_token, None)
+        .await
+        .unwrap();
+    assert!(resumed.resumed);
+    assert_eq!(resumed.session, connected.session);
+    let closed = old.expect_close().await.unwrap();
+    assert_eq!(closed.code, Some(4000));
+    // The old connection handed over what it had delivered: nothing is
+    // replayed twice, the next publication comes once.
+    publish(&nodes[0], "t", json!(2)).await;
+    assert_eq!(offsets_until(&mut new, 2).await, vec![2]);
+}
+
+#[tokio::test]
+async fn a_draining_node_sends_4010_with_a_delay_and_its_clients_resume_elsewhere() {
+    let redis = TestRedis::start().unwrap();
+    let mut a = node("--redis-url", &redis.url(), "a", &[]);
+    let b = node("--redis-url", &redis.url(), "b", &[]);
+    let mut client = WsClient::connect(&a.ws_url()).await.unwrap();
+    let connected = client.handshake(None).await.unwrap();
+    client.subscribe("d").await.unwrap();
+    publish(&b, "d", json!(1)).await;
+    assert_eq!(offsets_until(&mut client, 1).await, vec![1]);
+    let stopping = std::thread::spawn(move || {
+        let status = a.terminate(std::time::Duration::from_secs(20));
+        (a, status)
+    });
+    let closed = client.expect_close().await.unwrap();
+    assert_eq!(closed.code, Some(4010));
+    let d = closed.disconnect.expect("a disconnect first");
+    assert!(d.reconnect);
+    assert!(d.retry_after_ms.is_some_and(|ms| ms < 2000), "{d:?}");
+    let (_a, status) = stopping.join().unwrap();
+    assert!(status.unwrap().success());
+    publish(&b, "d", json!(2)).await;
+    // A drained session detached cleanly: resuming without naming offsets
+    // replays exactly what it missed.
+    let mut back = WsClient::connect(&b.ws_url()).await.unwrap();
+    let resumed = back
+        .resume(None, &connected.resume_token, None)
+        .await
+        .unwrap();
+    assert!(resumed.resumed);
+    assert_eq!(offsets_until(&mut back, 2).await, vec![2]);
+}
+
+async fn readyz(broker: &TestBroker) -> u16 {
+    broker
+        .http()
+        .get(broker.api_url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn redis_down_then_back_no_node_dies_and_publishing_resumes() {
+    let mut redis = TestRedis::start().unwrap();
+    let nodes = nodes("--redis-url", &redis.url(), 2);
+    let mut c = connected_client(&nodes[0]).await.unwrap();
+    c.subscribe("r").await.unwrap();
+    for i in 1..=3 {
+        publish(&nodes[1], "r", json!(i)).await;
+    }
+    // Acknowledged before the outage: delivered.
+    assert_eq!(offsets_until(&mut c, 3).await, vec![1, 2, 3]);
+
+    redis.stop();
+    let started = std::time::Instant::now();
+    let (status, body) = nodes[1]
+        .publish(json!({"channel": "r", "data": "lost?"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "answered, not hung: {:?}",
+        started.elapsed()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while readyz(&nodes[0]).await != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz stays 200 with Redis down"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The session lives on: heartbeats and pings are answered.
+    c.expect_nothing_pending().await.unwrap();
+
+    redis.restart().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let after = loop {
+        let (s, b) = nodes[1]
+            .publish(json!({"channel": "r", "data": "back"}))
+            .await
+            .unwrap();
+        if s == 200 {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publishing did not come back: {b}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // An emptied Redis starts a new epoch; the subscriber hears it.
+    let m = c.recv_publication().await.unwrap();
+    assert_eq!(m.epoch.as_str(), after["epoch"].as_str().unwrap());
+    assert_eq!(m.data, json!("back"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while readyz(&nodes[0]).await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz did not come back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

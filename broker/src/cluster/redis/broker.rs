@@ -225,8 +225,10 @@ impl RedisBroker {
         sub_config: SubscriberConfig,
         metrics: Metrics,
         sink: std::sync::Weak<dyn crate::cluster::Deliver>,
+        control: std::sync::Weak<dyn crate::cluster::ControlSink>,
     ) -> RedisBroker {
-        let subscriber = Subscriber::start(redis, sub_config, config.clone(), metrics, sink);
+        let subscriber =
+            Subscriber::start(redis, sub_config, config.clone(), metrics, sink, control);
         RedisBroker {
             conn: redis.conn.clone(),
             cluster: redis.is_cluster(),

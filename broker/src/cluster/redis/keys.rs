@@ -12,6 +12,9 @@
 //! | `tether:{ch}:h` | stream, entry id `<offset>-0`, fields `d` (data, JSON), `t` (unix ms) | history, `MAXLEN` = history size, expires `history_ttl` after the last publish |
 //! | `tether:{ch}:i:<key>` | string `"<epoch> <offset>"` | an idempotency key's answer, expires after `history_ttl` |
 //! | `tether:{ch}:m` | (s)pub/sub channel | publications: `"<epoch> <offset> <ts> <data>"` |
+//! | `tether:{#node:<node>}:c` | (s)pub/sub channel | control messages to the node (a takeover of one of its sessions) |
+//! | `tether:s:{<session>}` · `…:h` | hash · list | a resumable session and its handoff (see `resume`) |
+//! | `tether:{#dev:<device>}:live` | hash | the device's live sessions (see `presence`) |
 //! | `tether:{#probe:<node>}:m` | (s)pub/sub channel | the node's own probe of its pub/sub connection (`#` is not allowed in channel names: no channel can take this name) |
 
 use tether_protocol::ChannelName;
@@ -48,6 +51,11 @@ pub fn channel_of(pubsub: &[u8]) -> Option<ChannelName> {
 /// The probe channel of node `node`.
 pub fn probe(node: &str) -> String {
     format!("{PREFIX}#probe:{node}}}:m")
+}
+
+/// The control channel of node `node` (takeovers).
+pub fn control(node: &str) -> String {
+    format!("{PREFIX}#node:{node}}}:c")
 }
 
 /// A publication as it travels on pub/sub: epoch, offset, ts, then the data.

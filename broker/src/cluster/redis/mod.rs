@@ -15,7 +15,9 @@
 
 pub mod broker;
 pub mod keys;
+pub mod presence;
 pub mod pubsub;
+pub mod resume;
 
 use std::time::Duration;
 

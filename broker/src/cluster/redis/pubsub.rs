@@ -46,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use super::broker::{ENSURE_SCRIPT, RedisBrokerConfig, new_epoch, read_history};
 use super::{CONNECT_TIMEOUT, Conn, RESPONSE_TIMEOUT, Redis, keys, timed};
-use crate::cluster::{BrokerError, Deliver, Publication};
+use crate::cluster::{BrokerError, ControlSink, Deliver, Publication};
 use crate::config::RedisTarget;
 use crate::metrics::Metrics;
 
@@ -98,6 +98,7 @@ impl Subscriber {
         broker: RedisBrokerConfig,
         metrics: Metrics,
         sink: Weak<dyn Deliver>,
+        control: Weak<dyn ControlSink>,
     ) -> Subscriber {
         let (tx, rx) = mpsc::channel(REQUESTS);
         let healthy = Arc::new(AtomicBool::new(false));
@@ -106,6 +107,8 @@ impl Subscriber {
             cmd: redis.conn.clone(),
             cluster: redis.is_cluster(),
             probe_channel: keys::probe(&config.node_id),
+            control_channel: keys::control(&config.node_id),
+            control,
             config,
             broker,
             metrics,
@@ -261,6 +264,9 @@ struct Task {
     cmd: Conn,
     cluster: bool,
     probe_channel: String,
+    /// This node's control channel, and where its messages go.
+    control_channel: String,
+    control: Weak<dyn ControlSink>,
     config: SubscriberConfig,
     broker: RedisBrokerConfig,
     metrics: Metrics,
@@ -342,6 +348,7 @@ impl Task {
                 Ok(mut conn) => {
                     let mut all: Vec<String> = self.channels.keys().map(keys::messages).collect();
                     all.push(self.probe_channel.clone());
+                    all.push(self.control_channel.clone());
                     match conn.subscribe(&all).await {
                         Ok(()) => {
                             self.resync = true;
@@ -414,6 +421,10 @@ impl Task {
                         self.probe_sent = None;
                         self.healthy.store(true, Ordering::Release);
                     }
+                    return;
+                }
+                if name.as_slice() == self.control_channel.as_bytes() {
+                    super::resume::deliver_control(&self.control, payload);
                     return;
                 }
                 let Some(channel) = keys::channel_of(name) else {
