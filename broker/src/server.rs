@@ -144,9 +144,17 @@ impl Server {
             resumes,
             bus,
             presence,
+            push_backend,
         } = seams(&config, &metrics, &table).await?;
 
-        let push = start_push(&config, &metrics, presence.clone(), &tokens, &tasks)?;
+        let push = start_push(
+            &config,
+            &metrics,
+            presence.clone(),
+            push_backend,
+            &tokens,
+            &tasks,
+        )?;
         let sessions = Arc::new(session::Shared {
             config: SessionConfig::from_config(&config),
             broker: hub.broker().clone(),
@@ -385,6 +393,9 @@ struct Seams {
     resumes: Arc<dyn ResumeStore>,
     bus: Arc<dyn crate::cluster::NodeBus>,
     presence: Arc<dyn Presence>,
+    /// The shared device registry and push queue (cluster mode); `None`:
+    /// the node's own redb store.
+    push_backend: Option<tether_push_gateway::Backend>,
 }
 
 /// In memory for a single node; Redis for a cluster (`--redis-url` or
@@ -412,9 +423,10 @@ async fn seams(
             resumes: Arc::new(MemoryResumeStore::new(config.node_id.clone())),
             bus: Arc::new(LocalBus::new(config.node_id.clone(), control)),
             presence: Arc::new(MemoryPresence::new(presence_ttl)),
+            push_backend: None,
         });
     };
-    use crate::cluster::redis::{self, broker, presence, pubsub, resume};
+    use crate::cluster::redis::{self, broker, presence, pubsub, push, resume};
     let redis = redis::Redis::connect(target)
         .await
         .map_err(|e| ServerError::Redis(e.to_string()))?;
@@ -447,6 +459,13 @@ async fn seams(
             presence_ttl,
             metrics.cluster_presence_dropped.clone(),
         )),
+        push_backend: Some(tether_push_gateway::Backend {
+            queue: Arc::new(push::RedisQueue::new(
+                redis.conn.clone(),
+                config.node_id.clone(),
+            )),
+            devices: Arc::new(push::RedisRegistry::new(redis.conn.clone())),
+        }),
     })
 }
 
@@ -456,6 +475,7 @@ fn start_push(
     config: &Config,
     metrics: &Metrics,
     presence: Arc<dyn Presence>,
+    shared: Option<tether_push_gateway::Backend>,
     tokens: &Tokens,
     tasks: &TaskTracker,
 ) -> Result<Push, ServerError> {
@@ -495,14 +515,29 @@ fn start_push(
         metrics.clone(),
         tokens.push.clone(),
     ));
-    let devices: Arc<dyn tether_push_gateway::DeviceRegistry> = Arc::new(store.clone());
+    // One node: devices and jobs in its redb store. A cluster: in Redis,
+    // where every node's gateway takes jobs from the shared queue.
+    let (backend, gateway_config) = match shared {
+        None => (
+            tether_push_gateway::Backend::from(store),
+            tether_push_gateway::GatewayConfig::default(),
+        ),
+        Some(b) => (
+            b,
+            tether_push_gateway::GatewayConfig {
+                max_idle: Duration::from_secs(2),
+                ..tether_push_gateway::GatewayConfig::default()
+            },
+        ),
+    };
+    let devices = backend.devices.clone();
     let gateway = tether_push_gateway::Gateway::start(
-        store,
+        backend,
         apns.clone()
             .map(|a| a as Arc<dyn tether_push_gateway::Provider>),
         fcm.clone()
             .map(|f| f as Arc<dyn tether_push_gateway::Provider>),
-        tether_push_gateway::GatewayConfig::default(),
+        gateway_config,
         events_tx,
         tokens.push.clone(),
     );

@@ -236,7 +236,8 @@ impl NewPushJob {
         }
     }
 
-    pub(crate) fn with_id(self, id: u64) -> PushJob {
+    /// The job as stored, with the id its queue gave it.
+    pub fn with_id(self, id: u64) -> PushJob {
         PushJob { id, spec: self }
     }
 }

@@ -60,6 +60,10 @@ pub struct GatewayConfig {
     pub send_timeout: Duration,
     /// How long shutdown waits for sends in flight.
     pub shutdown_grace: Duration,
+    /// Longest time between two looks at the queue when nothing wakes the
+    /// gateway (jobs enqueued on this node wake it; a queue shared by
+    /// several nodes wants a short one).
+    pub max_idle: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -71,6 +75,7 @@ impl Default for GatewayConfig {
             max_backoff: Duration::from_secs(300),
             send_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            max_idle: Duration::from_secs(60),
         }
     }
 }

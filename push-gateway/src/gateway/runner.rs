@@ -19,8 +19,6 @@ use crate::provider::Provider;
 use crate::queue::{OutboxEntry, QueueError, Settlement};
 use crate::types::Platform;
 
-/// Wait at most this long without looking at the queue.
-const MAX_IDLE: Duration = Duration::from_secs(60);
 /// Pause after a queue error before trying again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Jobs for an unconfigured provider resolved per round.
@@ -65,7 +63,7 @@ impl Runner {
             }
             let deadline = match self.dispatch().await {
                 Ok(round) => {
-                    let idle = Instant::now() + MAX_IDLE;
+                    let idle = Instant::now() + self.config.max_idle;
                     round
                         .next_at
                         .map_or(idle, |at| self.shared.clock.instant_at(at).min(idle))

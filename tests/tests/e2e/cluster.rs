@@ -460,3 +460,87 @@ async fn redis_down_then_back_no_node_dies_and_publishing_resumes() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A cluster node with APNs pointed at the fake, heartbeat `hb` seconds.
+fn push_node(redis: &TestRedis, apns: &super::push::Apns, id: &str, hb: &str) -> TestBroker {
+    let args = apns.args();
+    let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    extra.extend(["--heartbeat", hb]);
+    node("--redis-url", &redis.url(), id, &extra)
+}
+
+#[tokio::test]
+async fn a_device_whose_only_session_was_on_a_killed_node_gets_its_push() {
+    use super::push::{Apns, apns_token, live_session, publish_push, register_apns};
+    let redis = TestRedis::start().unwrap();
+    let apns = Apns::start().await;
+    let mut a = push_node(&redis, &apns, "a", "1");
+    let b = push_node(&redis, &apns, "b", "1");
+    // Registered through A, decided on B: the registry is shared.
+    register_apns(&a, "zoe-phone", "zoe", &apns_token(0x21)).await;
+    let mut session = live_session(&a, "zoe", "zoe-phone").await;
+    // Live (on A): the publication on B goes to the session, not to APNs.
+    publish_push(&b, "zoe", "while live").await;
+    assert_eq!(session.recv_publication().await.unwrap().offset, Offset(1));
+    assert!(apns.fake.accepted().is_empty(), "no push while live");
+    a.kill();
+    session.abort();
+    // A's sessions vanish from presence within two heartbeats (2 s here);
+    // until then a publication still counts the device as live.
+    let killed = std::time::Instant::now();
+    let deadline = killed + std::time::Duration::from_secs(15);
+    let mut n = 1;
+    loop {
+        n += 1;
+        publish_push(&b, "zoe", &format!("try {n}")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if !apns.fake.accepted().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never pushed after the node died"
+        );
+    }
+    let after = killed.elapsed();
+    let pushed = apns.fake.accepted();
+    assert_eq!(pushed.len(), 1, "one push per message: {pushed:?}");
+    assert!(
+        after < std::time::Duration::from_secs(5),
+        "presence expired after {after:?} (two heartbeats are 2 s)"
+    );
+}
+
+#[tokio::test]
+async fn pushes_enqueued_on_any_node_are_sent_once_across_the_gateways() {
+    use super::push::{Apns, apns_token, publish_push, register_apns};
+    let redis = TestRedis::start().unwrap();
+    let apns = Apns::start().await;
+    let nodes: Vec<TestBroker> = (0..3)
+        .map(|i| push_node(&redis, &apns, &format!("n{i}"), "25"))
+        .collect();
+    register_apns(&nodes[0], "yuri-phone", "yuri", &apns_token(0x31)).await;
+    for i in 0..30 {
+        publish_push(&nodes[i % 3], "yuri", &format!("m{i}")).await;
+    }
+    let got = apns
+        .fake
+        .wait_accepted(30, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 30);
+    // A barrier: a last one, sent after all of those were accepted; none
+    // of the 30 comes a second time before it.
+    publish_push(&nodes[1], "yuri", "last").await;
+    let all = apns
+        .fake
+        .wait_accepted(31, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 31);
+    let per_id = apns.fake.accepted_per_id();
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "a push sent twice: {per_id:?}"
+    );
+}

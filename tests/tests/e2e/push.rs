@@ -13,18 +13,18 @@ const TOPIC: &str = "com.example.tether";
 const KEY_ID: &str = "KEYID12345";
 const TEAM_ID: &str = "TEAMID1234";
 
-fn apns_token(n: u8) -> String {
+pub(crate) fn apns_token(n: u8) -> String {
     format!("{:02x}", n).repeat(32)
 }
 
-struct Apns {
-    fake: FakeApns,
+pub(crate) struct Apns {
+    pub(crate) fake: FakeApns,
     _dir: tempfile::TempDir,
     key_file: String,
 }
 
 impl Apns {
-    async fn start() -> Apns {
+    pub(crate) async fn start() -> Apns {
         let pair = keys::es256_pair().unwrap();
         let fake = FakeApns::start(FakeApnsConfig {
             public_key_pem: pair.public_pem.clone(),
@@ -44,7 +44,7 @@ impl Apns {
         }
     }
 
-    fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         vec![
             "--apns-key-file".into(),
             self.key_file.clone(),
@@ -96,7 +96,7 @@ async fn devices(broker: &TestBroker, user: &str) -> Vec<Value> {
     v["devices"].as_array().unwrap().clone()
 }
 
-async fn register_apns(broker: &TestBroker, id: &str, user: &str, token: &str) {
+pub(crate) async fn register_apns(broker: &TestBroker, id: &str, user: &str, token: &str) {
     let (s, body) = put_device(
         broker,
         id,
@@ -106,7 +106,7 @@ async fn register_apns(broker: &TestBroker, id: &str, user: &str, token: &str) {
     assert_eq!(s, 200, "{body}");
 }
 
-async fn publish_push(broker: &TestBroker, user: &str, title: &str) -> u64 {
+pub(crate) async fn publish_push(broker: &TestBroker, user: &str, title: &str) -> u64 {
     let (s, a) = broker
         .publish(json!({
             "channel": format!("user:{user}"),
@@ -120,7 +120,7 @@ async fn publish_push(broker: &TestBroker, user: &str, title: &str) -> u64 {
 }
 
 /// A live session of `device` on `user:{user}`.
-async fn live_session(broker: &TestBroker, user: &str, device: &str) -> WsClient {
+pub(crate) async fn live_session(broker: &TestBroker, user: &str, device: &str) -> WsClient {
     let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
     let id = c.id();
     c.send(&ClientMessage::Connect(Connect {

@@ -17,6 +17,7 @@ pub mod broker;
 pub mod keys;
 pub mod presence;
 pub mod pubsub;
+pub mod push;
 pub mod resume;
 
 use std::time::Duration;
