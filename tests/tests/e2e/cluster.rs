@@ -295,11 +295,9 @@ fn named(channel: &str, offset: u64) -> Option<std::collections::BTreeMap<Channe
     Some([(ChannelName::new(channel).unwrap(), Offset(offset))].into())
 }
 
-#[tokio::test]
-async fn a_client_of_a_killed_node_resumes_on_another_with_nothing_lost() {
-    let redis = TestRedis::start().unwrap();
-    let mut a = node("--redis-url", &redis.url(), "a", &[]);
-    let c_node = node("--redis-url", &redis.url(), "c", &[]);
+async fn a_client_of_a_killed_node_resumes_on_another(flag: &str, redis: &str) {
+    let mut a = node(flag, redis, "a", &[]);
+    let c_node = node(flag, redis, "c", &[]);
     let mut client = WsClient::connect(&a.ws_url()).await.unwrap();
     let connected = client.handshake(None).await.unwrap();
     client.subscribe("k").await.unwrap();
@@ -329,9 +327,19 @@ async fn a_client_of_a_killed_node_resumes_on_another_with_nothing_lost() {
 }
 
 #[tokio::test]
-async fn a_resume_on_another_node_takes_the_live_session_over() {
+async fn one_redis_a_client_of_a_killed_node_resumes_on_another_with_nothing_lost() {
     let redis = TestRedis::start().unwrap();
-    let nodes = nodes("--redis-url", &redis.url(), 2);
+    a_client_of_a_killed_node_resumes_on_another("--redis-url", &redis.url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_a_client_of_a_killed_node_resumes_on_another_with_nothing_lost() {
+    let cluster = TestRedisCluster::start().unwrap();
+    a_client_of_a_killed_node_resumes_on_another("--redis-cluster", &cluster.seeds()).await;
+}
+
+async fn a_resume_on_another_node_takes_the_live_session_over(flag: &str, redis: &str) {
+    let nodes = nodes(flag, redis, 2);
     let mut old = WsClient::connect(&nodes[0].ws_url()).await.unwrap();
     let connected = old.handshake(None).await.unwrap();
     old.subscribe("t").await.unwrap();
@@ -350,6 +358,18 @@ async fn a_resume_on_another_node_takes_the_live_session_over() {
     // replayed twice, the next publication comes once.
     publish(&nodes[0], "t", json!(2)).await;
     assert_eq!(offsets_until(&mut new, 2).await, vec![2]);
+}
+
+#[tokio::test]
+async fn one_redis_a_resume_on_another_node_takes_the_live_session_over() {
+    let redis = TestRedis::start().unwrap();
+    a_resume_on_another_node_takes_the_live_session_over("--redis-url", &redis.url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_a_resume_on_another_node_takes_the_live_session_over() {
+    let cluster = TestRedisCluster::start().unwrap();
+    a_resume_on_another_node_takes_the_live_session_over("--redis-cluster", &cluster.seeds()).await;
 }
 
 #[tokio::test]
