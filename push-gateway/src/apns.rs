@@ -402,7 +402,9 @@ pub fn payload(job: &PushJob) -> Value {
         json!({ "content-available": 1 })
     };
     let mut root = Map::new();
-    match &n.data {
+    // A wake push carries no content: nothing of `data` goes to Apple.
+    let data = if n.is_wake() { None } else { n.data.as_ref() };
+    match data {
         Some(Value::Object(fields)) => {
             for (k, v) in fields {
                 if k != "aps" {
@@ -469,6 +471,26 @@ mod tests {
             json!({"aps": {"content-available": 1}, "data": [1, 2],
                    "channel": "user:u", "offset": 42})
         );
+    }
+
+    #[test]
+    fn a_wake_push_is_a_background_push_with_no_content() {
+        let wake = job(Notification {
+            title: Some("secret title".into()),
+            body: Some("secret body".into()),
+            data: Some(json!({"secret": 1})),
+            priority: Some(Priority::High),
+            mode: Some(crate::types::PushMode::Wake),
+            ..Default::default()
+        });
+        assert_eq!(
+            payload(&wake),
+            json!({"aps": {"content-available": 1}, "channel": "user:u", "offset": 42})
+        );
+        let auth = HeaderValue::from_static("bearer x");
+        let h = request_headers(&wake, "com.example", None, &auth).unwrap();
+        assert_eq!(h["apns-push-type"], "background");
+        assert_eq!(h["apns-priority"], "5");
     }
 
     #[test]

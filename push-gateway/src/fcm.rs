@@ -416,7 +416,9 @@ fn reserved_data_key(k: &str) -> bool {
 pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
     let n = &job.spec.notification;
     let mut data = Map::new();
-    match &n.data {
+    // A wake push is data-only with nothing but channel and offset.
+    let custom = if n.is_wake() { None } else { n.data.as_ref() };
+    match custom {
         Some(Value::Object(fields)) => {
             for (k, v) in fields {
                 if !reserved_data_key(k) {
@@ -485,6 +487,24 @@ mod tests {
             created_at: 0,
         }
         .with_id(1)
+    }
+
+    #[test]
+    fn a_wake_push_is_data_only_with_channel_and_offset() {
+        let m = message(
+            &job(Notification {
+                title: Some("secret title".into()),
+                data: Some(json!({"secret": 1})),
+                mode: Some(crate::types::PushMode::Wake),
+                ..Default::default()
+            }),
+            None,
+        );
+        assert!(m["message"].get("notification").is_none());
+        assert_eq!(
+            m["message"]["data"],
+            json!({"channel": "user:u", "offset": "5"})
+        );
     }
 
     #[test]

@@ -40,5 +40,7 @@ pub use outcome::Outcome;
 pub use provider::{ConfigError, Provider, SendFuture};
 pub use queue::{Claimed, OutboxEntry, PushQueue, QueueError, QueueFuture, Settlement};
 pub use store::{FailedJob, Store, StoreError};
-pub use types::{Device, NewPushJob, Notification, Platform, Priority, PushJob, unix_now};
+pub use types::{
+    Device, NewPushJob, Notification, Platform, Priority, PushJob, PushMode, unix_now,
+};
 pub use validate::DeviceError;

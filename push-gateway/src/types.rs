@@ -117,6 +117,18 @@ pub enum Priority {
     Normal,
 }
 
+/// What a push is (PROTOCOL.md §11 `push.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushMode {
+    /// A notification the user sees, with its content (the default).
+    Alert,
+    /// A silent push that carries only `channel` and `offset`: the app
+    /// wakes and fetches the message itself (APNs background push, FCM
+    /// data-only message); the content never passes through the provider.
+    Wake,
+}
+
 /// The `push` object of a publication (PROTOCOL.md §11).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
@@ -138,13 +150,20 @@ pub struct Notification {
     pub ttl: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PushMode>,
 }
 
 impl Notification {
     /// Whether the notification shows something (title or body) rather than
     /// being a silent/background data push.
     pub fn is_alert(&self) -> bool {
-        self.title.is_some() || self.body.is_some()
+        !self.is_wake() && (self.title.is_some() || self.body.is_some())
+    }
+
+    /// A wake push: no content at all, only `channel` and `offset`.
+    pub fn is_wake(&self) -> bool {
+        self.mode == Some(PushMode::Wake)
     }
 
     /// The priority to send with: the requested one, else high for alerts
@@ -374,6 +393,9 @@ mod tests {
         assert_eq!(n.ttl, Some(60));
         assert_eq!(n.priority, Some(Priority::Normal));
         assert!(n.is_alert());
+        let wake: Notification = serde_json::from_str(r#"{"title":"t","mode":"wake"}"#).unwrap();
+        assert!(wake.is_wake() && !wake.is_alert());
+        assert!(serde_json::from_str::<Notification>(r#"{"mode":"loud"}"#).is_err());
         let empty: Notification = serde_json::from_str("{}").unwrap();
         assert!(!empty.is_alert());
         assert_eq!(empty.effective_priority(), Priority::Normal);

@@ -54,6 +54,44 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// axum's own rejections (a query, path or body it could not take) answer
+/// in the API's JSON error shape too, with their status.
+fn rejected(status: StatusCode, text: String) -> ApiError {
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::BAD_REQUEST => ErrorCode::BadRequest,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    };
+    ApiError::new(code, text)
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(r: axum::extract::rejection::PathRejection) -> Self {
+        rejected(r.status(), r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(r: axum::extract::rejection::BytesRejection) -> Self {
+        let status = r.status();
+        let mut e = rejected(status, r.body_text());
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            e.message = format!("request body over the limit of {MAX_BODY} bytes");
+        }
+        e
+    }
+}
+
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+type PathArg = Result<Path<String>, axum::extract::rejection::PathRejection>;
+
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         tracing::warn!(error = %e, "broker error");
@@ -100,6 +138,7 @@ pub fn router(handles: Handles) -> Router {
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
         .route("/v1/channels/{channel}/history", get(history))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/devices", get(list_devices))
         .route(
             "/v1/devices/{device_id}",
@@ -300,18 +339,15 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
 
 async fn publish(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<PublishAnswer>, ApiError> {
-    let body = parse_body(&body)?;
+    let body = parse_body(&body?)?;
     let accepted = publish_one(&state, body).await?;
     Ok(Json(accepted.finish(&state).await))
 }
 
-async fn publish_batch(
-    State(state): State<AppState>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let body = parse_body(&body)?;
+async fn publish_batch(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    let body = parse_body(&body?)?;
     let Some(Value::Array(messages)) = body.get("messages").cloned() else {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
@@ -342,9 +378,10 @@ struct HistoryQuery {
 
 async fn history(
     State(state): State<AppState>,
-    Path(channel): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    channel: PathArg,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let (Path(channel), Query(q)) = (channel?, q?);
     let channel = ChannelName::new(channel)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     let since = match q.since.as_deref() {
@@ -423,10 +460,11 @@ fn bad(e: impl std::fmt::Display) -> ApiError {
 
 async fn put_device(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
-    body: Bytes,
+    device_id: PathArg,
+    body: Body,
 ) -> Result<Json<tether_push_gateway::Device>, ApiError> {
-    let body: DeviceBody = serde_json::from_value(parse_body(&body)?)
+    let Path(device_id) = device_id?;
+    let body: DeviceBody = serde_json::from_value(parse_body(&body?)?)
         .map_err(|e| bad(format!("invalid device: {e}")))?;
     let device = tether_push_gateway::Device {
         device_id,
@@ -449,8 +487,9 @@ async fn put_device(
 
 async fn delete_device(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
+    device_id: PathArg,
 ) -> Result<StatusCode, ApiError> {
+    let Path(device_id) = device_id?;
     tether_push_gateway::validate::validate_device_id(&device_id).map_err(bad)?;
     state
         .push
@@ -468,8 +507,9 @@ struct DevicesQuery {
 
 async fn list_devices(
     State(state): State<AppState>,
-    Query(q): Query<DevicesQuery>,
+    q: Result<Query<DevicesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q?;
     let user = q
         .user
         .ok_or_else(|| bad("the user query parameter is required"))?;
@@ -481,6 +521,13 @@ async fn list_devices(
         .await
         .map_err(registry_error)?;
     Ok(Json(json!({ "devices": devices })))
+}
+
+/// `docs/openapi.json`, the description of this API, compiled in.
+const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// How long the API server waits for in-flight requests at shutdown.

@@ -31,6 +31,7 @@ async fn delivers_an_alert_with_apples_headers_and_payload() {
         collapse_key: Some("chat-1".into()),
         ttl: Some(600),
         priority: Some(Priority::High),
+        mode: None,
     };
     let job = job(&dev, notification, 17);
     let created_at = job.created_at;

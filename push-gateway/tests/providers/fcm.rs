@@ -31,6 +31,7 @@ async fn delivers_with_one_oauth_grant_and_string_data() {
                 collapse_key: Some("ck".into()),
                 ttl: Some(120),
                 priority: Some(Priority::High),
+                mode: None,
             };
             job(&dev, notification, u64::from(i) + 1)
         })

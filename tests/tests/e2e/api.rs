@@ -223,3 +223,57 @@ async fn history_over_http() {
     assert_eq!(v["offset"], 0);
     assert_eq!(v["messages"], json!([]));
 }
+
+#[tokio::test]
+async fn what_the_framework_refuses_is_answered_in_the_api_error_shape() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let http = broker.http();
+    for (path, status, code) in [
+        ("/v1/channels/x/history?since=1&since=2", 400, "bad_request"),
+        ("/v1/devices?user=a&user=b", 400, "bad_request"),
+        ("/v1/channels/%FF/history", 400, "bad_request"),
+    ] {
+        let r = http.get(broker.api_url(path)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{path}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{path}: {body}");
+    }
+    // A body over the API's 16 MiB limit: 413, too_large, as JSON. Raw
+    // TCP: the server answers before it has read the body, and a client
+    // library may report the reset of the rest as an error instead.
+    let answer = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(broker.api_addr)
+            .await
+            .unwrap();
+        let len = 17usize << 20;
+        let head = format!(
+            "POST /v1/publish HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let _ = s.write_all(&vec![b' '; len]).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"too_large\""), "{answer}");
+    // The description of the API is served, the same as docs/openapi.json.
+    let doc: Value = http
+        .get(broker.api_url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file: Value = serde_json::from_str(include_str!("../../../docs/openapi.json")).unwrap();
+    assert_eq!(doc, file);
+}

@@ -284,6 +284,36 @@ async fn an_offline_device_gets_the_message_through_apns() {
 }
 
 #[tokio::test]
+async fn a_wake_push_carries_only_channel_and_offset() {
+    let apns = Apns::start().await;
+    let broker = start(&apns.args(), &[]);
+    register_apns(&broker, "iphone-w", "wendy", &apns_token(0xb7)).await;
+    let (s, a) = broker
+        .publish(json!({
+            "channel": "user:wendy",
+            "data": {"text": "the content stays here"},
+            "push": {"mode": "wake", "title": "not sent", "data": {"secret": 1}},
+        }))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{a}");
+    let got = apns.fake.wait_accepted(1, WAIT).await.unwrap();
+    let n = &got[0];
+    assert_eq!(n.headers["apns-push-type"], "background");
+    assert_eq!(n.headers["apns-priority"], "5");
+    assert_eq!(
+        n.payload,
+        json!({"aps": {"content-available": 1}, "channel": "user:wendy", "offset": a["offset"]})
+    );
+    // An unknown mode is refused, not ignored.
+    let (s, e) = broker
+        .publish(json!({"channel": "user:wendy", "data": 1, "push": {"mode": "loud"}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 400, "{e}");
+}
+
+#[tokio::test]
 async fn a_live_device_that_acks_gets_no_push_and_a_silent_one_does_after_the_ack_timeout() {
     let apns = Apns::start().await;
     let broker = start(&apns.args(), &["--ack-timeout", "1"]);
