@@ -5,8 +5,11 @@
 #   builds dist/, type-checks the sources and two consumer files (ESM and
 #   CommonJS), checks the JSON core's size (minified + gzip <= 12 KiB), and
 #   runs the tests: unit (fake WebSocket, fake timers), end to end in Node
-#   against a real broker, the OpenAPI check of docs/openapi.yaml against a
-#   real broker, and end to end in headless chromium.
+#   against a real broker (and `npm install` of the package into a fresh
+#   app), the OpenAPI check of docs/openapi.yaml against a real broker (with
+#   docs/openapi.json the same document, and every route of the router
+#   described), and end to end in headless chromium (with the example page,
+#   examples/live-feed.html).
 #
 # The broker binary: $TETHER_BROKER_BIN if set, else <repo>/target/debug/broker
 # (build it first: cargo build --workspace --bins).

@@ -1,8 +1,10 @@
 // docs/openapi.yaml against a real broker: the document is valid OpenAPI
-// 3.1; for every documented operation, valid requests (which the document's
-// request schemas accept) and invalid ones get answers whose status is
-// documented for that operation and whose body validates against the
-// documented schema; a path the document does not have answers 404.
+// 3.1; docs/openapi.json is the same document; every route the broker's
+// router serves (broker/src/api/mod.rs) is described and nothing else; for
+// every documented operation, valid requests (which the document's request
+// schemas accept) and invalid ones get answers whose status is documented
+// for that operation and whose body validates against the documented
+// schema; a path the document does not have answers 404.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -10,6 +12,8 @@ import { createRequire } from 'node:module';
 import Ajv2020 from 'ajv/dist/2020.js';
 import YAML from 'yaml';
 import { Broker } from './support/broker.mjs';
+import { openapiJsonText, JSON_PATH } from '../scripts/openapi-json.mjs';
+import { routerRoutes } from './support/routes.mjs';
 
 const require = createRequire(import.meta.url);
 const DOC_PATH = new URL('../../../docs/openapi.yaml', import.meta.url);
@@ -122,6 +126,22 @@ test('the document is valid OpenAPI 3.1', () => {
   assert.deepEqual(doc.components.schemas.Push.properties.mode.enum, ['alert', 'wake']);
 });
 
+test('docs/openapi.json is docs/openapi.yaml in JSON (node sdk/js/scripts/openapi-json.mjs)', () => {
+  const json = readFileSync(JSON_PATH, 'utf8');
+  assert.deepEqual(JSON.parse(json), doc, 'docs/openapi.json and docs/openapi.yaml differ: edit the YAML, then run node sdk/js/scripts/openapi-json.mjs');
+  assert.equal(json, openapiJsonText(), 'docs/openapi.json is not as the script writes it: run node sdk/js/scripts/openapi-json.mjs');
+});
+
+test("every route the broker's router serves is in the document, and only those", () => {
+  const served = routerRoutes().map(({ method, path }) => `${method} ${path}`).sort();
+  assert.ok(served.includes('POST /v1/publish') && served.includes('GET /metrics'), `the router was not read: ${served}`);
+  const documented = [];
+  for (const [template, item] of Object.entries(doc.paths))
+    for (const method of ['get', 'put', 'post', 'delete', 'patch', 'head', 'options'])
+      if (item[method]) documented.push(`${method.toUpperCase()} ${template}`);
+  assert.deepEqual(served, documented.sort(), 'broker/src/api/mod.rs routes (left) vs docs/openapi.yaml operations (right)');
+});
+
 test('every /v1 operation needs the API key: 401 without it or with a wrong one', async () => {
   const cases = [
     ['POST', '/v1/publish', '/v1/publish', { channel: 'x', data: 1 }],
@@ -231,6 +251,9 @@ test('devices: PUT (APNs, FCM), GET ?user, DELETE -> 204; 400 for invalid regist
   assert.deepEqual(list.json.devices.map((d) => d.device_id).sort(), ['iphone-1', 'pixel-1']);
   assert.deepEqual((await LIST('?user=nobody')).json, { devices: [] });
   assert.equal((await LIST('')).status, 400, 'user is required');
+  assert.equal((await PUT('long-user', { ...fcm, user: 'u'.repeat(250) }, true)).status, 200, 'a 250-byte user id');
+  assert.equal((await LIST(`?user=${'u'.repeat(250)}`)).json.devices.length, 1);
+  assert.equal((await LIST(`?user=${'u'.repeat(251)}`)).status, 400);
 
   for (const [body, valid] of [
     [{ ...fcm, platform: 'sms' }, false],
@@ -239,6 +262,7 @@ test('devices: PUT (APNs, FCM), GET ?user, DELETE -> 204; 400 for invalid regist
     [{ ...apns, token: 'not hex' }, undefined],
     [{ ...fcm, token: 'has spaces' }, undefined],
     [{ ...fcm, user: 'bad user!' }, false],
+    [{ ...fcm, user: 'u'.repeat(251) }, false], // user ids are at most 250 bytes (PROTOCOL.md §9)
   ]) {
     const r = await PUT('bad-1', body, valid);
     assert.equal(r.status, 400, JSON.stringify(body));
@@ -309,6 +333,20 @@ test('GET /healthz, /readyz, /metrics (no API key needed)', async () => {
   const metrics = await call('GET', '/metrics', '/metrics', { auth: false });
   assert.equal(metrics.status, 200);
   assert.match(metrics.text, /^# (TYPE|HELP) tether_/m);
+});
+
+test('GET /v1/openapi.json: docs/openapi.json itself where the document describes it, else 404', async () => {
+  // The route and its description come together (the router check above):
+  // until then the broker must not serve it undocumented.
+  const OPENAPI = '/v1/openapi.json';
+  if (!doc.paths[OPENAPI]) {
+    const r = await undocumented('GET', OPENAPI, 'NotFound');
+    assert.equal(r.status, 404, 'the broker serves /v1/openapi.json, which the document does not describe');
+    return;
+  }
+  const r = await call('GET', OPENAPI, OPENAPI);
+  assert.equal(r.status, 200);
+  assert.deepEqual(r.json, JSON.parse(readFileSync(JSON_PATH, 'utf8')), 'the served document is docs/openapi.json');
 });
 
 test('a path not in the document answers 404; a documented path with another method 405', async () => {
