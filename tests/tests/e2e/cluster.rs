@@ -564,3 +564,100 @@ async fn pushes_enqueued_on_any_node_are_sent_once_across_the_gateways() {
         "a push sent twice: {per_id:?}"
     );
 }
+
+/// History past its size: a cluster answers exactly what one node answers
+/// (the last `--history-size` messages, `recovered` false from before them),
+/// although Redis trims its stream only approximately.
+#[tokio::test]
+async fn a_trimmed_history_answers_as_on_a_single_node() {
+    let redis = TestRedis::start().unwrap();
+    let size = ["--history-size", "10"];
+    let cluster = [
+        node("--redis-url", &redis.url(), "node-0", &size),
+        node("--redis-url", &redis.url(), "node-1", &size),
+    ];
+    let single = TestBroker::start(&size).unwrap();
+    for i in 1..=350u64 {
+        assert_eq!(publish(&cluster[0], "trim", json!(i)).await, i);
+        assert_eq!(publish(&single, "trim", json!(i)).await, i);
+    }
+    // The precondition that makes this test mean something: the stream
+    // holds more than the history size.
+    let len: u64 = redis
+        .cli(&["XLEN", "tether:{trim}:h"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(len > 10, "stream length {len}");
+
+    async fn page(b: &TestBroker, query: &str) -> (bool, Vec<u64>) {
+        let h: serde_json::Value = b
+            .http()
+            .get(b.api_url(&format!("/v1/channels/trim/history?{query}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let offsets = h["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        (h["recovered"].as_bool().unwrap(), offsets)
+    }
+    for query in [
+        "since=0",
+        "since=339",
+        "since=340",
+        "since=345&limit=3",
+        "since=100&limit=4",
+    ] {
+        let want = page(&single, query).await;
+        assert_eq!(page(&cluster[1], query).await, want, "{query}");
+    }
+    assert_eq!(
+        page(&cluster[1], "since=0").await,
+        (false, (341..=350).collect())
+    );
+    assert_eq!(
+        page(&cluster[1], "since=340").await,
+        (true, (341..=350).collect())
+    );
+
+    // A subscribe from just inside the window replays it; one from before
+    // the window answers recovered false and replays nothing (the next
+    // publication is the first thing it receives).
+    let epoch = cluster[0]
+        .http()
+        .get(cluster[0].api_url("/v1/channels/trim/history"))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let since = |offset| StreamPosition {
+        epoch: tether_protocol::Epoch::new(&epoch),
+        offset: Offset(offset),
+    };
+    let mut inside = connected_client(&cluster[1]).await.unwrap();
+    let s = inside.subscribe_since("trim", since(340)).await.unwrap();
+    assert!(s.recovered);
+    let mut before = connected_client(&cluster[1]).await.unwrap();
+    let s = before.subscribe_since("trim", since(339)).await.unwrap();
+    assert!(!s.recovered);
+    assert_eq!(s.offset, Offset(350));
+    publish(&cluster[0], "trim", json!(351)).await;
+    assert_eq!(
+        offsets_until(&mut inside, 351).await,
+        (341..=351).collect::<Vec<_>>()
+    );
+    assert_eq!(offsets_until(&mut before, 351).await, vec![351]);
+}

@@ -5,11 +5,20 @@
 //! sent as `EVALSHA`) checks the idempotency key, creates the channel's
 //! epoch if it has none (and drops any history of an older epoch), takes the
 //! next offset (`HINCRBY`), appends to the capped history stream (`XADD
-//! MAXLEN <history size>` with the offset as entry id), refreshes the keys'
+//! MAXLEN ~ <history size>` with the offset as entry id), refreshes the keys'
 //! expiry, publishes the encoded publication with its epoch and offset on
 //! the channel's (sharded) pub/sub channel, and answers the position.
 //! Concurrent publications from one node share its command connection,
 //! which pipelines them.
+//!
+//! **Trimming is approximate, the window is not**: `MAXLEN ~` lets Redis
+//! drop whole stream nodes (100 entries by default) instead of one entry per
+//! publication, which costs a third of the script's CPU when exact
+//! (`scripts/bench-cluster`, BENCHMARKS.md). The stream therefore keeps
+//! between `history_size` and about `history_size + 100` entries; reads
+//! ([`RedisBroker::history`]) only answer from the last `history_size`
+//! offsets, so clients see exactly what a single node keeps. The extra
+//! entries only help a node fill a gap in its own pub/sub stream.
 //!
 //! Deliveries come back through [`super::pubsub`]: this node subscribes to
 //! a channel while its hub watches it, checks the offsets it receives, and
@@ -46,7 +55,7 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local answer = epoch .. ' ' .. offset
@@ -282,12 +291,27 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<HistoryPage, BrokerError>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let (position, entries) =
+            let (position, mut entries) =
                 read_history(&mut conn, channel, read.since, read.limit).await?;
             let position = position.unwrap_or(Position {
                 epoch: Epoch::default(),
                 offset: Offset::ZERO,
             });
+            // The window a single node would keep: the last `history_size`
+            // offsets (the stream may hold a few more, see the module doc).
+            let window_start = position
+                .offset
+                .get()
+                .saturating_sub(u64::try_from(self.config.history_size).unwrap_or(u64::MAX));
+            if entries.first().is_some_and(|(o, _, _)| *o <= window_start) {
+                // `since` is older than the window: read again from its
+                // start, so the page is as full as on a single node. Rare:
+                // only a client that lost messages anyway lands here.
+                entries = read_history(&mut conn, channel, Some(Offset(window_start)), read.limit)
+                    .await?
+                    .1;
+            }
+            entries.retain(|(o, _, _)| *o > window_start);
             let Some(since) = read.since else {
                 return Ok(HistoryPage {
                     position,
