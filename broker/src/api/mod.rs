@@ -269,10 +269,61 @@ impl Accepted {
 }
 
 /// Parses and validates one publication, then publishes it.
+/// A publication that passed validation, ready for the broker.
+struct Valid {
+    channel: ChannelName,
+    body: PublishBody,
+    raw: Box<serde_json::value::RawValue>,
+}
+
+impl Valid {
+    fn publish(&self) -> Publish<'_> {
+        Publish {
+            channel: &self.channel,
+            data: &self.body.data,
+            raw: self.raw.clone(),
+            idempotency_key: self.body.idempotency_key.as_deref(),
+        }
+    }
+
+    /// Counts the publication and decides its push, once the broker took it.
+    fn accepted(self, state: &AppState, published: crate::cluster::Published) -> Accepted {
+        if published.fresh {
+            state
+                .metrics
+                .publications
+                .get_or_create(&SourceLabel { source: "api" })
+                .inc();
+        }
+        let push = match (
+            published.fresh,
+            self.body.push,
+            self.channel.personal_user(),
+        ) {
+            (true, Some(n), Some(user)) => Some((user.to_owned(), n)),
+            _ => None,
+        };
+        Accepted {
+            answer: PublishAnswer {
+                channel: self.channel,
+                epoch: published.position.epoch,
+                offset: published.position.offset,
+            },
+            push,
+        }
+    }
+}
+
 async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
-    let body: PublishBody = serde_json::from_value(body)
+    let valid = validate(state, body)?;
+    let published = state.broker.publish(valid.publish()).await?;
+    Ok(valid.accepted(state, published))
+}
+
+fn validate(state: &AppState, body: Value) -> Result<Valid, ApiError> {
+    let mut body: PublishBody = serde_json::from_value(body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
-    let channel = ChannelName::new(body.channel)
+    let channel = ChannelName::new(std::mem::take(&mut body.channel))
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     // Encoded once: sized here, stored and fanned out by the broker.
     let raw = crate::hub::encode_data(&body.data);
@@ -292,34 +343,7 @@ async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError
             "idempotency_key must be 1 to 256 bytes",
         ));
     }
-    let published = state
-        .broker
-        .publish(Publish {
-            channel: &channel,
-            data: &body.data,
-            raw,
-            idempotency_key: body.idempotency_key.as_deref(),
-        })
-        .await?;
-    if published.fresh {
-        state
-            .metrics
-            .publications
-            .get_or_create(&SourceLabel { source: "api" })
-            .inc();
-    }
-    let push = match (published.fresh, body.push, channel.personal_user()) {
-        (true, Some(n), Some(user)) => Some((user.to_owned(), n)),
-        _ => None,
-    };
-    Ok(Accepted {
-        answer: PublishAnswer {
-            channel,
-            epoch: published.position.epoch,
-            offset: published.position.offset,
-        },
-        push,
-    })
+    Ok(Valid { channel, body, raw })
 }
 
 /// Parses a JSON request body with the nesting limit of §2.
@@ -360,9 +384,22 @@ async fn publish_batch(State(state): State<AppState>, body: Body) -> Result<Json
             format!("at most {MAX_BATCH} publications per batch"),
         ));
     }
-    let mut results: Vec<Value> = Vec::with_capacity(messages.len());
-    for m in messages {
-        results.push(match publish_one(&state, m).await {
+    // Every valid publication goes to the broker in one call, in order: a
+    // cluster node sends them to Redis in pipelines, not one round trip
+    // each.
+    let checked: Vec<Result<Valid, ApiError>> =
+        messages.into_iter().map(|m| validate(&state, m)).collect();
+    let publishes = checked.iter().flatten().map(Valid::publish).collect();
+    let mut published = state.broker.publish_many(publishes).await.into_iter();
+    let mut results: Vec<Value> = Vec::with_capacity(checked.len());
+    for c in checked {
+        let answer = c.and_then(|valid| {
+            let p = published.next().unwrap_or_else(|| {
+                Err(crate::cluster::BrokerError::Internal("no answer".into()))
+            })?;
+            Ok(valid.accepted(&state, p))
+        });
+        results.push(match answer {
             Ok(a) => serde_json::to_value(a.finish(&state).await).unwrap_or(Value::Null),
             Err(e) => e.body(),
         });

@@ -127,6 +127,22 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     fn publish<'a>(&'a self, publish: Publish<'a>)
     -> BoxFuture<'a, Result<Published, BrokerError>>;
 
+    /// Publishes several in order (offsets of one channel follow the order
+    /// given), answering each. The default publishes one after the other;
+    /// a Redis broker sends them in one pipeline.
+    fn publish_many<'a>(
+        &'a self,
+        publishes: Vec<Publish<'a>>,
+    ) -> BoxFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(async move {
+            let mut answers = Vec::with_capacity(publishes.len());
+            for p in publishes {
+                answers.push(self.publish(p).await);
+            }
+            answers
+        })
+    }
+
     /// The channel's position and, with `since`, the retained publications
     /// after it. Does not create the channel.
     fn history<'a>(

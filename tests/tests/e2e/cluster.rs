@@ -661,3 +661,76 @@ async fn a_trimmed_history_answers_as_on_a_single_node() {
     );
     assert_eq!(offsets_until(&mut before, 351).await, vec![351]);
 }
+
+/// A batch goes to Redis in pipelines: its publications keep their order
+/// (offsets and data agree), interleaved with another node's publications
+/// on the same channel, and a Redis that lost its script cache
+/// (`SCRIPT FLUSH`, as after a restart) costs nothing but a reload.
+async fn a_batch_keeps_its_order_through_the_pipeline(
+    flag: &str,
+    redis: &str,
+    flush_scripts: impl FnOnce(),
+) {
+    let nodes = nodes(flag, redis, 2);
+    let mut sub = connected_client(&nodes[1]).await.unwrap();
+    sub.subscribe("batch").await.unwrap();
+    flush_scripts();
+    let messages: Vec<serde_json::Value> = (0..300)
+        .map(|i| json!({"channel": "batch", "data": {"i": i}}))
+        .collect();
+    let post = nodes[0]
+        .http()
+        .post(nodes[0].api_url("/v1/publish/batch"))
+        .json(&json!({ "messages": messages }));
+    let other = async {
+        let mut offsets = Vec::new();
+        for i in 0..50 {
+            offsets.push(publish(&nodes[1], "batch", json!({"other": i})).await);
+        }
+        offsets
+    };
+    let (answer, other) = tokio::join!(post.send(), other);
+    let answer: serde_json::Value = answer.unwrap().json().await.unwrap();
+    let batch: Vec<u64> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batch.len(), 300);
+    assert!(batch.windows(2).all(|w| w[0] < w[1]), "{batch:?}");
+    assert!(other.windows(2).all(|w| w[0] < w[1]), "{other:?}");
+    let mut all: Vec<u64> = batch.iter().chain(&other).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=350).collect::<Vec<_>>());
+    // The subscriber sees the batch's data in the batch's order.
+    let mut seen = Vec::new();
+    while seen.len() < 350 {
+        seen.push(sub.recv_publication().await.unwrap());
+    }
+    let order: Vec<i64> = seen
+        .iter()
+        .filter_map(|p| p.data.get("i").and_then(serde_json::Value::as_i64))
+        .collect();
+    assert_eq!(order, (0..300).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn one_redis_a_batch_keeps_its_order_through_the_pipeline() {
+    let redis = TestRedis::start().unwrap();
+    a_batch_keeps_its_order_through_the_pipeline("--redis-url", &redis.url(), || {
+        redis.cli(&["SCRIPT", "FLUSH"]).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_cluster_a_batch_keeps_its_order_through_the_pipeline() {
+    let cluster = TestRedisCluster::start().unwrap();
+    a_batch_keeps_its_order_through_the_pipeline("--redis-cluster", &cluster.seeds(), || {
+        for i in 0..cluster.ports().len() {
+            cluster.cli(i, &["SCRIPT", "FLUSH"]).unwrap();
+        }
+    })
+    .await;
+}

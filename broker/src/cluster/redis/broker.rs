@@ -8,8 +8,9 @@
 //! MAXLEN ~ <history size>` with the offset as entry id), refreshes the keys'
 //! expiry, publishes the encoded publication with its epoch and offset on
 //! the channel's (sharded) pub/sub channel, and answers the position.
-//! Concurrent publications from one node share its command connection,
-//! which pipelines them.
+//! Concurrent publications of one node go to Redis in pipelines
+//! ([`super::batch`]): Redis spends as much CPU per unpipelined call as on
+//! the script itself.
 //!
 //! **Trimming is approximate, the window is not**: `MAXLEN ~` lets Redis
 //! drop whole stream nodes (100 entries by default) instead of one entry per
@@ -27,9 +28,10 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redis::{Script, Value};
+use redis::Value;
 use tether_protocol::{ChannelName, Epoch, Offset};
 
+use super::batch::{Call, ScriptBatcher};
 use super::pubsub::{Subscriber, SubscriberConfig};
 use super::{Conn, Redis, keys, timed};
 use crate::cluster::{
@@ -213,7 +215,9 @@ pub struct RedisBroker {
     conn: Conn,
     cluster: bool,
     config: RedisBrokerConfig,
-    publish: Script,
+    /// `SHA1` of [`PUBLISH_SCRIPT`], for `EVALSHA`.
+    publish_sha: String,
+    publisher: ScriptBatcher,
     subscriber: Subscriber,
 }
 
@@ -242,7 +246,8 @@ impl RedisBroker {
             conn: redis.conn.clone(),
             cluster: redis.is_cluster(),
             config,
-            publish: Script::new(PUBLISH_SCRIPT),
+            publish_sha: redis::Script::new(PUBLISH_SCRIPT).get_hash().to_owned(),
+            publisher: ScriptBatcher::start(redis.conn.clone(), redis.is_cluster(), PUBLISH_SCRIPT),
             subscriber,
         }
     }
@@ -252,36 +257,57 @@ impl RedisBroker {
         self.subscriber.healthy()
     }
 
-    async fn publish_now(&self, p: &Publish<'_>) -> Result<Published, BrokerError> {
+    /// The script call that makes publication `p`.
+    fn publish_call(&self, p: &Publish<'_>) -> Call {
         let ts = unix_millis();
-        let mut invocation = self.publish.prepare_invoke();
-        invocation
-            .key(keys::position(p.channel))
-            .key(keys::history(p.channel))
-            .key(keys::messages(p.channel));
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.publish_sha)
+            .arg(if p.idempotency_key.is_some() { 4 } else { 3 })
+            .arg(keys::position(p.channel))
+            .arg(keys::history(p.channel))
+            .arg(keys::messages(p.channel));
         if let Some(k) = p.idempotency_key {
-            invocation.key(keys::idempotency(p.channel, k));
+            cmd.arg(keys::idempotency(p.channel, k));
         }
-        invocation
-            .arg(p.raw.get())
+        cmd.arg(p.raw.get())
             .arg(ts)
             .arg(self.config.history_size)
             .arg(self.config.history_ttl_ms)
             .arg(self.config.position_ttl_ms)
             .arg(if self.cluster { "SPUBLISH" } else { "PUBLISH" })
             .arg(new_epoch());
-        let mut conn = self.conn.clone();
-        let (fresh, answer): (i64, String) = timed(invocation.invoke_async(&mut conn)).await?;
-        Ok(Published {
-            position: position_of(&answer)?,
-            fresh: fresh == 1,
-        })
+        (p.channel.clone(), cmd)
     }
+}
+
+/// The publish script's answer: `{fresh, "<epoch> <offset>"}`.
+fn published(reply: Result<Value, BrokerError>) -> Result<Published, BrokerError> {
+    let (fresh, answer): (i64, String) = redis::from_redis_value(reply?)
+        .map_err(|e| BrokerError::Internal(format!("publish script answered: {e}")))?;
+    Ok(Published {
+        position: position_of(&answer)?,
+        fresh: fresh == 1,
+    })
 }
 
 impl Broker for RedisBroker {
     fn publish<'a>(&'a self, p: Publish<'a>) -> BoxFuture<'a, Result<Published, BrokerError>> {
-        Box::pin(async move { self.publish_now(&p).await })
+        let call = self.publish_call(&p);
+        Box::pin(async move {
+            let answer = self.publisher.call(vec![call]).await.pop();
+            published(answer.unwrap_or_else(|| Err(BrokerError::Internal("no reply".into()))))
+        })
+    }
+
+    fn publish_many<'a>(
+        &'a self,
+        publishes: Vec<Publish<'a>>,
+    ) -> BoxFuture<'a, Vec<Result<Published, BrokerError>>> {
+        let calls = publishes.iter().map(|p| self.publish_call(p)).collect();
+        Box::pin(async move {
+            let answers = self.publisher.call(calls).await;
+            answers.into_iter().map(published).collect()
+        })
     }
 
     fn history<'a>(

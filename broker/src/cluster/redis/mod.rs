@@ -11,8 +11,10 @@
 //! Redis Cluster and one script can touch them all.
 //!
 //! Files: [`broker`] (the `Broker`: the publish script, history),
+//! [`batch`] (publications pipelined, one round at a time),
 //! [`pubsub`] (the node's subscriptions, gap checks, the probe), [`keys`].
 
+pub mod batch;
 pub mod broker;
 pub mod keys;
 pub mod presence;
