@@ -590,6 +590,12 @@ async fn a_trimmed_history_answers_as_on_a_single_node() {
         .parse()
         .unwrap();
     assert!(len > 10, "stream length {len}");
+    // Its keys expire (refreshed lazily, never sooner than the history TTL,
+    // 300 s by default, after the last publication).
+    for key in ["tether:{trim}:h", "tether:{trim}:p"] {
+        let ttl: i64 = redis.cli(&["PTTL", key]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 300_000, "{key} expires in {ttl} ms");
+    }
 
     async fn page(b: &TestBroker, query: &str) -> (bool, Vec<u64>) {
         let h: serde_json::Value = b

@@ -42,7 +42,15 @@ use crate::metrics::Metrics;
 
 /// The publish script (see the module doc). KEYS: position, history,
 /// pub/sub channel, [idempotency key]. ARGV: data, ts, history size,
-/// history ttl (ms), position ttl (ms), publish command, a new epoch.
+/// history ttl (ms), position ttl (ms), publish command, a new epoch,
+/// [`EXPIRY_SLACK_MS`].
+///
+/// Expiries are refreshed lazily: at most once per slack per channel (the
+/// position's field `x` says when next), each time to the TTL plus twice
+/// the slack — so a key never expires sooner than its TTL after a
+/// publication, even between nodes whose clocks differ by up to the slack,
+/// and a busy channel costs two `PEXPIRE`s per slack instead of two per
+/// publication (a fifth of the script's Redis commands).
 /// Answers `{1, "<epoch> <offset>"}`, or `{0, "<epoch> <offset>"}` for a
 /// repeated idempotency key (nothing published).
 pub const PUBLISH_SCRIPT: &str = r"
@@ -50,7 +58,8 @@ if KEYS[4] then
   local seen = redis.call('GET', KEYS[4])
   if seen then return {0, seen} end
 end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local pos = redis.call('HMGET', KEYS[1], 'epoch', 'x')
+local epoch = pos[1]
 if not epoch then
   epoch = ARGV[7]
   redis.call('DEL', KEYS[2])
@@ -58,13 +67,22 @@ if not epoch then
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local now = tonumber(ARGV[2])
+if not pos[2] or now >= tonumber(pos[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4] + 2 * ARGV[8])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5] + 2 * ARGV[8])
+  redis.call('HSET', KEYS[1], 'x', now + ARGV[8])
+end
 local answer = epoch .. ' ' .. offset
 redis.call(ARGV[6], KEYS[3], answer .. ' ' .. ARGV[2] .. ' ' .. ARGV[1])
 if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', ARGV[4]) end
 return {1, answer}
 ";
+
+/// How often, at most, a publication refreshes its channel's key expiries
+/// (see [`PUBLISH_SCRIPT`]); also the clock skew between nodes it
+/// tolerates.
+pub const EXPIRY_SLACK_MS: u64 = 30_000;
 
 /// Creates a channel's epoch if it has none; refreshes the position's
 /// expiry; answers `{epoch, offset}`. KEYS: position, history. ARGV: a new
@@ -275,7 +293,8 @@ impl RedisBroker {
             .arg(self.config.history_ttl_ms)
             .arg(self.config.position_ttl_ms)
             .arg(if self.cluster { "SPUBLISH" } else { "PUBLISH" })
-            .arg(new_epoch());
+            .arg(new_epoch())
+            .arg(EXPIRY_SLACK_MS);
         (p.channel.clone(), cmd)
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `tether:{ch}:p` | hash `epoch`, `offset` | the channel's position; expires `meta_ttl` after the last publish or watch check |
+//! | `tether:{ch}:p` | hash `epoch`, `offset`, `x` (unix ms of the next expiry refresh) | the channel's position; expires no sooner than the position TTL after the last publish or watch check (refreshed lazily, see `broker::PUBLISH_SCRIPT`) |
 //! | `tether:{ch}:h` | stream, entry id `<offset>-0`, fields `d` (data, JSON), `t` (unix ms) | history, `MAXLEN ~` history size (reads answer from the last history-size offsets only), expires `history_ttl` after the last publish |
 //! | `tether:{ch}:i:<key>` | string `"<epoch> <offset>"` | an idempotency key's answer, expires after `history_ttl` |
 //! | `tether:{ch}:m` | (s)pub/sub channel | publications: `"<epoch> <offset> <ts> <data>"` |
