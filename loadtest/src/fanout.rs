@@ -346,6 +346,26 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
         not_increasing,
     );
     r.count("epoch_changes", "epoch changes", epoch_changes);
+    if skipped > 0 {
+        r.violation(format!(
+            "{skipped} offsets of {} skipped by live subscribers",
+            opts.plan.channel
+        ));
+    }
+    if not_increasing > 0 {
+        r.violation(format!(
+            "{not_increasing} deliveries of {} duplicated or out of order",
+            opts.plan.channel
+        ));
+    }
+    if delivered < expected && dropped.is_empty() {
+        r.violation(format!(
+            "{} deliveries of {} had not arrived {:?} after the last publication",
+            expected - delivered,
+            opts.plan.channel,
+            opts.drain_timeout
+        ));
+    }
     r.count("bad_payloads", "deliveries without sent_us", bad_payload);
     let (dropped_count, dropped_codes) = report::close_codes(dropped);
     r.count(

@@ -6,6 +6,9 @@
 //! - `connect-rate`: how fast clients connect and subscribe;
 //! - `resume`: many clients dropped at once, messages published while they
 //!   are away, then all resumed: is everything recovered, and how fast;
+//! - `churn`: steady publishing while clients drop abruptly and resume,
+//!   on one node or spread over a cluster's nodes, every delivery checked
+//!   against the ledger of accepted publications;
 //! - `floor`: no broker: the CPU one loopback TCP send of one delivery costs
 //!   its sender here, the floor under any server's CPU per delivery.
 //!
@@ -15,7 +18,7 @@
 //!
 //! Every scenario prints a report for people on stdout (and with `--json` a
 //! single JSON line after it), stops by itself, and is bounded by
-//! `--timeout`. Only loopback addresses are ever targeted. Progress and
+//! `--timeout`. Progress and
 //! warnings go to stderr (`LOADTEST_LOG=debug` for more).
 //!
 //! One process holds at most ~19,900 sockets and one loopback source address
@@ -26,12 +29,14 @@
 // The report is this binary's output, and it goes to stdout.
 #![allow(clippy::print_stdout)]
 
+mod churn;
 mod client;
 mod connect_rate;
 mod fanout;
 mod fleet;
 mod floor;
 mod idle;
+mod ledger;
 mod proc;
 mod publisher;
 mod quic;
@@ -65,6 +70,15 @@ struct Cli {
     /// with an error.
     #[arg(long, global = true, default_value_t = 300, value_name = "SECS")]
     timeout: u64,
+    /// Objective: exit 3 when the p99 publish → deliver latency is above this.
+    #[arg(long, global = true, value_name = "MS")]
+    max_p99_ms: Option<f64>,
+    /// Objective: exit 3 when fewer deliveries a second were received.
+    #[arg(long, global = true, value_name = "PER_SEC")]
+    min_rate: Option<f64>,
+    /// Objective: exit 3 when more connections failed than this.
+    #[arg(long, global = true, value_name = "N")]
+    max_connect_failures: Option<u64>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -89,7 +103,7 @@ enum Scenario {
     Fanout {
         #[command(flatten)]
         common: Common,
-        /// Backend API base URL (loopback only).
+        /// Backend API base URL.
         #[arg(long, default_value = "http://127.0.0.1:8081")]
         api: String,
         /// Subscribers, all on one channel.
@@ -133,7 +147,7 @@ enum Scenario {
     Resume {
         #[command(flatten)]
         common: Common,
-        /// Backend API base URL (loopback only).
+        /// Backend API base URL.
         #[arg(long, default_value = "http://127.0.0.1:8081")]
         api: String,
         /// Clients, client i on its own channel `<prefix><i>`.
@@ -161,6 +175,78 @@ enum Scenario {
         /// Seconds a resumed client waits for its missed messages.
         #[arg(long, default_value_t = 20.0)]
         message_timeout: f64,
+    },
+    /// Steady publishing while clients drop abruptly and resume, every
+    /// delivery checked against the ledger of accepted publications.
+    ///
+    /// --clients clients (WebSocket), client i on node i mod nodes of --url
+    /// and channel <prefix><i mod --channels>. --rate publications a second
+    /// for --duration seconds, round-robin over the channels and the --api
+    /// URLs (idempotency key on each; a failed request is retried on the
+    /// next API URL). Meanwhile --drop-rate clients a second drop their
+    /// connection without a close handshake, stay away --away seconds and
+    /// resume on the next node, naming the last offset they received;
+    /// --storm-at drops them all at once. Connections the server closes
+    /// (a drained or killed node) resume the same way. At the end every
+    /// delivery is checked against the accepted answers: duplicated,
+    /// reordered, declared lost (recovered: false) and silently lost; exit
+    /// status 2 if anything was silently lost, duplicated or reordered.
+    Churn {
+        /// WebSocket URLs, one per node (comma-separated or repeated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "ws://127.0.0.1:8080/v1/ws"
+        )]
+        url: Vec<String>,
+        /// Backend API base URLs, one per node.
+        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
+        api: Vec<String>,
+        /// Key the backend API requires (Authorization: Bearer).
+        #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Shared secret to mint each client an HS256 token (sub = loadtest-<i>).
+        #[arg(long, env = "TETHER_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// WebSocket subprotocol.
+        #[arg(long, value_enum, default_value = "json")]
+        encoding: EncodingArg,
+        /// Source addresses for client sockets, round-robin.
+        #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
+        source_ips: Vec<IpAddr>,
+        /// Clients.
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Channels, client i on channel i mod this.
+        #[arg(long, default_value_t = 20)]
+        channels: usize,
+        /// Prefix of the channel names.
+        #[arg(long, default_value = "churn:")]
+        channel_prefix: String,
+        /// Client connections started per second at the start.
+        #[arg(long, default_value_t = 500.0)]
+        connect_rate: f64,
+        /// Publications per second, over all channels.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Bytes of padding in each publication.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Clients dropped per second, round-robin (0: none).
+        #[arg(long, default_value_t = 20.0)]
+        drop_rate: f64,
+        /// Drop every client at once this many seconds into publishing.
+        #[arg(long, value_name = "SECS")]
+        storm_at: Option<f64>,
+        /// Seconds a dropped client stays away before it resumes.
+        #[arg(long, default_value_t = 0.5)]
+        away: f64,
+        /// Seconds to wait, after publishing, for every client to catch up.
+        #[arg(long, default_value_t = 20.0)]
+        drain_timeout: f64,
     },
     /// No broker: the sender's CPU per loopback TCP send, the floor under any
     /// server's CPU per delivery on this machine.
@@ -208,20 +294,29 @@ enum EncodingArg {
     Msgpack,
 }
 
+impl From<EncodingArg> for Encoding {
+    fn from(e: EncodingArg) -> Encoding {
+        match e {
+            EncodingArg::Json => Encoding::Json,
+            EncodingArg::Msgpack => Encoding::MsgPack,
+        }
+    }
+}
+
 /// Options every scenario shares: where to connect and how fast.
 #[derive(Debug, Args)]
 struct Common {
     /// Transport of the clients.
     #[arg(long, value_enum, default_value = "ws")]
     transport: TransportArg,
-    /// WebSocket URL of the broker (loopback only).
+    /// WebSocket URL of the broker.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
     /// WebSocket subprotocol: tether.v1.json or tether.v1.msgpack (QUIC
     /// always carries MessagePack).
     #[arg(long, value_enum, default_value = "json")]
     encoding: EncodingArg,
-    /// QUIC address of the broker (UDP, loopback only).
+    /// QUIC address of the broker (UDP).
     #[arg(long, default_value = "127.0.0.1:8443")]
     quic_addr: SocketAddr,
     /// SHA-256 fingerprint (hex) of the broker's self-signed certificate, as
@@ -239,7 +334,7 @@ struct Common {
     /// in bytes (capped by net.core.rmem_max / wmem_max; 0: kernel default).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     quic_socket_buffer: usize,
-    /// Loopback source addresses to bind client sockets to, round-robin
+    /// Source addresses to bind client sockets to, round-robin
     /// (each has ~28k ephemeral ports; with QUIC, the endpoints'
     /// addresses).
     #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
@@ -297,10 +392,7 @@ impl Common {
         }
         Ok(FleetOptions {
             transport,
-            encoding: match self.encoding {
-                EncodingArg::Json => Encoding::Json,
-                EncodingArg::Msgpack => Encoding::MsgPack,
-            },
+            encoding: self.encoding.into(),
             source_ips: self.source_ips.clone(),
             connect_rate: self.connect_rate,
             concurrency: self.connect_concurrency.max(1),
@@ -350,7 +442,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
             let opts = fanout::FanoutOptions {
                 subscribers,
                 plan: publisher::PublishPlan {
-                    api: target::loopback_url(&api, "--api")?,
+                    api: target::parse_url(&api, "--api")?,
                     channel,
                     rate,
                     duration: seconds(duration, "--duration")?,
@@ -397,7 +489,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
                 anyhow::bail!("--reconnect-rate must be above 0");
             }
             let opts = resume::ResumeOptions {
-                api: target::loopback_url(&api, "--api")?,
+                api: target::parse_url(&api, "--api")?,
                 clients,
                 missed,
                 payload,
@@ -413,6 +505,55 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     .unwrap_or_else(|| "resume:".into()),
             };
             resume::run(opts, common.fleet_options(clients).await?).await
+        }
+        Scenario::Churn {
+            url,
+            api,
+            api_key,
+            jwt_secret,
+            encoding,
+            source_ips,
+            clients,
+            channels,
+            channel_prefix,
+            connect_rate,
+            rate,
+            duration,
+            payload,
+            drop_rate,
+            storm_at,
+            away,
+            drain_timeout,
+        } => {
+            let mut urls = Vec::with_capacity(url.len());
+            for u in &url {
+                let t = Target::resolve(u).await?;
+                target::check_source_ips(&source_ips, t.addr)?;
+                urls.push(t);
+            }
+            let opts = churn::ChurnOptions {
+                urls,
+                apis: api
+                    .iter()
+                    .map(|a| target::parse_url(a, "--api"))
+                    .collect::<Result<_>>()?,
+                api_key,
+                jwt_secret,
+                encoding: encoding.into(),
+                source_ips,
+                clients,
+                channels,
+                channel_prefix,
+                connect_rate,
+                rate,
+                duration: seconds(duration, "--duration")?,
+                payload,
+                drop_rate,
+                storm_at: storm_at.map(|s| seconds(s, "--storm-at")).transpose()?,
+                away: seconds(away, "--away")?,
+                drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
+            };
+            churn::run(opts).await
         }
         Scenario::Floor {
             connections,
@@ -445,24 +586,105 @@ async fn main() -> ExitCode {
         .with_target(false)
         .init();
     let limit = Duration::from_secs(cli.timeout);
+    let objectives = Objectives {
+        max_p99_ms: cli.max_p99_ms,
+        min_rate: cli.min_rate,
+        max_connect_failures: cli.max_connect_failures,
+    };
     match tokio::time::timeout(limit, run(cli.scenario)).await {
         Ok(Ok(report)) => {
             print!("{}", report.render());
+            let missed = objectives.missed(&report);
+            for m in &missed {
+                println!("OBJECTIVE MISSED: {m}");
+            }
             if cli.json {
                 println!("{}", report.json_line());
             }
-            ExitCode::SUCCESS
+            if !report.violations().is_empty() {
+                eprintln!(
+                    "loadtest: the delivery contract was broken: {}",
+                    report.violations().join(" | ")
+                );
+                ExitCode::from(report::EXIT_VIOLATION)
+            } else if !missed.is_empty() {
+                eprintln!("loadtest: objectives missed: {}", missed.join(" | "));
+                ExitCode::from(report::EXIT_SLO)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Ok(Err(e)) => {
             eprintln!("loadtest: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(report::EXIT_ERROR)
         }
         Err(_) => {
             eprintln!(
                 "loadtest: the run did not finish within --timeout {} s; abandoned",
                 cli.timeout
             );
-            ExitCode::FAILURE
+            ExitCode::from(report::EXIT_ERROR)
         }
+    }
+}
+
+/// The objectives given on the command line.
+#[derive(Debug, Default)]
+struct Objectives {
+    max_p99_ms: Option<f64>,
+    min_rate: Option<f64>,
+    max_connect_failures: Option<u64>,
+}
+
+impl Objectives {
+    /// One line per objective the report misses (or cannot show).
+    fn missed(&self, r: &Report) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |key: &str, limit: Option<f64>, above: bool, what: &str| {
+            let Some(limit) = limit else { return };
+            match r.get(key).and_then(serde_json::Value::as_f64) {
+                None => out.push(format!("{what}: this run has no {key} figure")),
+                Some(v) if above && v > limit => out.push(format!("{what}: {key} {v} > {limit}")),
+                Some(v) if !above && v < limit => out.push(format!("{what}: {key} {v} < {limit}")),
+                Some(_) => {}
+            }
+        };
+        check("latency_p99_ms", self.max_p99_ms, true, "--max-p99-ms");
+        check("deliveries_per_second", self.min_rate, false, "--min-rate");
+        check(
+            "connect_failures",
+            self.max_connect_failures.map(|n| n as f64),
+            true,
+            "--max-connect-failures",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objectives_are_checked_against_the_report() {
+        let mut r = Report::new("fanout");
+        r.number("latency_p99_ms", "p99", 12.5, "ms", 3);
+        r.number("deliveries_per_second", "rate", 900.0, "/s", 0);
+        assert!(Objectives::default().missed(&r).is_empty());
+        let o = Objectives {
+            max_p99_ms: Some(20.0),
+            min_rate: Some(800.0),
+            max_connect_failures: None,
+        };
+        assert!(o.missed(&r).is_empty());
+        let o = Objectives {
+            max_p99_ms: Some(10.0),
+            min_rate: Some(1000.0),
+            max_connect_failures: Some(0),
+        };
+        let missed = o.missed(&r);
+        assert_eq!(missed.len(), 3, "{missed:?}");
+        assert!(missed[0].contains("12.5 > 10"), "{missed:?}");
+        assert!(missed[2].contains("no connect_failures"), "{missed:?}");
     }
 }

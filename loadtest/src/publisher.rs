@@ -128,8 +128,9 @@ pub async fn run(http: reqwest::Client, plan: &PublishPlan) -> Result<Published>
     Ok(out)
 }
 
-/// Sends one request; returns the refusals of a batch (empty: all accepted).
-async fn post(http: &reqwest::Client, url: Url, body: &Value, n: u64) -> Result<Vec<String>> {
+/// POSTs `body` to `url`; the JSON answer of a 2xx, else an error naming
+/// the status and the answer's `error.code`.
+pub async fn post_json(http: &reqwest::Client, url: Url, body: &Value) -> Result<Value> {
     let resp = http
         .post(url)
         .json(body)
@@ -144,6 +145,12 @@ async fn post(http: &reqwest::Client, url: Url, body: &Value, n: u64) -> Result<
             answer["error"]["code"].as_str().unwrap_or("?")
         );
     }
+    Ok(answer)
+}
+
+/// Sends one request; returns the refusals of a batch (empty: all accepted).
+async fn post(http: &reqwest::Client, url: Url, body: &Value, n: u64) -> Result<Vec<String>> {
+    let answer = post_json(http, url, body).await?;
     if n == 1 && answer.get("results").is_none() {
         return Ok(Vec::new());
     }

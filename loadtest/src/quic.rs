@@ -38,7 +38,7 @@ pub struct QuicSetup {
     /// Clients in all.
     pub clients: usize,
     pub clients_per_endpoint: usize,
-    /// Source addresses to bind endpoints to, round-robin (empty: loopback).
+    /// Source addresses to bind endpoints to, round-robin (empty: loopback for a loopback target, else any).
     pub source_ips: Vec<IpAddr>,
     /// SO_RCVBUF / SO_SNDBUF asked for each socket; 0 keeps the kernel's.
     pub socket_buffer: usize,
@@ -64,20 +64,15 @@ pub fn check_fingerprint(fp: &str) -> Result<String> {
 impl QuicTarget {
     /// Creates the endpoints. Must run inside the Tokio runtime.
     pub fn new(setup: QuicSetup) -> Result<QuicTarget> {
-        if !setup.addr.ip().is_loopback() {
-            bail!(
-                "--quic-addr {} is not a loopback address: the load tester only targets \
-                 loopback addresses (127.x.x.x, ::1)",
-                setup.addr
-            );
-        }
         crate::target::check_source_ips(&setup.source_ips, setup.addr)?;
         let fingerprint = check_fingerprint(&setup.fingerprint)?;
         let count = endpoint_count(setup.clients, setup.clients_per_endpoint);
-        let default_ip = if setup.addr.is_ipv4() {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else {
-            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        // Loopback for a loopback target, else any address of the family.
+        let default_ip = match (setup.addr.is_ipv4(), setup.addr.ip().is_loopback()) {
+            (true, true) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            (true, false) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (false, true) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            (false, false) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
         let mut endpoints = Vec::with_capacity(count);
         let mut socket_buffers = (0, 0);
@@ -307,7 +302,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refuses_targets_off_loopback() {
+    async fn a_remote_target_gets_endpoints_on_any_address_and_a_family_check() {
         let setup = QuicSetup {
             addr: "10.0.0.1:8443".parse().expect("addr"),
             fingerprint: "ab".repeat(32),
@@ -317,8 +312,14 @@ mod tests {
             source_ips: Vec::new(),
             socket_buffer: 0,
         };
-        let e = QuicTarget::new(setup).expect_err("not loopback");
-        assert!(e.to_string().contains("loopback"), "{e}");
+        let t = QuicTarget::new(setup.clone()).expect("endpoints");
+        assert_eq!(t.endpoints(), 1);
+        let v6 = QuicSetup {
+            source_ips: vec!["::1".parse().expect("ip")],
+            ..setup
+        };
+        let e = QuicTarget::new(v6).expect_err("family");
+        assert!(e.to_string().contains("address family"), "{e}");
     }
 
     #[tokio::test]

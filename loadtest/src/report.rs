@@ -14,19 +14,51 @@ struct Row {
     text: String,
 }
 
-/// The figures of one scenario run, in the order they were added.
+/// The figures of one scenario run, in the order they were added, and the
+/// violations of the contract found (which make `loadtest` exit with
+/// [`EXIT_VIOLATION`]).
 #[derive(Debug, Clone)]
 pub struct Report {
     scenario: &'static str,
     rows: Vec<Row>,
+    violations: Vec<String>,
 }
+
+/// Exit status: the run could not be made (bad arguments, broker
+/// unreachable, `--timeout`).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status: a delivery was silently lost, duplicated or reordered.
+pub const EXIT_VIOLATION: u8 = 2;
+/// Exit status: an objective given on the command line was missed.
+pub const EXIT_SLO: u8 = 3;
 
 impl Report {
     pub fn new(scenario: &'static str) -> Report {
         Report {
             scenario,
             rows: Vec::new(),
+            violations: Vec::new(),
         }
+    }
+
+    /// Notes a violation of the delivery contract.
+    pub fn violation(&mut self, what: String) {
+        self.violations.push(what);
+    }
+
+    /// The violations noted.
+    pub fn violations(&self) -> &[String] {
+        &self.violations
+    }
+
+    /// The JSON value of the figure `key`, if the report has it.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.rows.iter().find(|r| r.key == key).map(|r| &r.value)
+    }
+
+    /// Any JSON value, shown as `text`.
+    pub fn value(&mut self, key: &'static str, label: &'static str, v: Value, text: String) {
+        self.push(key, label, v, text);
     }
 
     fn push(&mut self, key: &'static str, label: &'static str, value: Value, text: String) {
@@ -76,12 +108,16 @@ impl Report {
         self.push(key, label, Value::Null, format!("n/a ({why})"));
     }
 
-    /// The report for people: a title line, then one aligned line per figure.
+    /// The report for people: a title line, one aligned line per figure,
+    /// then the violations, if any.
     pub fn render(&self) -> String {
         let width = self.rows.iter().map(|r| r.label.len()).max().unwrap_or(0);
         let mut out = format!("== loadtest {} ==\n", self.scenario);
         for r in &self.rows {
             out.push_str(&format!("{:<width$}  {}\n", r.label, r.text));
+        }
+        for v in &self.violations {
+            out.push_str(&format!("VIOLATION: {v}\n"));
         }
         out
     }
@@ -93,6 +129,7 @@ impl Report {
         for r in &self.rows {
             map.insert(r.key.into(), r.value.clone());
         }
+        map.insert("violations".into(), Value::from(self.violations.clone()));
         Value::Object(map).to_string()
     }
 }

@@ -56,6 +56,27 @@ pub fn broker_bin() -> Result<PathBuf> {
     .map_err(|e| anyhow!(e))
 }
 
+/// Path of the `loadtest` binary, built on first use if missing.
+pub fn loadtest_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let broker = broker_bin().map_err(|e| e.to_string())?;
+        let bin = broker.with_file_name("loadtest");
+        if !bin.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "tether-loadtest", "--bin", "loadtest"])
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err("cargo build -p tether-loadtest failed".into());
+            }
+        }
+        Ok(bin)
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
 /// A broker process on free loopback ports, killed on drop.
 pub struct TestBroker {
     child: Child,
@@ -169,6 +190,11 @@ impl TestBroker {
             log,
             _data_dir: data_dir,
         })
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn ws_url(&self) -> String {

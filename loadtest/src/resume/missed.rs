@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use reqwest::Url;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -100,7 +100,7 @@ pub(super) async fn publish_missed(
         let permit = permits.clone().acquire_owned().await?;
         let (http, url) = (http.clone(), url.clone());
         tasks.spawn(async move {
-            let r = post_batch(&http, url, &body).await;
+            let r = crate::publisher::post_json(&http, url, &body).await;
             drop(permit);
             (expected, r)
         });
@@ -133,24 +133,6 @@ pub(super) async fn publish_missed(
     }
     out.elapsed = started.elapsed();
     Ok(out)
-}
-
-async fn post_batch(http: &reqwest::Client, url: Url, body: &Value) -> Result<Value> {
-    let resp = http
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .context("publish request")?;
-    let status = resp.status();
-    let answer: Value = resp.json().await.context("publish answer")?;
-    if !status.is_success() {
-        bail!(
-            "HTTP {status}: {}",
-            answer["error"]["code"].as_str().unwrap_or("?")
-        );
-    }
-    Ok(answer)
 }
 
 #[cfg(test)]

@@ -600,6 +600,18 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         "messages of another offset or epoch",
         unexpected,
     );
+    if received < expected {
+        r.violation(format!(
+            "{} missed messages never arrived after a resume",
+            expected - received
+        ));
+    }
+    if duplicates > 0 {
+        r.violation(format!("{duplicates} messages duplicated after a resume"));
+    }
+    if reordered > 0 {
+        r.violation(format!("{reordered} messages out of order after a resume"));
+    }
     match (first_attempt, last_connected) {
         (Some(a), Some(b)) => r.number(
             "first_to_last_connected_seconds",

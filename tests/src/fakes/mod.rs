@@ -20,6 +20,7 @@
 pub mod apns;
 pub mod fcm;
 pub mod keys;
+pub mod lossy_broker;
 mod server;
 
 pub use apns::{ApnsFault, FakeApns, FakeApnsConfig};

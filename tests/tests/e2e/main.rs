@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod cluster;
 mod lifecycle;
+mod loadtest;
 mod push;
 mod quic;
 mod resume;

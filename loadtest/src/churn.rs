@@ -1,0 +1,924 @@
+//! Scenario `churn`: steady publishing while clients drop abruptly and come
+//! back with their resume token, checked by the correctness ledger.
+//!
+//! 1. Opens `--clients` WebSocket clients, client `i` on node `i mod
+//!    nodes` of `--url` (several URLs: a cluster) and subscribed to
+//!    `<prefix><i mod channels>`.
+//! 2. Publishes `--rate` publications a second for `--duration` seconds,
+//!    round-robin over the channels and over the `--api` URLs, each with an
+//!    idempotency key; a failed request is retried on the next API URL with
+//!    the same key. Every accepted answer (epoch, offset) goes into the
+//!    ledger ([`crate::ledger`]).
+//! 3. Meanwhile `--drop-rate` clients a second (round-robin) drop their
+//!    connection abruptly (no close handshake), stay away `--away` seconds,
+//!    and reconnect on the *next* node with `connect.resume` naming the last
+//!    offset they received; `--storm-at S` drops every client at once S
+//!    seconds in (a reconnect storm). A connection the server closes (4000
+//!    taken over, 4010 draining, a killed node) reconnects the same way,
+//!    retrying with backoff until the run ends.
+//! 4. After the last publication, waits until every client has received the
+//!    last accepted offset of its channel (at most `--drain-timeout`), then
+//!    checks every client's deliveries against the ledger: duplicated,
+//!    reordered, declared lost (`recovered: false`, allowed) and silently
+//!    lost (never allowed), per channel and in total.
+//!
+//! Latency (publish → deliver, from the `sent_us` each publication carries)
+//! counts live deliveries only: a replay after a resume is as late as the
+//! client was away.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use reqwest::Url;
+use serde_json::{Value, json};
+use tether_protocol::{
+    ChannelName, ClientMessage, Connect, Connected, Encoding, Epoch, Offset, Resume, ServerMessage,
+    StreamPosition, Subscribe,
+};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::client::{Client, Event, kind};
+use crate::fleet::{backoff, failure_reason};
+use crate::ledger::{Ledger, Trail, Verdict};
+use crate::publisher::unix_micros;
+use crate::report::{self, Latency, Report};
+use crate::target::Target;
+
+/// Publish requests in flight at most.
+const PUBLISH_IN_FLIGHT: usize = 64;
+/// Attempts per publication (on successive API URLs, same idempotency key).
+const PUBLISH_ATTEMPTS: usize = 3;
+/// Time one (re)connection attempt may take, TCP connect to the reply.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ChurnOptions {
+    /// WebSocket endpoints, one per node.
+    pub urls: Vec<Target>,
+    /// Backend API base URLs, one per node.
+    pub apis: Vec<Url>,
+    pub api_key: Option<String>,
+    /// Mints each client's `connect.token` (HS256, `sub` = `loadtest-<i>`).
+    pub jwt_secret: Option<String>,
+    pub encoding: Encoding,
+    pub source_ips: Vec<IpAddr>,
+    pub clients: usize,
+    pub channels: usize,
+    pub channel_prefix: String,
+    pub connect_rate: f64,
+    pub rate: f64,
+    pub duration: Duration,
+    pub payload: usize,
+    /// Clients dropped per second (0: none).
+    pub drop_rate: f64,
+    /// Drop every client at once this long after publishing starts.
+    pub storm_at: Option<Duration>,
+    pub away: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// What the clients count together.
+#[derive(Debug, Default)]
+struct Tally {
+    connected: AtomicU64,
+    caught_up: AtomicU64,
+    drops: AtomicU64,
+    reconnects: AtomicU64,
+    reconnect_attempts_failed: AtomicU64,
+    resumed: AtomicU64,
+    fresh_sessions: AtomicU64,
+    recovered: AtomicU64,
+    not_recovered: AtomicU64,
+    server_closes: Mutex<Vec<Option<u16>>>,
+    failures: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn failure(&self, e: &anyhow::Error) {
+        self.reconnect_attempts_failed
+            .fetch_add(1, Ordering::Relaxed);
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        *f.entry(failure_reason(e)).or_default() += 1;
+    }
+}
+
+/// The last accepted position of each channel, known once publishing ended.
+type Targets = Option<Arc<HashMap<ChannelName, (Epoch, u64)>>>;
+
+/// What the client loop does next.
+enum Step {
+    Continue,
+    Stop,
+    Drop,
+    /// The connection ended (close code, if any).
+    Lost(Option<u16>),
+}
+
+/// What one client hands back at the end.
+struct Outcome {
+    trail: Option<Trail>,
+    latency: Histogram<u32>,
+    /// Still disconnected (reconnecting) when the run ended.
+    disconnected_at_end: bool,
+}
+
+struct ClientCtx {
+    index: usize,
+    opts: Arc<ChurnOptions>,
+    channel: ChannelName,
+    jwt: Option<String>,
+    tally: Arc<Tally>,
+    stop: watch::Receiver<bool>,
+    targets: watch::Receiver<Targets>,
+    drop_now: Arc<Notify>,
+}
+
+/// One client's session as it goes from node to node.
+struct Session {
+    client: Client,
+    resume_token: String,
+    /// Offsets up to this were replays when (re)subscribed; later ones live.
+    live_after: u64,
+}
+
+impl ClientCtx {
+    fn source(&self, attempt: usize) -> Option<IpAddr> {
+        let ips = &self.opts.source_ips;
+        (!ips.is_empty()).then(|| ips[(self.index + attempt) % ips.len()])
+    }
+
+    async fn open(&self, node: usize, attempt: usize) -> Result<Client> {
+        let target = &self.opts.urls[node % self.opts.urls.len()];
+        Client::open(target, self.source(attempt), self.opts.encoding).await
+    }
+
+    /// First connection: `connect`, then `subscribe` with no `since`.
+    async fn first(&self, node: usize, attempt: usize) -> Result<(Session, Trail)> {
+        let mut client = self.open(node, attempt).await?;
+        let connected = connect(&mut client, self.jwt.clone(), None).await?;
+        let s = subscribe(&mut client, &self.channel, None).await?;
+        let trail = Trail::new(self.index, self.channel.clone(), s.epoch, s.offset.0);
+        Ok((
+            Session {
+                client,
+                resume_token: connected.resume_token,
+                live_after: s.offset.0,
+            },
+            trail,
+        ))
+    }
+
+    /// A reconnection with `connect.resume`, falling back to `subscribe`
+    /// with `since` when the session could not be resumed.
+    async fn again(
+        &self,
+        node: usize,
+        attempt: usize,
+        token: &str,
+        trail: &mut Trail,
+    ) -> Result<Session> {
+        let mut client = self.open(node, attempt).await?;
+        let (epoch, offset) = trail.position();
+        let resume = Resume {
+            token: token.to_owned(),
+            channels: Some(BTreeMap::from([(self.channel.clone(), Offset(offset))])),
+        };
+        let connected = connect(&mut client, self.jwt.clone(), Some(resume)).await?;
+        let rec = connected
+            .channels
+            .as_ref()
+            .and_then(|c| c.get(&self.channel))
+            .cloned();
+        let live_after = match (connected.resumed, rec) {
+            (true, Some(rec)) => {
+                self.tally.resumed.fetch_add(1, Ordering::Relaxed);
+                self.recovery(rec.recovered, trail, rec.epoch, rec.offset.0);
+                rec.offset.0
+            }
+            (resumed, _) => {
+                let counter = if resumed {
+                    &self.tally.resumed
+                } else {
+                    &self.tally.fresh_sessions
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let since = StreamPosition {
+                    epoch,
+                    offset: Offset(offset),
+                };
+                let s = subscribe(&mut client, &self.channel, Some(since)).await?;
+                self.recovery(s.recovered, trail, s.epoch, s.offset.0);
+                s.offset.0
+            }
+        };
+        Ok(Session {
+            client,
+            resume_token: connected.resume_token,
+            live_after,
+        })
+    }
+
+    fn recovery(&self, recovered: bool, trail: &mut Trail, epoch: Epoch, offset: u64) {
+        if recovered {
+            self.tally.recovered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.tally.not_recovered.fetch_add(1, Ordering::Relaxed);
+            trail.restart(epoch, offset);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Reconnects (or connects for the first time) until it works or the
+    /// run stops; `None` when it stopped first.
+    async fn reconnect(
+        &self,
+        node: &mut usize,
+        token: Option<&str>,
+        trail: &mut Option<Trail>,
+    ) -> Option<Session> {
+        let mut attempt = 0u32;
+        loop {
+            if self.stopped() {
+                return None;
+            }
+            let once = async {
+                match (token, trail.as_mut()) {
+                    (Some(token), Some(t)) => self.again(*node, attempt as usize, token, t).await,
+                    _ => {
+                        let (session, t) = self.first(*node, attempt as usize).await?;
+                        *trail = Some(t);
+                        Ok(session)
+                    }
+                }
+            };
+            let result = tokio::time::timeout(ATTEMPT_TIMEOUT, once)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ATTEMPT_TIMEOUT:?}")));
+            match result {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::debug!(client = self.index, node = *node, error = %format!("{e:#}"), "reconnect failed");
+                    self.tally.failure(&e);
+                    *node += 1;
+                    let pause = backoff(attempt.min(3), self.index);
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.wait_for(|s| *s) => return None,
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Has this client received its channel's last accepted offset?
+    fn caught_up(&self, trail: &Trail) -> bool {
+        let targets = self.targets.borrow();
+        match targets.as_ref() {
+            None => false,
+            Some(t) => match t.get(&self.channel) {
+                None => true,
+                Some((epoch, offset)) => trail.reached(epoch, *offset),
+            },
+        }
+    }
+
+    async fn run(self, template: Arc<Histogram<u32>>) -> Outcome {
+        let mut latency = (*template).clone();
+        let mut node = self.index % self.opts.urls.len();
+        let mut trail: Option<Trail> = None;
+        let Some(mut session) = self.reconnect(&mut node, None, &mut trail).await else {
+            return Outcome {
+                trail,
+                latency,
+                disconnected_at_end: true,
+            };
+        };
+        self.tally.connected.fetch_add(1, Ordering::Relaxed);
+        let mut done = false;
+        let mut stop = self.stop.clone();
+        let mut targets = self.targets.clone();
+        let drop_now = self.drop_now.clone();
+        while let Some(t) = trail.as_mut() {
+            if !done && self.caught_up(t) {
+                done = true;
+                self.tally.caught_up.fetch_add(1, Ordering::Relaxed);
+            }
+            let step = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => Step::Stop,
+                _ = drop_now.notified() => Step::Drop,
+                _ = targets.changed(), if !done => Step::Continue,
+                ev = session.client.next_event() => match ev {
+                    Ok(Event::Message(p)) if p.channel == self.channel => {
+                        t.deliver(&p.epoch, p.offset.0);
+                        if p.offset.0 > session.live_after
+                            && let Some(sent) = p.data.get("sent_us").and_then(Value::as_u64)
+                        {
+                            latency.saturating_record(unix_micros().saturating_sub(sent).max(1));
+                        }
+                        Step::Continue
+                    }
+                    Ok(Event::Message(_) | Event::Other(_)) => Step::Continue,
+                    Ok(Event::Closed(code)) => Step::Lost(code),
+                    Err(e) => {
+                        tracing::debug!(client = self.index, error = %format!("{e:#}"), "connection failed");
+                        Step::Lost(None)
+                    }
+                }
+            };
+            match step {
+                Step::Continue => continue,
+                Step::Stop => {
+                    session.client.close().await;
+                    return Outcome {
+                        trail,
+                        latency,
+                        disconnected_at_end: false,
+                    };
+                }
+                Step::Drop => {
+                    // Abruptly: the socket is closed with no close frame.
+                    self.tally.drops.fetch_add(1, Ordering::Relaxed);
+                    drop(session.client);
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.opts.away) => {}
+                        _ = stop.wait_for(|s| *s) => {
+                            return Outcome { trail, latency, disconnected_at_end: true };
+                        }
+                    }
+                }
+                Step::Lost(code) => {
+                    self.tally
+                        .server_closes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(code);
+                }
+            }
+            // Lost, dropped or taken away: resume on the next node.
+            {
+                node += 1;
+                let token = session.resume_token.clone();
+                match self.reconnect(&mut node, Some(&token), &mut trail).await {
+                    Some(s) => {
+                        self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+                        session = s;
+                    }
+                    None => {
+                        return Outcome {
+                            trail,
+                            latency,
+                            disconnected_at_end: true,
+                        };
+                    }
+                }
+            }
+        }
+        Outcome {
+            trail,
+            latency,
+            disconnected_at_end: false,
+        }
+    }
+}
+
+async fn connect(
+    client: &mut Client,
+    token: Option<String>,
+    resume: Option<Resume>,
+) -> Result<Connected> {
+    let id = client.fresh_id();
+    let msg = ClientMessage::Connect(Connect {
+        id,
+        token,
+        resume,
+        ..Connect::default()
+    });
+    match client.request(&msg, id).await? {
+        ServerMessage::Connected(c) => Ok(c),
+        other => bail!("expected connected, got {}", kind(&other)),
+    }
+}
+
+async fn subscribe(
+    client: &mut Client,
+    channel: &ChannelName,
+    since: Option<StreamPosition>,
+) -> Result<tether_protocol::Subscribed> {
+    let id = client.fresh_id();
+    let msg = ClientMessage::Subscribe(Subscribe {
+        id,
+        channel: channel.clone(),
+        since,
+    });
+    match client.request(&msg, id).await? {
+        ServerMessage::Subscribed(s) => Ok(s),
+        other => bail!("expected subscribed, got {}", kind(&other)),
+    }
+}
+
+/// An HS256 client token for simulated user `i`, valid for `valid`.
+fn mint(secret: &str, i: usize, valid: Duration) -> Result<String> {
+    let exp = unix_micros() / 1_000_000 + valid.as_secs();
+    let claims = json!({"sub": format!("loadtest-{i}"), "exp": exp});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .context("minting a client token")
+}
+
+/// What the publisher did.
+#[derive(Debug, Default)]
+struct Published {
+    accepted: u64,
+    failed: u64,
+    retried: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+/// Publishes at the fixed rate, recording every accepted answer.
+async fn publish(
+    http: reqwest::Client,
+    opts: Arc<ChurnOptions>,
+    channels: Arc<Vec<ChannelName>>,
+    ledger: Arc<Mutex<Ledger>>,
+    run_id: u64,
+) -> Result<Published> {
+    let total = (opts.rate * opts.duration.as_secs_f64()).round().max(1.0) as u64;
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let in_flight = Arc::new(Semaphore::new(PUBLISH_IN_FLIGHT));
+    let pad = Arc::new("x".repeat(opts.payload));
+    let mut tasks = JoinSet::new();
+    for k in 0..total {
+        ticks.tick().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (http, opts, channels, ledger, pad) = (
+            http.clone(),
+            opts.clone(),
+            channels.clone(),
+            ledger.clone(),
+            pad.clone(),
+        );
+        tasks.spawn(async move {
+            let channel = &channels[(k % channels.len() as u64) as usize];
+            let body = json!({
+                "channel": channel.as_str(),
+                "idempotency_key": format!("loadtest-{run_id}-{k}"),
+                "data": {"sent_us": unix_micros(), "k": k, "pad": &*pad},
+            });
+            let mut last_error = String::new();
+            for attempt in 0..PUBLISH_ATTEMPTS {
+                let api = &opts.apis[(k as usize + attempt) % opts.apis.len()];
+                match post(&http, api, &body).await {
+                    Ok((epoch, offset)) => {
+                        ledger.lock().unwrap_or_else(|p| p.into_inner()).record(
+                            channel.clone(),
+                            epoch,
+                            offset,
+                        );
+                        drop(permit);
+                        return (attempt, Ok(()));
+                    }
+                    Err(e) => last_error = format!("{e:#}"),
+                }
+            }
+            drop(permit);
+            (PUBLISH_ATTEMPTS - 1, Err(last_error))
+        });
+    }
+    let mut out = Published::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (retries, result) = joined.context("a publish task failed")?;
+        out.retried += retries as u64;
+        match result {
+            Ok(()) => out.accepted += 1,
+            Err(e) => {
+                out.failed += 1;
+                *out.errors.entry(e).or_default() += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn post(http: &reqwest::Client, api: &Url, body: &Value) -> Result<(Epoch, u64)> {
+    let answer = crate::publisher::post_json(http, api.join("/v1/publish")?, body).await?;
+    let epoch = answer["epoch"].as_str().context("answer without epoch")?;
+    let offset = answer["offset"].as_u64().context("answer without offset")?;
+    Ok((Epoch::new(epoch), offset))
+}
+
+/// An HTTP client for the backend API, with the API key on every request.
+pub fn api_client(api_key: Option<&str>, pool: usize) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("--api-key is not a valid header value")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(pool)
+        .timeout(Duration::from_secs(10))
+        .build()?)
+}
+
+pub async fn run(opts: ChurnOptions) -> Result<Report> {
+    if opts.clients == 0 || opts.channels == 0 {
+        bail!("--clients and --channels must be at least 1");
+    }
+    if opts.urls.is_empty() || opts.apis.is_empty() {
+        bail!("at least one --url and one --api are needed");
+    }
+    for (v, what) in [(opts.rate, "--rate"), (opts.connect_rate, "--connect-rate")] {
+        if !v.is_finite() || v <= 0.0 {
+            bail!("{what} must be a number above 0");
+        }
+    }
+    if !opts.drop_rate.is_finite() || opts.drop_rate < 0.0 {
+        bail!("--drop-rate must be 0 or more");
+    }
+    let http = api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
+    for api in &opts.apis {
+        crate::publisher::check_ready(&http, api).await?;
+    }
+    let channels: Arc<Vec<ChannelName>> = Arc::new(
+        (0..opts.channels)
+            .map(|c| ChannelName::new(format!("{}{c}", opts.channel_prefix)))
+            .collect::<Result<_, _>>()?,
+    );
+    let opts = Arc::new(opts);
+    let token_life = opts.duration + opts.drain_timeout + Duration::from_secs(3600);
+    let tally = Arc::new(Tally::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (targets_tx, targets_rx) = watch::channel::<Targets>(None);
+    let template = Arc::new(report::latency_histogram::<u32>()?);
+    let mut drops = Vec::with_capacity(opts.clients);
+    let mut handles = Vec::with_capacity(opts.clients);
+    let setup_started = Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.connect_rate));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for i in 0..opts.clients {
+        pace.tick().await;
+        let drop_now = Arc::new(Notify::new());
+        drops.push(drop_now.clone());
+        let ctx = ClientCtx {
+            index: i,
+            channel: channels[i % channels.len()].clone(),
+            jwt: opts
+                .jwt_secret
+                .as_deref()
+                .map(|s| mint(s, i, token_life))
+                .transpose()?,
+            opts: opts.clone(),
+            tally: tally.clone(),
+            stop: stop_rx.clone(),
+            targets: targets_rx.clone(),
+            drop_now,
+        };
+        handles.push(tokio::spawn(ctx.run(template.clone())));
+    }
+    // Everyone subscribed (or given up on) before the measured part starts.
+    let setup_deadline = Instant::now() + Duration::from_secs(60);
+    while Tally::get(&tally.connected) < opts.clients as u64 && Instant::now() < setup_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let setup = setup_started.elapsed();
+    let connected = Tally::get(&tally.connected);
+    if connected == 0 {
+        bail!(
+            "no client could connect: {:?}",
+            tally
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .next()
+        );
+    }
+    tracing::info!(
+        "churn: {connected} clients in {:.1} s; publishing {}/s for {:.0} s, dropping {}/s",
+        setup.as_secs_f64(),
+        opts.rate,
+        opts.duration.as_secs_f64(),
+        opts.drop_rate
+    );
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let run_id = unix_micros();
+    let t0 = Instant::now();
+    let publisher = tokio::spawn(publish(
+        http,
+        opts.clone(),
+        channels.clone(),
+        ledger.clone(),
+        run_id,
+    ));
+    // The dropper: round-robin at --drop-rate, and the storm.
+    let dropper = {
+        let (opts, drops) = (opts.clone(), drops.clone());
+        tokio::spawn(async move {
+            let end = Instant::now() + opts.duration;
+            let mut storm = opts.storm_at.map(|s| Instant::now() + s);
+            let period =
+                (opts.drop_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / opts.drop_rate));
+            let mut next = period.map(|p| Instant::now() + p);
+            let mut k = 0usize;
+            loop {
+                let wake = [next, storm, Some(end)].into_iter().flatten().min();
+                let Some(wake) = wake else { break };
+                tokio::time::sleep_until(wake.into()).await;
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                if storm.is_some_and(|s| now >= s) {
+                    storm = None;
+                    for d in &drops {
+                        d.notify_one();
+                    }
+                }
+                if let (Some(n), Some(p)) = (next, period)
+                    && now >= n
+                {
+                    drops[k % drops.len()].notify_one();
+                    k += 1;
+                    next = Some(n + p);
+                }
+            }
+        })
+    };
+    let published = publisher.await.context("the publisher failed")??;
+    dropper.abort();
+    let publish_time = t0.elapsed();
+
+    // Drain: until every connected client has its channel's last offset.
+    let targets: HashMap<ChannelName, (Epoch, u64)> = {
+        let l = ledger.lock().unwrap_or_else(|p| p.into_inner());
+        channels
+            .iter()
+            .filter_map(|c| l.latest(c).map(|p| (c.clone(), p)))
+            .collect()
+    };
+    let _ = targets_tx.send(Some(Arc::new(targets)));
+    let drain_deadline = Instant::now() + opts.drain_timeout;
+    while Tally::get(&tally.caught_up) < connected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let window = t0.elapsed();
+    let _ = stop_tx.send(true);
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for h in handles {
+        outcomes.push(h.await.context("a client task failed")?);
+    }
+
+    let mut latency = report::latency_histogram::<u64>()?;
+    let mut disconnected_at_end = 0u64;
+    for o in &outcomes {
+        report::merge_into(&mut latency, &o.latency);
+        disconnected_at_end += u64::from(o.disconnected_at_end);
+    }
+    let (verdict, distinct) = {
+        let mut l = ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let v = Verdict::of(&mut l, outcomes.iter().filter_map(|o| o.trail.as_ref()));
+        (v, l.accepted())
+    };
+
+    let mut r = Report::new("churn");
+    r.text("transport", "transport", "ws");
+    r.count("nodes", "nodes (WebSocket URLs)", opts.urls.len() as u64);
+    r.count(
+        "clients_requested",
+        "clients requested",
+        opts.clients as u64,
+    );
+    r.count("clients", "clients connected and subscribed", connected);
+    r.count("channels", "channels", opts.channels as u64);
+    r.number(
+        "setup_seconds",
+        "time to connect them all",
+        setup.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number("rate_target", "publication rate asked", opts.rate, "/s", 1);
+    r.count("publications", "publications accepted", published.accepted);
+    r.count("ledger_offsets", "distinct offsets in the ledger", distinct);
+    r.count(
+        "publish_failures",
+        "publications failed (after retries)",
+        published.failed,
+    );
+    r.count(
+        "publish_retries",
+        "publish requests retried on another node",
+        published.retried,
+    );
+    if let Some((reason, n)) = published.errors.iter().max_by_key(|(_, n)| **n) {
+        r.text(
+            "top_publish_failure",
+            "most frequent publish failure",
+            format!("{n} × {reason}"),
+        );
+    }
+    r.number(
+        "publish_seconds",
+        "publishing time",
+        publish_time.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number(
+        "drop_rate",
+        "drops asked per second",
+        opts.drop_rate,
+        "/s",
+        1,
+    );
+    r.count(
+        "drops",
+        "connections dropped abruptly",
+        Tally::get(&tally.drops),
+    );
+    let (closes, close_codes) = report::close_codes(
+        tally
+            .server_closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied(),
+    );
+    r.count(
+        "server_closes",
+        "connections ended by the server or network",
+        closes,
+    );
+    r.text("server_close_codes", "their close codes", close_codes);
+    r.count("reconnects", "reconnections", Tally::get(&tally.reconnects));
+    r.count(
+        "reconnect_failures",
+        "reconnection attempts failed (retried)",
+        Tally::get(&tally.reconnect_attempts_failed),
+    );
+    if let Some((reason, n)) = tally
+        .failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .max_by_key(|(_, n)| **n)
+    {
+        r.text(
+            "top_reconnect_failure",
+            "most frequent reconnect failure",
+            format!("{n} × {reason}"),
+        );
+    }
+    r.count(
+        "resumed",
+        "sessions resumed (resumed: true)",
+        Tally::get(&tally.resumed),
+    );
+    r.count(
+        "fresh_sessions",
+        "resumes refused (fresh session, subscribe with since)",
+        Tally::get(&tally.fresh_sessions),
+    );
+    r.count(
+        "recovered",
+        "recoveries with recovered: true",
+        Tally::get(&tally.recovered),
+    );
+    r.count(
+        "not_recovered",
+        "recoveries with recovered: false",
+        Tally::get(&tally.not_recovered),
+    );
+    r.count(
+        "caught_up",
+        "clients that got their channel's last offset",
+        Tally::get(&tally.caught_up),
+    );
+    r.count(
+        "disconnected_at_end",
+        "clients still reconnecting at the end",
+        disconnected_at_end,
+    );
+    add_verdict(&mut r, &verdict);
+    r.number(
+        "window_seconds",
+        "measured window (first publish → drained)",
+        window.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number(
+        "deliveries_per_second",
+        "deliveries per second",
+        verdict.delivered as f64 / window.as_secs_f64().max(1e-9),
+        "/s",
+        0,
+    );
+    Latency::of(&latency).add_to(
+        &mut r,
+        [
+            "latency_p50_ms",
+            "latency_p90_ms",
+            "latency_p99_ms",
+            "latency_p999_ms",
+            "latency_max_ms",
+        ],
+        [
+            "publish→deliver p50 (live)",
+            "publish→deliver p90 (live)",
+            "publish→deliver p99 (live)",
+            "publish→deliver p99.9 (live)",
+            "publish→deliver max (live)",
+        ],
+    );
+    Ok(r)
+}
+
+/// The ledger's rows, per channel and in total, and its violations.
+pub fn add_verdict(r: &mut Report, v: &Verdict) {
+    r.count("deliveries", "deliveries received", v.delivered);
+    r.count("duplicated", "deliveries duplicated", v.duplicated);
+    r.count("reordered", "deliveries out of order", v.reordered);
+    r.count(
+        "declared_lost",
+        "declared lost (recovered: false, new epoch)",
+        v.declared_lost,
+    );
+    r.count("silently_lost", "silently lost", v.silently_lost);
+    r.count("unexpected", "deliveries not in the ledger", v.unexpected);
+    r.count(
+        "epoch_changes",
+        "live subscriptions that saw a new epoch",
+        v.epoch_changes,
+    );
+    let per_channel: serde_json::Map<String, Value> = v
+        .channels
+        .iter()
+        .map(|(c, cv)| {
+            (
+                c.as_str().to_owned(),
+                json!({
+                    "delivered": cv.delivered,
+                    "duplicated": cv.duplicated,
+                    "reordered": cv.reordered,
+                    "declared_lost": cv.declared_lost,
+                    "silently_lost": cv.silently_lost,
+                }),
+            )
+        })
+        .collect();
+    let bad: Vec<String> = v
+        .channels
+        .iter()
+        .filter(|(_, cv)| cv.silently_lost + cv.duplicated + cv.reordered > 0)
+        .take(10)
+        .map(|(c, cv)| {
+            format!(
+                "{c}: {} lost, {} duplicated, {} reordered",
+                cv.silently_lost, cv.duplicated, cv.reordered
+            )
+        })
+        .collect();
+    let text = if bad.is_empty() {
+        format!("{} channels, none with a violation", v.channels.len())
+    } else {
+        bad.join("; ")
+    };
+    r.value(
+        "per_channel",
+        "per channel",
+        Value::Object(per_channel),
+        text,
+    );
+    if !v.clean() {
+        for line in v.violations() {
+            r.violation(line);
+        }
+    }
+}
+
+impl Tally {
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
