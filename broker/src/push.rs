@@ -10,6 +10,11 @@
 //! timeout passes without any live session of that device acking it.
 //! Exactly one push per device per message: the two cases are decided once,
 //! when the message is published.
+//!
+//! The ack-timeout wait is a timer of this node on a single node; in a
+//! cluster it is kept in Redis ([`AckChecks`]) and decided by whichever node
+//! takes it when due ([`Push::run_shared_checks`]), so that it survives the
+//! node that published.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +28,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::cluster::ack::{AckCheck, AckChecks};
 use crate::cluster::{Liveness, Presence};
 use crate::metrics::{Metrics, PushLabel};
 
 /// Most ack-timeout checks waiting at once; past that, messages are pushed
 /// at once instead of waiting (a push too many rather than one too few).
 const MAX_PENDING_ACK_CHECKS: usize = 100_000;
+
+/// How often a cluster node looks for shared ack checks that are due.
+const SHARED_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Shared checks taken per look.
+const SHARED_CHECK_BATCH: usize = 256;
 
 /// The broker's side of push: device registry, presence, fallback rules.
 #[derive(Clone)]
@@ -37,6 +48,8 @@ pub struct Push {
     devices: Arc<dyn DeviceRegistry>,
     presence: Arc<dyn Presence>,
     ack_timeout: Option<Duration>,
+    /// Cluster mode: where ack-timeout checks wait (else: timers here).
+    shared_checks: Option<Arc<dyn AckChecks>>,
     configured: [bool; 3],
     metrics: Metrics,
     timers: TaskTracker,
@@ -54,12 +67,15 @@ impl std::fmt::Debug for Push {
 
 impl Push {
     /// `configured`: whether APNs, FCM and Web Push (in `Platform::index`
-    /// order) are on.
+    /// order) are on. `shared_checks`: in a cluster, where ack-timeout
+    /// checks wait.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         gateway: Gateway,
         devices: Arc<dyn DeviceRegistry>,
         presence: Arc<dyn Presence>,
         ack_timeout: Option<Duration>,
+        shared_checks: Option<Arc<dyn AckChecks>>,
         configured: [bool; 3],
         metrics: Metrics,
         shutdown: CancellationToken,
@@ -69,6 +85,7 @@ impl Push {
             devices,
             presence,
             ack_timeout,
+            shared_checks,
             configured,
             metrics,
             timers: TaskTracker::new(),
@@ -128,13 +145,16 @@ impl Push {
             }
             match self.ack_timeout {
                 None => {} // live, no ack timeout: delivered in real time only
-                Some(timeout) => self.check_ack_later(
-                    device,
-                    channel.clone(),
-                    offset,
-                    notification.clone(),
-                    timeout,
-                ),
+                Some(timeout) => {
+                    self.check_ack_later(
+                        device,
+                        channel.clone(),
+                        offset,
+                        notification.clone(),
+                        timeout,
+                    )
+                    .await
+                }
             }
         }
         self.enqueue(now).await;
@@ -163,7 +183,9 @@ impl Push {
         }
     }
 
-    fn check_ack_later(
+    /// Arranges the ack-timeout check. In a cluster it is stored in Redis
+    /// before the publication is answered, so that it outlives this node.
+    async fn check_ack_later(
         &self,
         device: Device,
         channel: ChannelName,
@@ -171,6 +193,26 @@ impl Push {
         notification: Notification,
         timeout: Duration,
     ) {
+        if let Some(shared) = &self.shared_checks {
+            let check = AckCheck {
+                device,
+                channel,
+                offset,
+                notification,
+            };
+            match shared.schedule(check.clone(), timeout).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!("too many ack checks waiting in Redis: pushing at once");
+                    self.push_check(check).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "ack check not stored: pushing at once");
+                    self.push_check(check).await;
+                }
+            }
+            return;
+        }
         if self.timers.len() >= MAX_PENDING_ACK_CHECKS {
             // Too many waiting: push now rather than hold more state.
             let this = self.clone();
@@ -199,6 +241,57 @@ impl Push {
             let job = NewPushJob::for_device(&device, notification, channel.as_str(), offset.get());
             this.enqueue(vec![job]).await;
         });
+    }
+
+    async fn push_check(&self, c: AckCheck) {
+        let job = NewPushJob::for_device(
+            &c.device,
+            c.notification,
+            c.channel.as_str(),
+            c.offset.get(),
+        );
+        self.enqueue(vec![job]).await;
+    }
+
+    /// Cluster mode: until `shutdown`, takes the shared ack checks that are
+    /// due (whichever node scheduled them) and decides each: pushed unless
+    /// the device acked in time. At shutdown the checks not yet due stay in
+    /// Redis for the other nodes.
+    pub async fn run_shared_checks(self) {
+        let Some(shared) = self.shared_checks.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(SHARED_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let taken = match shared.take_due(SHARED_CHECK_BATCH).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(error = %e, "shared ack checks unreadable; retrying");
+                    continue;
+                }
+            };
+            for t in taken {
+                let c = t.check;
+                if self
+                    .liveness(&c.device.device_id, &c.channel, c.offset)
+                    .await
+                    .acked
+                {
+                    debug!(channel = %c.channel, offset = c.offset.get(), "acked in time: no push");
+                } else {
+                    self.push_check(c).await;
+                }
+                if let Err(e) = shared.settle(&t.id).await {
+                    // Taken again after its claim: one push too many at worst.
+                    warn!(error = %e, id = t.id, "ack check not settled");
+                }
+            }
+        }
     }
 
     /// Waits for pending ack checks (they resolve at once once `shutdown`

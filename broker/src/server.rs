@@ -145,6 +145,7 @@ impl Server {
             bus,
             presence,
             push_backend,
+            ack_checks,
         } = seams(&config, &metrics, &table).await?;
 
         let push = start_push(
@@ -152,6 +153,7 @@ impl Server {
             &metrics,
             presence.clone(),
             push_backend,
+            ack_checks,
             &tokens,
             &tasks,
         )?;
@@ -396,6 +398,8 @@ struct Seams {
     /// The shared device registry and push queue (cluster mode); `None`:
     /// the node's own redb store.
     push_backend: Option<tether_push_gateway::Backend>,
+    /// Where ack-timeout checks wait (cluster mode); `None`: timers here.
+    ack_checks: Option<Arc<dyn crate::cluster::ack::AckChecks>>,
 }
 
 /// In memory for a single node; Redis for a cluster (`--redis-url` or
@@ -424,9 +428,10 @@ async fn seams(
             bus: Arc::new(LocalBus::new(config.node_id.clone(), control)),
             presence: Arc::new(MemoryPresence::new(presence_ttl)),
             push_backend: None,
+            ack_checks: None,
         });
     };
-    use crate::cluster::redis::{self, broker, presence, pubsub, push, resume};
+    use crate::cluster::redis::{self, ack, broker, presence, pubsub, push, resume};
     let redis = redis::Redis::connect(target)
         .await
         .map_err(|e| ServerError::Redis(e.to_string()))?;
@@ -466,6 +471,10 @@ async fn seams(
             )),
             devices: Arc::new(push::RedisRegistry::new(redis.conn.clone())),
         }),
+        ack_checks: Some(Arc::new(ack::RedisAckChecks::new(
+            redis.conn.clone(),
+            config.node_id.clone(),
+        ))),
     })
 }
 
@@ -476,6 +485,7 @@ fn start_push(
     metrics: &Metrics,
     presence: Arc<dyn Presence>,
     shared: Option<tether_push_gateway::Backend>,
+    ack_checks: Option<Arc<dyn crate::cluster::ack::AckChecks>>,
     tokens: &Tokens,
     tasks: &TaskTracker,
 ) -> Result<Push, ServerError> {
@@ -541,15 +551,20 @@ fn start_push(
         events_tx,
         tokens.push.clone(),
     );
-    Ok(Push::new(
+    let push = Push::new(
         gateway,
         devices,
         presence,
         config.ack_timeout,
+        ack_checks,
         [apns.is_some(), fcm.is_some(), false],
         metrics.clone(),
         tokens.push.clone(),
-    ))
+    );
+    // Cluster mode: this node decides the shared ack checks that fall due
+    // (its own and those of nodes that died).
+    tasks.spawn(push.clone().run_shared_checks());
+    Ok(push)
 }
 
 /// Every few seconds: expired history and idle channels, expired resume

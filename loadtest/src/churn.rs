@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,10 +83,23 @@ pub struct ChurnOptions {
     pub drain_timeout: Duration,
 }
 
+/// Shards of the last second's latency histogram (client `i` records into
+/// shard `i mod SHARDS`, so that clients on different threads rarely meet).
+const WINDOW_SHARDS: usize = 16;
+
 /// What the clients count together.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tally {
+    /// Clients whose first connection succeeded.
     connected: AtomicU64,
+    /// Clients connected right now.
+    online: AtomicI64,
+    /// Deliveries so far, and publications accepted and failed so far.
+    delivered: AtomicU64,
+    published: AtomicU64,
+    publish_failed: AtomicU64,
+    /// Live latencies since the last progress line.
+    window: Vec<Mutex<Histogram<u32>>>,
     caught_up: AtomicU64,
     drops: AtomicU64,
     reconnects: AtomicU64,
@@ -100,6 +113,50 @@ struct Tally {
 }
 
 impl Tally {
+    fn new(template: &Histogram<u32>) -> Tally {
+        Tally {
+            connected: AtomicU64::new(0),
+            online: AtomicI64::new(0),
+            delivered: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            publish_failed: AtomicU64::new(0),
+            window: (0..WINDOW_SHARDS)
+                .map(|_| Mutex::new(template.clone()))
+                .collect(),
+            caught_up: AtomicU64::new(0),
+            drops: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            reconnect_attempts_failed: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            fresh_sessions: AtomicU64::new(0),
+            recovered: AtomicU64::new(0),
+            not_recovered: AtomicU64::new(0),
+            server_closes: Mutex::new(Vec::new()),
+            failures: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A live delivery's latency, into this second's window too.
+    fn live_latency(&self, client: usize, us: u64) {
+        if let Some(shard) = self.window.get(client % WINDOW_SHARDS) {
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .saturating_record(us);
+        }
+    }
+
+    /// The window's p99 (µs) since the last call, and resets it.
+    fn window_p99(&self, merged: &mut Histogram<u64>) -> Option<u64> {
+        merged.reset();
+        for shard in &self.window {
+            let mut h = shard.lock().unwrap_or_else(|p| p.into_inner());
+            report::merge_into(merged, &h);
+            h.reset();
+        }
+        (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
+    }
+
     fn failure(&self, e: &anyhow::Error) {
         self.reconnect_attempts_failed
             .fetch_add(1, Ordering::Relaxed);
@@ -305,6 +362,7 @@ impl ClientCtx {
             };
         };
         self.tally.connected.fetch_add(1, Ordering::Relaxed);
+        self.tally.online.fetch_add(1, Ordering::Relaxed);
         let mut done = false;
         let mut stop = self.stop.clone();
         let mut targets = self.targets.clone();
@@ -322,10 +380,13 @@ impl ClientCtx {
                 ev = session.client.next_event() => match ev {
                     Ok(Event::Message(p)) if p.channel == self.channel => {
                         t.deliver(&p.epoch, p.offset.0);
+                        self.tally.delivered.fetch_add(1, Ordering::Relaxed);
                         if p.offset.0 > session.live_after
                             && let Some(sent) = p.data.get("sent_us").and_then(Value::as_u64)
                         {
-                            latency.saturating_record(unix_micros().saturating_sub(sent).max(1));
+                            let us = unix_micros().saturating_sub(sent).max(1);
+                            latency.saturating_record(us);
+                            self.tally.live_latency(self.index, us);
                         }
                         Step::Continue
                     }
@@ -350,6 +411,7 @@ impl ClientCtx {
                 Step::Drop => {
                     // Abruptly: the socket is closed with no close frame.
                     self.tally.drops.fetch_add(1, Ordering::Relaxed);
+                    self.tally.online.fetch_sub(1, Ordering::Relaxed);
                     drop(session.client);
                     let mut stop = self.stop.clone();
                     tokio::select! {
@@ -360,6 +422,7 @@ impl ClientCtx {
                     }
                 }
                 Step::Lost(code) => {
+                    self.tally.online.fetch_sub(1, Ordering::Relaxed);
                     self.tally
                         .server_closes
                         .lock()
@@ -374,6 +437,7 @@ impl ClientCtx {
                 match self.reconnect(&mut node, Some(&token), &mut trail).await {
                     Some(s) => {
                         self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.tally.online.fetch_add(1, Ordering::Relaxed);
                         session = s;
                     }
                     None => {
@@ -456,6 +520,7 @@ async fn publish(
     opts: Arc<ChurnOptions>,
     channels: Arc<Vec<ChannelName>>,
     ledger: Arc<Mutex<Ledger>>,
+    tally: Arc<Tally>,
     run_id: u64,
 ) -> Result<Published> {
     let total = (opts.rate * opts.duration.as_secs_f64()).round().max(1.0) as u64;
@@ -467,12 +532,13 @@ async fn publish(
     for k in 0..total {
         ticks.tick().await;
         let permit = in_flight.clone().acquire_owned().await?;
-        let (http, opts, channels, ledger, pad) = (
+        let (http, opts, channels, ledger, pad, tally) = (
             http.clone(),
             opts.clone(),
             channels.clone(),
             ledger.clone(),
             pad.clone(),
+            tally.clone(),
         );
         tasks.spawn(async move {
             let channel = &channels[(k % channels.len() as u64) as usize];
@@ -491,12 +557,14 @@ async fn publish(
                             epoch,
                             offset,
                         );
+                        tally.published.fetch_add(1, Ordering::Relaxed);
                         drop(permit);
                         return (attempt, Ok(()));
                     }
                     Err(e) => last_error = format!("{e:#}"),
                 }
             }
+            tally.publish_failed.fetch_add(1, Ordering::Relaxed);
             drop(permit);
             (PUBLISH_ATTEMPTS - 1, Err(last_error))
         });
@@ -565,10 +633,10 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     );
     let opts = Arc::new(opts);
     let token_life = opts.duration + opts.drain_timeout + Duration::from_secs(3600);
-    let tally = Arc::new(Tally::default());
+    let template = Arc::new(report::latency_histogram::<u32>()?);
+    let tally = Arc::new(Tally::new(&template));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (targets_tx, targets_rx) = watch::channel::<Targets>(None);
-    let template = Arc::new(report::latency_histogram::<u32>()?);
     let mut drops = Vec::with_capacity(opts.clients);
     let mut handles = Vec::with_capacity(opts.clients);
     let setup_started = Instant::now();
@@ -628,8 +696,10 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         opts.clone(),
         channels.clone(),
         ledger.clone(),
+        tally.clone(),
         run_id,
     ));
+    let progress = tokio::spawn(progress(tally.clone(), stop_rx.clone()));
     // The dropper: round-robin at --drop-rate, and the storm.
     let dropper = {
         let (opts, drops) = (opts.clone(), drops.clone());
@@ -683,6 +753,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     }
     let window = t0.elapsed();
     let _ = stop_tx.send(true);
+    let timeline = progress.await.context("the progress task failed")??;
     let mut outcomes = Vec::with_capacity(handles.len());
     for h in handles {
         outcomes.push(h.await.context("a client task failed")?);
@@ -851,7 +922,92 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
             "publish→deliver max (live)",
         ],
     );
+    r.value(
+        "timeline",
+        "progress samples (one a second)",
+        timeline_json(&timeline),
+        format!("{} (in the JSON report)", timeline.len()),
+    );
     Ok(r)
+}
+
+/// One progress line's figures.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Duration,
+    online: i64,
+    deliveries_per_second: f64,
+    p99_us: Option<u64>,
+    published: u64,
+    publish_failed: u64,
+    drops: u64,
+    reconnects: u64,
+}
+
+/// One line a second on stderr while the run goes on; the samples for the
+/// report's `timeline`.
+async fn progress(tally: Arc<Tally>, mut stop: watch::Receiver<bool>) -> Result<Vec<Sample>> {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut merged = report::latency_histogram::<u64>()?;
+    let (mut last_delivered, mut last_at) = (0u64, started);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(out),
+        }
+        let now = Instant::now();
+        let delivered = Tally::get(&tally.delivered);
+        let s = Sample {
+            at: now - started,
+            online: tally.online.load(Ordering::Relaxed),
+            deliveries_per_second: delivered.saturating_sub(last_delivered) as f64
+                / (now - last_at).as_secs_f64().max(1e-9),
+            p99_us: tally.window_p99(&mut merged),
+            published: Tally::get(&tally.published),
+            publish_failed: Tally::get(&tally.publish_failed),
+            drops: Tally::get(&tally.drops),
+            reconnects: Tally::get(&tally.reconnects),
+        };
+        (last_delivered, last_at) = (delivered, now);
+        tracing::info!(
+            "churn {:>4.0}s: {} online, {:.0} deliveries/s, p99 {}, {} published ({} failed), {} drops, {} reconnects",
+            s.at.as_secs_f64(),
+            s.online,
+            s.deliveries_per_second,
+            s.p99_us.map_or_else(
+                || "-".to_owned(),
+                |us| format!("{:.1} ms", us as f64 / 1000.0)
+            ),
+            s.published,
+            s.publish_failed,
+            s.drops,
+            s.reconnects
+        );
+        out.push(s);
+    }
+}
+
+fn timeline_json(samples: &[Sample]) -> Value {
+    Value::Array(
+        samples
+            .iter()
+            .map(|s| {
+                json!({
+                    "t": (s.at.as_secs_f64() * 10.0).round() / 10.0,
+                    "online": s.online,
+                    "deliveries_per_second": s.deliveries_per_second.round(),
+                    "p99_ms": s.p99_us.map(|us| us as f64 / 1000.0),
+                    "published": s.published,
+                    "publish_failed": s.publish_failed,
+                    "drops": s.drops,
+                    "reconnects": s.reconnects,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The ledger's rows, per channel and in total, and its violations.

@@ -63,9 +63,16 @@ use crate::target::Target;
     about = "Load scenarios against a Tether broker on this machine"
 )]
 struct Cli {
-    /// Also print the summary as one JSON line at the end.
-    #[arg(long, global = true)]
-    json: bool,
+    /// Also give the report as one JSON line: `--json` prints it after the
+    /// report, `--json=FILE` writes it to FILE.
+    #[arg(
+        long,
+        global = true,
+        num_args = 0..=1,
+        require_equals = true,
+        value_name = "FILE"
+    )]
+    json: Option<Option<std::path::PathBuf>>,
     /// Hard limit on the whole run, in seconds: past it the run is abandoned
     /// with an error.
     #[arg(long, global = true, default_value_t = 300, value_name = "SECS")]
@@ -598,8 +605,15 @@ async fn main() -> ExitCode {
             for m in &missed {
                 println!("OBJECTIVE MISSED: {m}");
             }
-            if cli.json {
-                println!("{}", report.json_line());
+            match &cli.json {
+                None => {}
+                Some(None) => println!("{}", report.json_line()),
+                Some(Some(path)) => {
+                    if let Err(e) = std::fs::write(path, report.json_line() + "\n") {
+                        eprintln!("loadtest: writing {}: {e}", path.display());
+                        return ExitCode::from(report::EXIT_ERROR);
+                    }
+                }
             }
             if !report.violations().is_empty() {
                 eprintln!(

@@ -11,6 +11,7 @@
 //! The traits are object-safe (`Arc<dyn Broker>`): their async methods
 //! return a boxed future ([`BoxFuture`]), one allocation per call.
 
+pub mod ack;
 pub mod broker;
 pub mod memory;
 pub mod presence;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use serde_json::json;
 use tether_protocol::{ChannelName, Offset, StreamPosition};
 use tether_tests::redis::{TestRedis, TestRedisCluster};
-use tether_tests::{TestBroker, WsClient, connected_client};
+use tether_tests::{TestBroker, WAIT, WsClient, connected_client};
 
 const SECRET: &str = "cluster-resume-secret-0123456789";
 
@@ -529,6 +529,69 @@ async fn a_device_whose_only_session_was_on_a_killed_node_gets_its_push() {
         after < std::time::Duration::from_secs(5),
         "presence expired after {after:?} (two heartbeats are 2 s)"
     );
+}
+
+/// `--ack-timeout` in a cluster: the check waits in Redis, not in the node
+/// that published. Node A publishes to two live devices on node B and dies
+/// at once; B still decides both when they fall due: the one that acked
+/// gets nothing, the silent one its push.
+async fn an_ack_timeout_check_outlives_the_node_that_published(flag: &str, redis: &str) {
+    use super::push::{Apns, apns_token, live_session, publish_push, register_apns};
+    use tether_protocol::{Ack, ClientMessage};
+    let apns = Apns::start().await;
+    let node_with_timeout = |id: &str| {
+        let args = apns.args();
+        let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        extra.extend(["--ack-timeout", "2"]);
+        node(flag, redis, id, &extra)
+    };
+    let mut a = node_with_timeout("a");
+    let b = node_with_timeout("b");
+    register_apns(&b, "bob-phone", "bob", &apns_token(0xb2)).await;
+    register_apns(&b, "carol-phone", "carol", &apns_token(0xc2)).await;
+    register_apns(&b, "dave-phone", "dave", &apns_token(0xd2)).await;
+    let mut bob = live_session(&b, "bob", "bob-phone").await;
+    let mut carol = live_session(&b, "carol", "carol-phone").await;
+
+    publish_push(&a, "bob", "for bob").await;
+    publish_push(&a, "carol", "for carol").await;
+    a.kill();
+    let m = bob.recv_publication().await.unwrap();
+    bob.send(&ClientMessage::Ack(Ack {
+        channel: m.channel.clone(),
+        offset: m.offset,
+    }))
+    .await
+    .unwrap();
+    carol.recv_publication().await.unwrap();
+    // Carol never acks: her push comes from B once the timeout passed.
+    let got = apns.fake.wait_accepted(1, WAIT).await.unwrap();
+    assert_eq!(got[0].token, apns_token(0xc2));
+    // Barrier: Dave has no live session, so his push goes out at once; by
+    // the time it arrived, a wrong push for Bob (decided before Carol's)
+    // would have too.
+    publish_push(&b, "dave", "for dave").await;
+    let got = apns.fake.wait_accepted(2, WAIT).await.unwrap();
+    let tokens: Vec<String> = got.iter().map(|n| n.token.clone()).collect();
+    assert_eq!(
+        tokens,
+        vec![apns_token(0xc2), apns_token(0xd2)],
+        "none for Bob, who acked"
+    );
+    assert_eq!(apns.fake.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn one_redis_an_ack_timeout_check_outlives_the_node_that_published() {
+    let redis = TestRedis::start().unwrap();
+    an_ack_timeout_check_outlives_the_node_that_published("--redis-url", &redis.url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_an_ack_timeout_check_outlives_the_node_that_published() {
+    let cluster = TestRedisCluster::start().unwrap();
+    an_ack_timeout_check_outlives_the_node_that_published("--redis-cluster", &cluster.seeds())
+        .await;
 }
 
 #[tokio::test]

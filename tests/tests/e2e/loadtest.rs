@@ -44,7 +44,10 @@ impl Run {
 
 fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(loadtest_bin().unwrap());
-    cmd.args(["--json", "--timeout", "120"])
+    if !args.iter().any(|a| a.starts_with("--json=")) {
+        cmd.arg("--json");
+    }
+    cmd.args(["--timeout", "120"])
         .args(args)
         .env("LOADTEST_LOG", "info")
         .stdin(Stdio::null())
@@ -111,6 +114,16 @@ async fn churn_with_auth_resumes_every_drop_and_loses_nothing() {
     .await;
     let v = run.ok();
     assert_eq!(n(&v, "clients"), 40, "{v}");
+    // One progress sample a second, each with the figures of that second.
+    let timeline = v["timeline"].as_array().unwrap();
+    assert!(timeline.len() >= 3, "{v}");
+    assert!(
+        timeline
+            .iter()
+            .any(|s| s["deliveries_per_second"].as_f64() > Some(0.0)),
+        "{v}"
+    );
+    assert!(run.stderr.contains("deliveries/s, p99"), "{}", run.stderr);
     assert_eq!(n(&v, "publications"), 300, "{v}");
     assert_eq!(n(&v, "ledger_offsets"), 300, "{v}");
     // Every client gets every publication of its channel: 10 per channel.
@@ -439,9 +452,26 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
         "{v}"
     );
 
-    let v = loadtest(&["connect-rate", "--url", &ws, "--connections", "100"])
-        .await
-        .ok();
+    // --json=FILE: the JSON line goes to the file, not to stdout.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("connect.json");
+    let json_arg = format!("--json={}", file.display());
+    let run = loadtest(&[
+        &json_arg,
+        "connect-rate",
+        "--url",
+        &ws,
+        "--connections",
+        "100",
+    ])
+    .await;
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        !run.stdout.lines().any(|l| l.starts_with('{')),
+        "{}",
+        run.stdout
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(n(&v, "connections_established"), 100, "{v}");
     assert_eq!(n(&v, "connect_failures"), 0, "{v}");
 

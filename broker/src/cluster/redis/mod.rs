@@ -12,8 +12,11 @@
 //!
 //! Files: [`broker`] (the `Broker`: the publish script, history),
 //! [`batch`] (publications pipelined, one round at a time),
-//! [`pubsub`] (the node's subscriptions, gap checks, the probe), [`keys`].
+//! [`pubsub`] (the node's subscriptions, gap checks, the probe), [`keys`],
+//! [`presence`], [`resume`] (sessions, the node bus), [`push`] (devices and
+//! the push queue), [`ack`] (ack-timeout checks).
 
+pub mod ack;
 pub mod batch;
 pub mod broker;
 pub mod keys;
