@@ -38,12 +38,17 @@ pub const EXAMPLES: usize = 5;
 #[derive(Debug, Default)]
 pub struct Ledger {
     channels: HashMap<ChannelName, BTreeMap<Epoch, Vec<u64>>>,
+    /// Per channel, the epoch of the answer recorded last.
+    current: HashMap<ChannelName, Epoch>,
     sorted: bool,
 }
 
 impl Ledger {
     /// Records the answer to one accepted publication.
     pub fn record(&mut self, channel: ChannelName, epoch: Epoch, offset: u64) {
+        if self.current.get(&channel) != Some(&epoch) {
+            self.current.insert(channel.clone(), epoch.clone());
+        }
         self.channels
             .entry(channel)
             .or_default()
@@ -75,15 +80,13 @@ impl Ledger {
             .sum()
     }
 
-    /// The latest accepted position of `channel`: the epoch with the highest
-    /// offset recorded last (a channel normally has one epoch per run).
+    /// The latest accepted position of `channel`: in the epoch of the
+    /// answer recorded last (a new epoch replaces the old one: Redis
+    /// emptied), its highest offset.
     pub fn latest(&self, channel: &ChannelName) -> Option<(Epoch, u64)> {
-        self.channels.get(channel).and_then(|epochs| {
-            epochs
-                .iter()
-                .filter_map(|(e, o)| o.iter().max().map(|m| (e.clone(), *m)))
-                .max_by_key(|(_, m)| *m)
-        })
+        let epoch = self.current.get(channel)?;
+        let max = self.channels.get(channel)?.get(epoch)?.iter().max()?;
+        Some((epoch.clone(), *max))
     }
 
     /// The accepted offsets of `channel` in `epoch`, sorted (after [`Ledger::seal`]).
@@ -565,7 +568,8 @@ mod tests {
         let v = Verdict::of(&mut l, [&t]);
         assert!(v.clean(), "{:?}", v.violations());
         assert_eq!(v.declared_lost, 4);
-        assert_eq!(l.latest(&ch("c")), Some((Epoch::new("old"), 5)));
+        // The epoch answered last is the channel's now, even with lower offsets.
+        assert_eq!(l.latest(&ch("c")), Some((Epoch::new("new"), 2)));
     }
 
     #[test]

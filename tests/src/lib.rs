@@ -11,6 +11,7 @@
 pub mod fakes;
 pub mod raw;
 pub mod redis;
+pub mod silencer;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

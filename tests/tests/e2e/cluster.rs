@@ -197,6 +197,62 @@ async fn a_node_whose_pubsub_connection_is_killed_fills_the_gap() {
     );
 }
 
+/// A pub/sub connection that stays open but goes mute (seen after Redis
+/// failovers) is found by the node's probe through Redis and replaced;
+/// what was published meanwhile still arrives, once, in order.
+// Multi-threaded: the proxy's tasks must run while `TestBroker::start`
+// blocks this thread waiting for the broker to be ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_pubsub_connection_is_found_by_the_probe_and_replaced() {
+    let redis = TestRedis::start().unwrap();
+    let upstream = format!("127.0.0.1:{}", redis.port()).parse().unwrap();
+    let proxy = tether_tests::silencer::Silencer::start(upstream)
+        .await
+        .unwrap();
+    let a = node("--redis-url", &proxy.url(), "a", &[]);
+    let b = node("--redis-url", &redis.url(), "b", &[]);
+    let mut c = connected_client(&a).await.unwrap();
+    c.subscribe("quiet").await.unwrap();
+    publish(&b, "quiet", json!(1)).await;
+    assert_eq!(offsets_until(&mut c, 1).await, vec![1]);
+    assert_eq!(proxy.silence_pubsub(), 1, "node a's one pub/sub connection");
+    for i in 2..=4 {
+        publish(&b, "quiet", json!(i)).await;
+    }
+    // Found within probe-every + probe-timeout (2 + 3 s), then replaced.
+    a.wait_for_metric("tether_cluster_probes_failed_total 1")
+        .await
+        .unwrap();
+    a.wait_for_metric("tether_cluster_reconnects_total 1")
+        .await
+        .unwrap();
+    publish(&b, "quiet", json!(5)).await;
+    assert_eq!(offsets_until(&mut c, 5).await, vec![2, 3, 4, 5]);
+    c.expect_nothing_pending().await.unwrap();
+}
+
+/// On a Redis Cluster each shard has its own pub/sub connection, so each
+/// carries one of the node's probes: a mute connection to any shard is found.
+#[tokio::test]
+async fn redis_cluster_every_shard_carries_a_probe_of_each_node() {
+    let cluster = TestRedisCluster::start().unwrap();
+    let n = node("--redis-cluster", &cluster.seeds(), "prober", &[]);
+    assert_eq!(readyz(&n).await, 200);
+    for shard in 0..cluster.ports().len() {
+        let listed = cluster
+            .cli(
+                shard,
+                &["PUBSUB", "SHARDCHANNELS", "tether:{#probe:prober:*"],
+            )
+            .unwrap();
+        assert_eq!(
+            listed.lines().filter(|l| !l.trim().is_empty()).count(),
+            1,
+            "shard {shard}: {listed:?}"
+        );
+    }
+}
+
 /// A counter's value in a Prometheus text exposition (0 when absent).
 fn counter(metrics: &str, name: &str) -> u64 {
     metrics

@@ -372,6 +372,7 @@ async fn churn_across_a_cluster_with_a_node_killed_loses_nothing() {
         "node 2's clients lost it: {v}"
     );
     assert_eq!(n(&v, "disconnected_at_end"), 0, "{v}");
+    assert_eq!(n(&v, "caught_up"), 60, "{v}");
     assert_eq!(n(&v, "deliveries"), 400 * 10, "{v}");
     for key in ["silently_lost", "duplicated", "reordered", "declared_lost"] {
         assert_eq!(n(&v, key), 0, "{key}: {v}");
@@ -389,6 +390,11 @@ async fn churn_across_a_cluster_through_a_redis_restart_loses_nothing_silently()
         .ok();
     assert_eq!(n(&v, "clients"), 60, "{v}");
     assert_eq!(n(&v, "disconnected_at_end"), 0, "{v}");
+    assert_eq!(
+        n(&v, "caught_up"),
+        60,
+        "every client reached the new epoch's end: {v}"
+    );
     // Every accepted publication reached every client of its channel, or
     // was declared lost to it; and the clients noticed the new epochs.
     assert_eq!(

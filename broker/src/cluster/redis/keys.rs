@@ -15,7 +15,8 @@
 //! | `tether:{#node:<node>}:c` | (s)pub/sub channel | control messages to the node (a takeover of one of its sessions) |
 //! | `tether:s:{<session>}` · `…:h` | hash · list | a resumable session and its handoff (see `resume`) |
 //! | `tether:{#dev:<device>}:live` | hash | the device's live sessions (see `presence`) |
-//! | `tether:{#probe:<node>}:m` | (s)pub/sub channel | the node's own probe of its pub/sub connection (`#` is not allowed in channel names: no channel can take this name) |
+//! | `tether:{#probe:<node>}:m` | (s)pub/sub channel | the node's own probe of its pub/sub connection (`#` is not allowed in channel names: no channel can take this name); on a Redis Cluster one per shard, `tether:{#probe:<node>:<k>}:m` with `k` chosen so that its slot is on that shard |
+//! | `tether:{#ack}:due` · `:claimed` · `:jobs` | sorted sets · hash | ack-timeout checks (see `ack`) |
 
 use tether_protocol::ChannelName;
 
@@ -53,6 +54,43 @@ pub fn probe(node: &str) -> String {
     format!("{PREFIX}#probe:{node}}}:m")
 }
 
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// first `{…}` with something inside), else of the whole key, mod 16384.
+pub fn slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tagged = b.iter().position(|&c| c == b'{').and_then(|open| {
+        let rest = &b[open + 1..];
+        rest.iter()
+            .position(|&c| c == b'}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(b)) % 16384
+}
+
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// A probe channel of node `node` whose slot lies in `start..=end` (one
+/// shard's range), or `None` if none is found within a bound of tries.
+pub fn probe_in(node: &str, start: u16, end: u16) -> Option<String> {
+    (0..200_000u32)
+        .map(|k| format!("{PREFIX}#probe:{node}:{k}}}:m"))
+        .find(|c| (start..=end).contains(&slot(c)))
+}
+
 /// The control channel of node `node` (takeovers).
 pub fn control(node: &str) -> String {
     format!("{PREFIX}#node:{node}}}:c")
@@ -77,6 +115,26 @@ pub fn decode_message(payload: &[u8]) -> Option<(&str, u64, u64, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_those_redis_computes() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("bar"), 5061);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}".to_owned().as_str()));
+        assert_eq!(slot("{}x"), crc16(b"{}x") % 16384, "an empty tag is no tag");
+    }
+
+    #[test]
+    fn a_probe_can_be_placed_on_every_shard() {
+        for (start, end) in [(0, 5460), (5461, 10922), (10923, 16383), (7000, 7000)] {
+            let c = probe_in("n1", start, end).expect("found");
+            assert!((start..=end).contains(&slot(&c)), "{c}");
+            assert!(c.starts_with("tether:{#probe:n1:"), "{c}");
+        }
+    }
 
     #[test]
     fn a_channels_keys_share_its_hash_tag() {

@@ -27,7 +27,8 @@
 //!   then re-reads every position and fills what was missed;
 //! - a connection that stays "connected" but delivers nothing (seen after
 //!   failovers) is caught by a probe: the node publishes to its own probe
-//!   channel every [`SubscriberConfig::probe_every`] and must hear it within
+//!   channel (on a Redis Cluster one per shard, so that each shard's
+//!   connection is probed) every [`SubscriberConfig::probe_every`] and must hear it within
 //!   [`SubscriberConfig::probe_timeout`]; if not, the connection is
 //!   replaced, everything resubscribed and every position re-checked.
 //!
@@ -119,7 +120,7 @@ impl Subscriber {
             target: redis.target.clone(),
             cmd: redis.conn.clone(),
             cluster: redis.is_cluster(),
-            probe_channel: keys::probe(&config.node_id),
+            probe_channels: vec![keys::probe(&config.node_id)],
             control_channel: keys::control(&config.node_id),
             control,
             config,
@@ -129,7 +130,7 @@ impl Subscriber {
             healthy: healthy.clone(),
             channels: HashMap::new(),
             resync: true,
-            probe_sent: None,
+            probe_sent: vec![None],
             checks: 0,
             watches: 0,
         };
@@ -282,7 +283,9 @@ struct Task {
     target: RedisTarget,
     cmd: Conn,
     cluster: bool,
-    probe_channel: String,
+    /// The node's own probe channels: one; on a Redis Cluster one per shard
+    /// (each shard's pub/sub connection is probed), placed at connect time.
+    probe_channels: Vec<String>,
     /// This node's control channel, and where its messages go.
     control_channel: String,
     control: Weak<dyn ControlSink>,
@@ -295,8 +298,8 @@ struct Task {
     /// Re-read every position at the next check (after a reconnect, a full
     /// push queue, or at start).
     resync: bool,
-    /// The probe on its way: its nonce and when it was sent.
-    probe_sent: Option<(u64, Instant)>,
+    /// Per probe channel, the probe on its way: its nonce and when it was sent.
+    probe_sent: Vec<Option<(u64, Instant)>>,
     /// Position checks so far.
     checks: u64,
     /// Watches so far (spreads the channels' sweep turns).
@@ -369,13 +372,16 @@ impl Task {
             let overflow = Arc::new(AtomicBool::new(false));
             match PubSubConn::connect(&self.target, tx, overflow.clone()).await {
                 Ok(mut conn) => {
+                    if self.cluster {
+                        self.place_probes().await;
+                    }
                     let mut all: Vec<String> = self.channels.keys().map(keys::messages).collect();
-                    all.push(self.probe_channel.clone());
+                    all.extend(self.probe_channels.iter().cloned());
                     all.push(self.control_channel.clone());
                     match conn.subscribe(&all).await {
                         Ok(()) => {
                             self.resync = true;
-                            self.probe_sent = None;
+                            self.probe_sent = vec![None; self.probe_channels.len()];
                             return (rx, overflow, conn);
                         }
                         Err(e) => warn!(error = %e, "cannot subscribe on redis pub/sub"),
@@ -401,30 +407,74 @@ impl Task {
         self.connect_until_up().await
     }
 
+    /// Redis Cluster: one probe channel on each shard (from `CLUSTER
+    /// SLOTS`), so that every shard's pub/sub connection is probed. Keeps
+    /// the current ones if the slots cannot be read.
+    async fn place_probes(&mut self) {
+        let mut cmd = self.cmd.clone();
+        let slots: Result<Value, _> =
+            timed(redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut cmd)).await;
+        let ranges: Vec<(u16, u16)> = match slots {
+            Ok(Value::Array(rows)) => rows
+                .iter()
+                .filter_map(|row| match row {
+                    Value::Array(r) => match (r.first(), r.get(1)) {
+                        (Some(Value::Int(a)), Some(Value::Int(b))) => {
+                            Some((u16::try_from(*a).ok()?, u16::try_from(*b).ok()?))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                debug!(error = %e, "CLUSTER SLOTS unreadable; probes stay where they are");
+                return;
+            }
+        };
+        let placed: Vec<String> = ranges
+            .iter()
+            .filter_map(|&(a, b)| keys::probe_in(&self.config.node_id, a, b))
+            .collect();
+        if !placed.is_empty() {
+            debug!(shards = placed.len(), "one probe per shard");
+            self.probe_channels = placed;
+        }
+    }
+
     fn probe_lost(&self) -> bool {
         self.probe_sent
-            .is_some_and(|(_, at)| at.elapsed() > self.config.probe_timeout)
+            .iter()
+            .flatten()
+            .any(|(_, at)| at.elapsed() > self.config.probe_timeout)
     }
 
     async fn send_probe(&mut self) {
-        if self.probe_sent.is_some() {
-            return;
-        }
-        let nonce = rand::random::<u64>();
-        let mut cmd = self.cmd.clone();
         let command = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
-        let sent: Result<i64, _> = timed(
-            redis::cmd(command)
-                .arg(&self.probe_channel)
-                .arg(nonce)
-                .query_async(&mut cmd),
-        )
-        .await;
-        match sent {
-            Ok(_) => self.probe_sent = Some((nonce, Instant::now())),
-            Err(e) => {
-                debug!(error = %e, "probe not sent");
-                self.healthy.store(false, Ordering::Release);
+        for i in 0..self.probe_channels.len() {
+            if self.probe_sent.get(i).is_some_and(Option::is_some) {
+                continue;
+            }
+            let nonce = rand::random::<u64>();
+            let mut cmd = self.cmd.clone();
+            let sent: Result<i64, _> = timed(
+                redis::cmd(command)
+                    .arg(&self.probe_channels[i])
+                    .arg(nonce)
+                    .query_async(&mut cmd),
+            )
+            .await;
+            match sent {
+                Ok(_) => {
+                    if let Some(slot) = self.probe_sent.get_mut(i) {
+                        *slot = Some((nonce, Instant::now()));
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "probe not sent");
+                    self.healthy.store(false, Ordering::Release);
+                }
             }
         }
     }
@@ -436,13 +486,21 @@ impl Task {
                 else {
                     return;
                 };
-                if name.as_slice() == self.probe_channel.as_bytes() {
+                if let Some(i) = self
+                    .probe_channels
+                    .iter()
+                    .position(|c| name.as_slice() == c.as_bytes())
+                {
                     let nonce = std::str::from_utf8(payload)
                         .ok()
                         .and_then(|n| n.parse().ok());
-                    if self.probe_sent.is_some_and(|(sent, _)| Some(sent) == nonce) {
-                        self.probe_sent = None;
-                        self.healthy.store(true, Ordering::Release);
+                    if let Some(slot) = self.probe_sent.get_mut(i)
+                        && slot.is_some_and(|(sent, _)| Some(sent) == nonce)
+                    {
+                        *slot = None;
+                        if self.probe_sent.iter().all(Option::is_none) {
+                            self.healthy.store(true, Ordering::Release);
+                        }
                     }
                     return;
                 }
