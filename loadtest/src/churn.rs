@@ -54,6 +54,9 @@ use crate::target::Target;
 const PUBLISH_IN_FLIGHT: usize = 64;
 /// Attempts per publication (on successive API URLs, same idempotency key).
 const PUBLISH_ATTEMPTS: usize = 3;
+/// Attempts at a client's first connection before it counts as a connect
+/// failure (later reconnections retry until the run ends).
+const FIRST_ATTEMPTS: u32 = 4;
 /// Time one (re)connection attempt may take, TCP connect to the reply.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -94,6 +97,8 @@ struct Tally {
     connected: AtomicU64,
     /// Clients connected right now.
     online: AtomicI64,
+    /// Clients whose first connection failed [`FIRST_ATTEMPTS`] times.
+    connect_failures: AtomicU64,
     /// Deliveries so far, and publications accepted and failed so far.
     delivered: AtomicU64,
     published: AtomicU64,
@@ -117,6 +122,7 @@ impl Tally {
         Tally {
             connected: AtomicU64::new(0),
             online: AtomicI64::new(0),
+            connect_failures: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             published: AtomicU64::new(0),
             publish_failed: AtomicU64::new(0),
@@ -325,6 +331,10 @@ impl ClientCtx {
                 Err(e) => {
                     tracing::debug!(client = self.index, node = *node, error = %format!("{e:#}"), "reconnect failed");
                     self.tally.failure(&e);
+                    if token.is_none() && attempt + 1 >= FIRST_ATTEMPTS {
+                        self.tally.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
                     *node += 1;
                     let pause = backoff(attempt.min(3), self.index);
                     let mut stop = self.stop.clone();
@@ -664,21 +674,19 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     }
     // Everyone subscribed (or given up on) before the measured part starts.
     let setup_deadline = Instant::now() + Duration::from_secs(60);
-    while Tally::get(&tally.connected) < opts.clients as u64 && Instant::now() < setup_deadline {
+    while Tally::get(&tally.connected) + Tally::get(&tally.connect_failures) < opts.clients as u64
+        && Instant::now() < setup_deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let setup = setup_started.elapsed();
     let connected = Tally::get(&tally.connected);
     if connected == 0 {
-        bail!(
-            "no client could connect: {:?}",
-            tally
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .next()
-        );
+        let failures = tally.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match failures.iter().max_by_key(|(_, n)| **n) {
+            Some((reason, n)) => bail!("no client could connect: {n} × {reason}"),
+            None => bail!("no client could connect"),
+        }
     }
     tracing::info!(
         "churn: {connected} clients in {:.1} s; publishing {}/s for {:.0} s, dropping {}/s",
@@ -772,7 +780,8 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     };
 
     let mut r = Report::new("churn");
-    r.text("transport", "transport", "ws");
+    let secure = opts.urls.iter().any(|u| u.tls.is_some());
+    r.text("transport", "transport", if secure { "wss" } else { "ws" });
     r.count("nodes", "nodes (WebSocket URLs)", opts.urls.len() as u64);
     r.count(
         "clients_requested",
@@ -780,6 +789,11 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         opts.clients as u64,
     );
     r.count("clients", "clients connected and subscribed", connected);
+    r.count(
+        "connect_failures",
+        "clients whose first connection failed",
+        Tally::get(&tally.connect_failures),
+    );
     r.count("channels", "channels", opts.channels as u64);
     r.number(
         "setup_seconds",

@@ -60,8 +60,60 @@ pub enum Event {
 
 /// The connection under a client.
 enum Conn {
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Ws(Box<WebSocketStream<Stream>>),
     Quic(Box<tether_client::Client>),
+}
+
+/// A TCP connection, or TLS over one (`wss://`).
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// One protocol client.
@@ -95,6 +147,15 @@ impl Client {
             .await
             .with_context(|| format!("TCP connect to {}", target.addr))?;
         stream.set_nodelay(true).context("TCP_NODELAY")?;
+        let stream = match &target.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => Stream::Tls(Box::new(
+                tls.connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .context("TLS handshake")?,
+            )),
+        };
         let req = tether_client::ws_request(target.url.as_str(), encoding)?;
         let (ws, resp) =
             tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
@@ -211,7 +272,7 @@ impl Client {
             Conn::Ws(mut ws) => {
                 // The stream's own close (with a close frame), not
                 // `SinkExt::close` of the box.
-                let ws: &mut WebSocketStream<TcpStream> = &mut ws;
+                let ws: &mut WebSocketStream<Stream> = &mut ws;
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
                     if ws.close(None).await.is_ok() {
                         while let Some(Ok(_)) = ws.next().await {}

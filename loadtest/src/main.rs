@@ -199,13 +199,16 @@ enum Scenario {
     /// reordered, declared lost (recovered: false) and silently lost; exit
     /// status 2 if anything was silently lost, duplicated or reordered.
     Churn {
-        /// WebSocket URLs, one per node (comma-separated or repeated).
+        /// WebSocket URLs (ws:// or wss://), one per node (comma-separated or repeated).
         #[arg(
             long,
             value_delimiter = ',',
             default_value = "ws://127.0.0.1:8080/v1/ws"
         )]
         url: Vec<String>,
+        /// For wss://: trust these PEM certificates instead of the system's roots.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<std::path::PathBuf>,
         /// Backend API base URLs, one per node.
         #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
         api: Vec<String>,
@@ -316,9 +319,13 @@ struct Common {
     /// Transport of the clients.
     #[arg(long, value_enum, default_value = "ws")]
     transport: TransportArg,
-    /// WebSocket URL of the broker.
+    /// WebSocket URL of the broker (ws:// or wss://).
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
+    /// For wss://: trust these PEM certificates (a staging CA or a
+    /// self-signed certificate) instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
     /// WebSocket subprotocol: tether.v1.json or tether.v1.msgpack (QUIC
     /// always carries MessagePack).
     #[arg(long, value_enum, default_value = "json")]
@@ -374,7 +381,7 @@ impl Common {
     async fn fleet_options(&self, clients: usize) -> Result<FleetOptions> {
         let transport = match self.transport {
             TransportArg::Ws => {
-                let target = Target::resolve(&self.url).await?;
+                let target = Target::resolve_with(&self.url, self.tls_ca.as_deref()).await?;
                 target::check_source_ips(&self.source_ips, target.addr)?;
                 Transport::Ws(target)
             }
@@ -515,6 +522,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
         }
         Scenario::Churn {
             url,
+            tls_ca,
             api,
             api_key,
             jwt_secret,
@@ -534,7 +542,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
         } => {
             let mut urls = Vec::with_capacity(url.len());
             for u in &url {
-                let t = Target::resolve(u).await?;
+                let t = Target::resolve_with(u, tls_ca.as_deref()).await?;
                 target::check_source_ips(&source_ips, t.addr)?;
                 urls.push(t);
             }

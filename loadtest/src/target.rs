@@ -5,9 +5,13 @@
 //! deployment); the tests of this repository only ever target loopback.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use reqwest::Url;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// Parses `url`, which must name a host.
 pub fn parse_url(url: &str, what: &str) -> Result<Url> {
@@ -35,23 +39,85 @@ pub struct Target {
     pub url: String,
     /// The address every client connects to.
     pub addr: SocketAddr,
+    /// For `wss://`: how to open TLS, and the name to verify.
+    pub tls: Option<Tls>,
+}
+
+/// TLS for `wss://` targets.
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A TLS client configuration that trusts `ca` (PEM, one or more
+/// certificates: a staging deployment's own CA or self-signed certificate)
+/// or else the system's roots.
+pub fn tls_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("--tls-ca {}: cannot read it", path.display()))?
+            {
+                let cert = cert.with_context(|| format!("--tls-ca {}: not PEM", path.display()))?;
+                roots.add(cert).with_context(|| {
+                    format!("--tls-ca {}: not a usable certificate", path.display())
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                bail!("no system root certificates found: give --tls-ca FILE");
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 impl Target {
-    /// Checks `url` (`ws://`) and resolves its host once.
-    pub async fn resolve(url: &str) -> Result<Target> {
+    /// Checks `url` (`ws://` or `wss://`, verified against `ca` or the
+    /// system's roots) and resolves its host once.
+    pub async fn resolve_with(url: &str, ca: Option<&Path>) -> Result<Target> {
         let parsed = parse_url(url, "--url")?;
-        match parsed.scheme() {
-            "ws" => {}
-            "wss" => bail!(
-                "--url {url:?}: wss:// is not supported by the load tester yet; target the \
-                 broker's plain ws:// listener (or the backend side of the TLS proxy)"
-            ),
-            other => bail!("--url {url:?}: expected a ws:// URL, not {other}://"),
-        }
+        let secure = match parsed.scheme() {
+            "ws" => false,
+            "wss" => true,
+            other => bail!("--url {url:?}: expected a ws:// or wss:// URL, not {other}://"),
+        };
         let host = parsed.host_str().unwrap_or_default();
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let port = parsed.port_or_known_default().unwrap_or(80);
+        let port = parsed
+            .port_or_known_default()
+            .unwrap_or(if secure { 443 } else { 80 });
+        let tls = if secure {
+            let server_name = ServerName::try_from(bare.to_owned())
+                .with_context(|| format!("--url {url:?}: {bare} is not a TLS server name"))?;
+            Some(Tls {
+                connector: tls_connector(ca)?,
+                server_name,
+            })
+        } else {
+            None
+        };
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
             .await
             .with_context(|| format!("resolving {host}"))?
@@ -66,6 +132,7 @@ impl Target {
         Ok(Target {
             url: parsed.to_string(),
             addr,
+            tls,
         })
     }
 }
@@ -93,15 +160,26 @@ mod tests {
 
     #[tokio::test]
     async fn resolves_localhost_and_refuses_other_schemes() {
-        let t = Target::resolve("ws://localhost:18080/v1/ws")
+        let t = Target::resolve_with("ws://localhost:18080/v1/ws", None)
             .await
             .expect("resolves");
         assert!(t.addr.ip().is_loopback());
         assert_eq!(t.addr.port(), 18080);
-        let e = Target::resolve("wss://127.0.0.1/v1/ws")
+        let t = Target::resolve_with("wss://localhost/v1/ws", None).await;
+        // The system may have no roots here; either way, a wss target
+        // carries TLS and defaults to port 443.
+        if let Ok(t) = t {
+            assert!(t.tls.is_some());
+            assert_eq!(t.addr.port(), 443);
+        }
+        let e = Target::resolve_with("wss://localhost/v1/ws", Some(Path::new("/nonexistent.pem")))
             .await
-            .expect_err("wss");
-        assert!(e.to_string().contains("wss:// is not supported"), "{e}");
-        assert!(Target::resolve("http://127.0.0.1/v1/ws").await.is_err());
+            .expect_err("no such CA file");
+        assert!(e.to_string().contains("--tls-ca"), "{e}");
+        assert!(
+            Target::resolve_with("http://127.0.0.1/v1/ws", None)
+                .await
+                .is_err()
+        );
     }
 }

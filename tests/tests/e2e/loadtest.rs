@@ -140,6 +140,51 @@ async fn churn_with_auth_resumes_every_drop_and_loses_nothing() {
     assert!(v["violations"].as_array().unwrap().is_empty(), "{v}");
 }
 
+/// wss://, verified against the broker's certificate given as `--tls-ca`;
+/// without it (system roots only) the handshake is refused.
+#[tokio::test]
+async fn churn_over_wss_verifies_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = super::tls::certificate(dir.path());
+    let broker = TestBroker::start(&["--tls-cert", &cert, "--tls-key", &key]).unwrap();
+    let wss = format!("wss://localhost:{}/v1/ws", broker.client_addr.port());
+    let api = broker.api_url("");
+    let args = [
+        "churn",
+        "--url",
+        &wss,
+        "--api",
+        &api,
+        "--clients",
+        "10",
+        "--channels",
+        "2",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--drop-rate",
+        "5",
+        "--away",
+        "0.1",
+    ];
+    let mut trusted = args.to_vec();
+    trusted.extend(["--tls-ca", &cert]);
+    let v = loadtest(&trusted).await.ok();
+    assert_eq!(v["transport"], "wss", "{v}");
+    assert_eq!(n(&v, "clients"), 10, "{v}");
+    assert_eq!(n(&v, "deliveries"), 50 * 5, "{v}");
+    assert_eq!(n(&v, "silently_lost"), 0, "{v}");
+    // Not trusted: no client connects, and the run says why.
+    let run = loadtest(&args).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("TLS") || run.stderr.contains("root certificates"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[tokio::test]
 async fn a_reconnect_storm_is_resumed_without_loss_and_objectives_gate_the_exit() {
     let broker = TestBroker::start(&[]).unwrap();

@@ -13,7 +13,7 @@ use tether_tests::*;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A self-made certificate for localhost/127.0.0.1: (cert path, key path, DER).
-fn certificate(dir: &std::path::Path) -> (String, String, CertificateDer<'static>) {
+pub(crate) fn certificate(dir: &std::path::Path) -> (String, String, CertificateDer<'static>) {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     let ok = std::process::Command::new("openssl")
