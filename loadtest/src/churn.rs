@@ -67,8 +67,8 @@ pub struct ChurnOptions {
     /// Backend API base URLs, one per node.
     pub apis: Vec<Url>,
     pub api_key: Option<String>,
-    /// Mints each client's `connect.token` (HS256, `sub` = `loadtest-<i>`).
-    pub jwt_secret: Option<String>,
+    /// Mints each client's `connect.token` (`sub` = `loadtest-<i>`).
+    pub signer: Option<Signer>,
     pub encoding: Encoding,
     pub source_ips: Vec<IpAddr>,
     pub clients: usize,
@@ -503,16 +503,59 @@ async fn subscribe(
     }
 }
 
-/// An HS256 client token for simulated user `i`, valid for `valid`.
-fn mint(secret: &str, i: usize, valid: Duration) -> Result<String> {
-    let exp = unix_micros() / 1_000_000 + valid.as_secs();
-    let claims = json!({"sub": format!("loadtest-{i}"), "exp": exp});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .context("minting a client token")
+/// How client tokens are signed: a shared secret (HS256) or a private key
+/// (RS256 or ES256, PEM) whose public half the broker has.
+#[derive(Clone)]
+pub struct Signer {
+    key: jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    pub fn secret(secret: &str) -> Signer {
+        Signer {
+            key: jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            alg: jsonwebtoken::Algorithm::HS256,
+        }
+    }
+
+    /// A PEM private key: `es256` (EC P-256) or `rs256` (RSA). Checked by
+    /// signing one token now, so that a wrong key fails before the run.
+    pub fn key(pem: &[u8], alg: &str) -> Result<Signer> {
+        let (key, alg) = match alg {
+            "es256" => (
+                jsonwebtoken::EncodingKey::from_ec_pem(pem)
+                    .context("--jwt-key is not an EC PEM key")?,
+                jsonwebtoken::Algorithm::ES256,
+            ),
+            "rs256" => (
+                jsonwebtoken::EncodingKey::from_rsa_pem(pem)
+                    .context("--jwt-key is not an RSA PEM key")?,
+                jsonwebtoken::Algorithm::RS256,
+            ),
+            other => bail!("--jwt-alg {other}: es256 or rs256"),
+        };
+        let s = Signer { key, alg };
+        s.mint(0, Duration::from_secs(60))
+            .context("--jwt-key cannot sign with --jwt-alg")?;
+        Ok(s)
+    }
+
+    /// A token for simulated user `i`, valid for `valid`.
+    fn mint(&self, i: usize, valid: Duration) -> Result<String> {
+        let exp = unix_micros() / 1_000_000 + valid.as_secs();
+        let claims = json!({"sub": format!("loadtest-{i}"), "exp": exp});
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.alg), &claims, &self.key)
+            .context("minting a client token")
+    }
 }
 
 /// What the publisher did.
@@ -660,9 +703,9 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
             index: i,
             channel: channels[i % channels.len()].clone(),
             jwt: opts
-                .jwt_secret
-                .as_deref()
-                .map(|s| mint(s, i, token_life))
+                .signer
+                .as_ref()
+                .map(|s| s.mint(i, token_life))
                 .transpose()?,
             opts: opts.clone(),
             tally: tally.clone(),

@@ -216,8 +216,20 @@ enum Scenario {
         #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
         /// Shared secret to mint each client an HS256 token (sub = loadtest-<i>).
-        #[arg(long, env = "TETHER_JWT_SECRET", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "TETHER_JWT_SECRET",
+            hide_env_values = true,
+            conflicts_with = "jwt_key"
+        )]
         jwt_secret: Option<String>,
+        /// Private key (PEM) to mint each client a token instead (the broker
+        /// has the public key: --jwt-public-key).
+        #[arg(long, value_name = "FILE")]
+        jwt_key: Option<std::path::PathBuf>,
+        /// The algorithm of --jwt-key.
+        #[arg(long, default_value = "es256", value_parser = ["es256", "rs256"])]
+        jwt_alg: String,
         /// WebSocket subprotocol.
         #[arg(long, value_enum, default_value = "json")]
         encoding: EncodingArg,
@@ -526,6 +538,8 @@ async fn run(scenario: Scenario) -> Result<Report> {
             api,
             api_key,
             jwt_secret,
+            jwt_key,
+            jwt_alg,
             encoding,
             source_ips,
             clients,
@@ -553,7 +567,15 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     .map(|a| target::parse_url(a, "--api"))
                     .collect::<Result<_>>()?,
                 api_key,
-                jwt_secret,
+                signer: match (jwt_secret, jwt_key) {
+                    (Some(s), _) => Some(churn::Signer::secret(&s)),
+                    (None, Some(path)) => {
+                        let pem = std::fs::read(&path)
+                            .with_context(|| format!("--jwt-key {}", path.display()))?;
+                        Some(churn::Signer::key(&pem, &jwt_alg)?)
+                    }
+                    (None, None) => None,
+                },
                 encoding: encoding.into(),
                 source_ips,
                 clients,

@@ -185,6 +185,51 @@ async fn churn_over_wss_verifies_the_certificate() {
     );
 }
 
+/// Client tokens signed with a private key (ES256) the broker has the
+/// public half of.
+#[tokio::test]
+async fn churn_mints_es256_tokens_from_a_private_key() {
+    let keys = tether_tests::fakes::keys::es256_pair_fresh().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = (dir.path().join("jwt.key"), dir.path().join("jwt.pub"));
+    std::fs::write(&private, &keys.private_pem).unwrap();
+    std::fs::write(&public, &keys.public_pem).unwrap();
+    let broker = TestBroker::start(&["--jwt-public-key", public.to_str().unwrap()]).unwrap();
+    let (ws, api) = (broker.ws_url(), broker.api_url(""));
+    let key = private.to_str().unwrap();
+    let args = [
+        "churn",
+        "--url",
+        &ws,
+        "--api",
+        &api,
+        "--clients",
+        "6",
+        "--channels",
+        "2",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--drop-rate",
+        "2",
+        "--away",
+        "0.1",
+        "--jwt-key",
+        key,
+    ];
+    let v = loadtest(&args).await.ok();
+    assert_eq!(n(&v, "clients"), 6, "{v}");
+    assert_eq!(n(&v, "deliveries"), 20 * 3, "{v}");
+    assert_eq!(n(&v, "silently_lost"), 0, "{v}");
+    // The same key said to be RSA is refused before the run.
+    let mut wrong = args.to_vec();
+    wrong.extend(["--jwt-alg", "rs256"]);
+    let run = loadtest(&wrong).await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("--jwt-key"), "{}", run.stderr);
+}
+
 #[tokio::test]
 async fn a_reconnect_storm_is_resumed_without_loss_and_objectives_gate_the_exit() {
     let broker = TestBroker::start(&[]).unwrap();
