@@ -46,6 +46,7 @@ use tokio::task::JoinSet;
 use crate::client::{Client, Event, kind};
 use crate::fleet::{backoff, failure_reason};
 use crate::ledger::{Ledger, Trail, Verdict};
+use crate::proc::{self, Pid};
 use crate::publisher::unix_micros;
 use crate::report::{self, Latency, Report};
 use crate::target::Target;
@@ -741,6 +742,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let run_id = unix_micros();
+    let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let t0 = Instant::now();
     let publisher = tokio::spawn(publish(
         http,
@@ -803,6 +805,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let window = t0.elapsed();
+    let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let _ = stop_tx.send(true);
     let timeline = progress.await.context("the progress task failed")??;
     let mut outcomes = Vec::with_capacity(handles.len());
@@ -979,6 +982,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
             "publish→deliver max (live)",
         ],
     );
+    report::own_cpu(&mut r, own_cpu, window);
     r.value(
         "timeline",
         "progress samples (one a second)",

@@ -459,20 +459,7 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
             );
         }
     }
-    r.number(
-        "loadtest_cpu_seconds",
-        "loadtest CPU (same machine)",
-        own_cpu.as_secs_f64(),
-        "s",
-        2,
-    );
-    r.number(
-        "loadtest_cpu_cores",
-        "loadtest CPU, cores busy on average",
-        own_cpu.as_secs_f64() / secs,
-        "",
-        2,
-    );
+    report::own_cpu(&mut r, own_cpu, window);
     r.bytes(
         "loadtest_rss_bytes",
         "loadtest RSS (for information)",

@@ -178,6 +178,37 @@ pub fn close_codes(codes: impl IntoIterator<Item = Option<u16>>) -> (u64, String
     (total, text)
 }
 
+/// The load tester's own CPU over a window: `loadtest_cpu_seconds`,
+/// `loadtest_cpu_cores` and, when it kept at least 90 % of the machine's
+/// cores busy, a warning (printed and in the report): the figures then
+/// measure the load tester as much as the broker.
+pub fn own_cpu(r: &mut Report, cpu: std::time::Duration, window: std::time::Duration) {
+    let cores = cpu.as_secs_f64() / window.as_secs_f64().max(1e-9);
+    r.number(
+        "loadtest_cpu_seconds",
+        "loadtest CPU (user + system)",
+        cpu.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.number(
+        "loadtest_cpu_cores",
+        "loadtest CPU, cores busy on average",
+        cores,
+        "",
+        2,
+    );
+    let available = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if cores >= 0.9 * available as f64 {
+        let w = format!(
+            "the load tester kept {cores:.2} of {available} cores busy: it is the bottleneck; \
+             spread it over more processes or machines"
+        );
+        tracing::warn!("{w}");
+        r.text("loadtest_cpu_warning", "WARNING", w);
+    }
+}
+
 /// Percentiles of a latency histogram recorded in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Latency {
@@ -271,6 +302,20 @@ mod tests {
         assert_eq!(v["rss_per_conn_bytes"], 5_734);
         assert_eq!(v["cpu_us_per_delivery"], 1.23);
         assert!(v["rss_before_bytes"].is_null());
+    }
+
+    #[test]
+    fn a_load_tester_using_every_core_is_flagged() {
+        use std::time::Duration;
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let window = Duration::from_secs(10);
+        let mut busy = Report::new("churn");
+        own_cpu(&mut busy, window * cores as u32, window);
+        assert!(busy.get("loadtest_cpu_warning").is_some(), "{}", busy.render());
+        let mut idle = Report::new("churn");
+        own_cpu(&mut idle, Duration::from_millis(100), window);
+        assert!(idle.get("loadtest_cpu_warning").is_none());
+        assert_eq!(idle.get("loadtest_cpu_cores").and_then(Value::as_f64), Some(0.01));
     }
 
     #[test]
