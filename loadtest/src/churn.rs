@@ -85,6 +85,8 @@ pub struct ChurnOptions {
     pub storm_at: Option<Duration>,
     pub away: Duration,
     pub drain_timeout: Duration,
+    /// Draw the run here (SVG).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Shards of the last second's latency histogram (client `i` records into
@@ -983,6 +985,30 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         ],
     );
     report::own_cpu(&mut r, own_cpu, window);
+    if let Some(path) = &opts.plot {
+        let at = |s: &Sample| s.at.as_secs_f64();
+        let title = format!(
+            "loadtest churn: {connected} clients, {} channels, {}/s, {} drops/s",
+            opts.channels, opts.rate, opts.drop_rate
+        );
+        crate::plot::svg(
+            path,
+            &crate::plot::Series {
+                title: &title,
+                p99_ms: timeline
+                    .iter()
+                    .filter_map(|s| s.p99_us.map(|us| (at(s), us as f64 / 1000.0)))
+                    .collect(),
+                deliveries_per_second: timeline
+                    .iter()
+                    .map(|s| (at(s), s.deliveries_per_second))
+                    .collect(),
+                online: timeline.iter().map(|s| (at(s), s.online as f64)).collect(),
+                latency: &latency,
+            },
+        )?;
+        r.text("plot", "picture", path.display().to_string());
+    }
     r.value(
         "timeline",
         "progress samples (one a second)",

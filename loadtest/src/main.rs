@@ -37,6 +37,7 @@ mod fleet;
 mod floor;
 mod idle;
 mod ledger;
+mod plot;
 mod proc;
 mod publisher;
 mod quic;
@@ -269,6 +270,10 @@ enum Scenario {
         /// Seconds to wait, after publishing, for every client to catch up.
         #[arg(long, default_value_t = 20.0)]
         drain_timeout: f64,
+        /// Also draw the run as an SVG picture: p99 per second, deliveries/s
+        /// and clients online over time, the latency distribution.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// No broker: the sender's CPU per loopback TCP send, the floor under any
     /// server's CPU per delivery on this machine.
@@ -553,6 +558,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
             storm_at,
             away,
             drain_timeout,
+            plot,
         } => {
             let mut urls = Vec::with_capacity(url.len());
             for u in &url {
@@ -589,6 +595,7 @@ async fn run(scenario: Scenario) -> Result<Report> {
                 storm_at: storm_at.map(|s| seconds(s, "--storm-at")).transpose()?,
                 away: seconds(away, "--away")?,
                 drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
+                plot,
             };
             churn::run(opts).await
         }

@@ -311,11 +311,18 @@ mod tests {
         let window = Duration::from_secs(10);
         let mut busy = Report::new("churn");
         own_cpu(&mut busy, window * cores as u32, window);
-        assert!(busy.get("loadtest_cpu_warning").is_some(), "{}", busy.render());
+        assert!(
+            busy.get("loadtest_cpu_warning").is_some(),
+            "{}",
+            busy.render()
+        );
         let mut idle = Report::new("churn");
         own_cpu(&mut idle, Duration::from_millis(100), window);
         assert!(idle.get("loadtest_cpu_warning").is_none());
-        assert_eq!(idle.get("loadtest_cpu_cores").and_then(Value::as_f64), Some(0.01));
+        assert_eq!(
+            idle.get("loadtest_cpu_cores").and_then(Value::as_f64),
+            Some(0.01)
+        );
     }
 
     #[test]

@@ -234,8 +234,13 @@ async fn churn_mints_es256_tokens_from_a_private_key() {
 async fn a_reconnect_storm_is_resumed_without_loss_and_objectives_gate_the_exit() {
     let broker = TestBroker::start(&[]).unwrap();
     let (ws, api) = (broker.ws_url(), broker.api_url(""));
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("storm.svg");
+    let svg = svg.to_str().unwrap();
     let args = [
         "churn",
+        "--plot",
+        svg,
         "--url",
         &ws,
         "--api",
@@ -257,6 +262,20 @@ async fn a_reconnect_storm_is_resumed_without_loss_and_objectives_gate_the_exit(
     ];
     let v = loadtest(&args).await.ok();
     assert_eq!(n(&v, "drops"), 100, "every client dropped at once: {v}");
+    // The picture: an SVG with its three charts.
+    let picture = std::fs::read_to_string(svg).unwrap();
+    assert!(
+        picture.starts_with("<svg"),
+        "{}",
+        &picture[..picture.len().min(200)]
+    );
+    for caption in [
+        "p99 of each second",
+        "deliveries per second",
+        "latency distribution",
+    ] {
+        assert!(picture.contains(caption), "{caption} missing");
+    }
     assert_eq!(n(&v, "recovered"), 100, "{v}");
     assert_eq!(n(&v, "deliveries"), 200 * 10, "{v}");
     assert_eq!(n(&v, "silently_lost"), 0, "{v}");

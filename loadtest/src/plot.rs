@@ -1,0 +1,119 @@
+//! `--plot FILE.svg`: the run as a picture for a review — latency p99 per
+//! second, deliveries per second and clients online over time, and the
+//! latency distribution of the whole run.
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow};
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+
+/// What a run plots: `(seconds, value)` points per second, and the
+/// run's latency histogram (µs).
+pub struct Series<'a> {
+    pub title: &'a str,
+    pub p99_ms: Vec<(f64, f64)>,
+    pub deliveries_per_second: Vec<(f64, f64)>,
+    pub online: Vec<(f64, f64)>,
+    pub latency: &'a Histogram<u64>,
+}
+
+fn upper(points: &[(f64, f64)]) -> f64 {
+    points.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.1
+}
+
+/// Writes the SVG.
+pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
+    let e = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (1000, 1000)).into_drawing_area();
+    root.fill(&WHITE).map_err(e)?;
+    let root = root.titled(s.title, ("sans-serif", 22)).map_err(e)?;
+    let areas = root.split_evenly((3, 1));
+    let t_max = s
+        .p99_ms
+        .iter()
+        .chain(&s.deliveries_per_second)
+        .map(|p| p.0)
+        .fold(1.0, f64::max);
+
+    // 1. p99 of each second.
+    let mut c = ChartBuilder::on(&areas[0])
+        .caption(
+            "publish → deliver p99 of each second (live deliveries)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..t_max, 0.0..upper(&s.p99_ms))
+        .map_err(e)?;
+    c.configure_mesh()
+        .x_desc("s")
+        .y_desc("ms")
+        .draw()
+        .map_err(e)?;
+    c.draw_series(LineSeries::new(s.p99_ms.iter().copied(), &RED))
+        .map_err(e)?
+        .label("p99")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+
+    // 2. Deliveries per second and clients online.
+    let mut c = ChartBuilder::on(&areas[1])
+        .caption(
+            "deliveries per second (red) and clients online (blue)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0.0..t_max, 0.0..upper(&s.deliveries_per_second))
+        .map_err(e)?
+        .set_secondary_coord(0.0..t_max, 0.0..upper(&s.online));
+    c.configure_mesh()
+        .x_desc("s")
+        .y_desc("deliveries/s")
+        .draw()
+        .map_err(e)?;
+    c.configure_secondary_axes()
+        .y_desc("online")
+        .draw()
+        .map_err(e)?;
+    c.draw_series(LineSeries::new(
+        s.deliveries_per_second.iter().copied(),
+        &RED,
+    ))
+    .map_err(e)?;
+    c.draw_secondary_series(LineSeries::new(s.online.iter().copied(), &BLUE))
+        .map_err(e)?;
+
+    // 3. The latency distribution: the value at each percentile.
+    let dist: Vec<(f64, f64)> = (0..=999)
+        .map(|i| {
+            let q = f64::from(i) / 1000.0;
+            (q * 100.0, s.latency.value_at_quantile(q) as f64 / 1000.0)
+        })
+        .collect();
+    let mut c = ChartBuilder::on(&areas[2])
+        .caption(
+            "latency distribution of the run (live deliveries)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..100.0, 0.0..upper(&dist))
+        .map_err(e)?;
+    c.configure_mesh()
+        .x_desc("percentile")
+        .y_desc("ms")
+        .draw()
+        .map_err(e)?;
+    c.draw_series(LineSeries::new(dist, &BLACK)).map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}
