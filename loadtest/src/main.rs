@@ -9,6 +9,9 @@
 //! - `churn`: steady publishing while clients drop abruptly and resume,
 //!   on one node or spread over a cluster's nodes, every delivery checked
 //!   against the ledger of accepted publications;
+//! - `push`: publications to offline users through the push gateway to a
+//!   fake APNs this process serves: pushes per second, publish → provider
+//!   latency, pushes missing or repeated;
 //! - `floor`: no broker: the CPU one loopback TCP send of one delivery costs
 //!   its sender here, the floor under any server's CPU per delivery.
 //!
@@ -40,6 +43,7 @@ mod ledger;
 mod plot;
 mod proc;
 mod publisher;
+mod push;
 mod quic;
 mod report;
 mod resume;
@@ -274,6 +278,40 @@ enum Scenario {
         /// and clients online over time, the latency distribution.
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<std::path::PathBuf>,
+    },
+    /// Publications to offline users, through the push gateway, to a fake
+    /// APNs that this process serves: pushes per second and publish →
+    /// provider latency, every push matched to its publication.
+    ///
+    /// Start the broker with APNs configured (any .p8 key, key and team id,
+    /// topic) and `--apns-endpoint http://<--sink>`. The scenario registers
+    /// --users APNs devices (users loadtest-push-<i>, no live session),
+    /// publishes --rate publications a second with a `push` object to their
+    /// personal channels for --duration seconds, and waits for every push
+    /// at the sink. Exit status 2 when an accepted publication was never
+    /// pushed or pushed twice.
+    Push {
+        /// Backend API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        api: String,
+        /// Key the backend API requires (Authorization: Bearer).
+        #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Where the fake APNs listens (HTTP/2 without TLS).
+        #[arg(long, default_value = "127.0.0.1:8900")]
+        sink: SocketAddr,
+        /// Users, one APNs device each.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Publications per second.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Seconds to wait for the last pushes after publishing.
+        #[arg(long, default_value_t = 20.0)]
+        drain_timeout: f64,
     },
     /// No broker: the sender's CPU per loopback TCP send, the floor under any
     /// server's CPU per delivery on this machine.
@@ -598,6 +636,26 @@ async fn run(scenario: Scenario) -> Result<Report> {
                 plot,
             };
             churn::run(opts).await
+        }
+        Scenario::Push {
+            api,
+            api_key,
+            sink,
+            users,
+            rate,
+            duration,
+            drain_timeout,
+        } => {
+            push::run(push::PushOptions {
+                api: target::parse_url(&api, "--api")?,
+                api_key,
+                sink,
+                users,
+                rate,
+                duration: seconds(duration, "--duration")?,
+                drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
+            })
+            .await
         }
         Scenario::Floor {
             connections,

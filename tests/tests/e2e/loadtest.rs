@@ -517,6 +517,113 @@ async fn churn_across_a_cluster_through_a_redis_restart_loses_nothing_silently()
     }
 }
 
+/// `push`: offline users' publications reach the fake APNs that loadtest
+/// serves, each exactly once, matched to its publication.
+#[tokio::test]
+async fn push_counts_every_push_at_the_provider() {
+    let keys = tether_tests::fakes::keys::es256_pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("AuthKey.p8");
+    std::fs::write(&key, &keys.private_pem).unwrap();
+    let sink = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoint = format!("http://{sink}");
+    let broker = TestBroker::start(&[
+        "--apns-key-file",
+        key.to_str().unwrap(),
+        "--apns-key-id",
+        "KEY1234567",
+        "--apns-team-id",
+        "TEAM123456",
+        "--apns-topic",
+        "com.example.loadtest",
+        "--apns-endpoint",
+        &endpoint,
+    ])
+    .unwrap();
+    let (api, sink) = (broker.api_url(""), sink.to_string());
+    let v = loadtest(&[
+        "push",
+        "--api",
+        &api,
+        "--sink",
+        &sink,
+        "--users",
+        "50",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+    ])
+    .await
+    .ok();
+    assert_eq!(n(&v, "devices"), 50, "{v}");
+    assert_eq!(n(&v, "publications"), 200, "{v}");
+    assert_eq!(n(&v, "pushes"), 200, "one push per publication: {v}");
+    assert_eq!(n(&v, "pushes_missing"), 0, "{v}");
+    assert_eq!(n(&v, "pushes_duplicated"), 0, "{v}");
+    assert!(v["latency_p99_ms"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// Pushes that never reach the provider (the broker points elsewhere) fail
+/// the run and are named.
+#[tokio::test]
+async fn push_names_the_publications_never_pushed() {
+    let keys = tether_tests::fakes::keys::es256_pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("AuthKey.p8");
+    std::fs::write(&key, &keys.private_pem).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (nowhere, sink) = (free(), free());
+    let endpoint = format!("http://{nowhere}");
+    let broker = TestBroker::start(&[
+        "--apns-key-file",
+        key.to_str().unwrap(),
+        "--apns-key-id",
+        "KEY1234567",
+        "--apns-team-id",
+        "TEAM123456",
+        "--apns-topic",
+        "com.example.loadtest",
+        "--apns-endpoint",
+        &endpoint,
+    ])
+    .unwrap();
+    let (api, sink) = (broker.api_url(""), sink.to_string());
+    let run = loadtest(&[
+        "push",
+        "--api",
+        &api,
+        "--sink",
+        &sink,
+        "--users",
+        "3",
+        "--rate",
+        "10",
+        "--duration",
+        "0.3",
+        "--drain-timeout",
+        "1",
+    ])
+    .await;
+    assert_eq!(run.code, Some(2), "{}\n{}", run.stdout, run.stderr);
+    let v = run.json();
+    assert_eq!(n(&v, "pushes"), 0, "{v}");
+    assert_eq!(n(&v, "pushes_missing"), n(&v, "publications"), "{v}");
+    assert!(
+        run.stdout.contains("never pushed") && run.stdout.contains("user:loadtest-push-0 offset 1"),
+        "{}",
+        run.stdout
+    );
+}
+
 #[tokio::test]
 async fn the_other_scenarios_run_and_report_what_they_measured() {
     let broker = TestBroker::start(&[]).unwrap();

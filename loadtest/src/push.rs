@@ -1,0 +1,359 @@
+//! Scenario `push`: offline users' publications through the push gateway to
+//! a provider, measured at the provider.
+//!
+//! 1. Starts a fake APNs on `--sink` (HTTP/2 without TLS, as the broker
+//!    speaks to `--apns-endpoint http://…`): it answers every
+//!    `POST /3/device/{token}` with 200 and an `apns-id`, and notes when
+//!    each push (its payload's `channel` and `offset`) arrived.
+//! 2. Registers `--users` APNs devices over the API, one per user
+//!    `loadtest-push-<i>`, none with a live session: every publication on
+//!    their personal channel goes to push.
+//! 3. Publishes `--rate` publications a second for `--duration` seconds to
+//!    `user:loadtest-push-<k mod users>` with a `push` object, noting when
+//!    each was sent and the answer (channel, offset).
+//! 4. Waits until every accepted publication's push has arrived (at most
+//!    `--drain-timeout`), then reports pushes per second, publish →
+//!    provider latency, and what never arrived or arrived twice (exactly
+//!    one push per device per message: either is a violation).
+//!
+//! The broker must be started with APNs configured and `--apns-endpoint
+//! http://<sink>`; the sink checks nothing else (for a provider that checks
+//! tokens and signatures, see the test fakes).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use reqwest::Url;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::report::{self, Latency, Report};
+
+/// Device registrations in flight at once.
+const REGISTER_IN_FLIGHT: usize = 32;
+/// Publish requests in flight at most.
+const PUBLISH_IN_FLIGHT: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub api: Url,
+    pub api_key: Option<String>,
+    pub sink: SocketAddr,
+    pub users: usize,
+    pub rate: f64,
+    pub duration: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// What the sink saw: per (channel, offset), when each copy arrived.
+#[derive(Default)]
+struct Arrivals {
+    by_key: HashMap<(String, u64), Vec<Instant>>,
+    unreadable: u64,
+}
+
+type Shared = Arc<Mutex<Arrivals>>;
+
+async fn handle(req: Request<Incoming>, seen: Shared) -> Result<Response<Full<Bytes>>, Infallible> {
+    let at = Instant::now();
+    let ok = req.method() == hyper::Method::POST && req.uri().path().starts_with("/3/device/");
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let key = body
+        .ok()
+        .filter(|_| ok)
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| Some((v["channel"].as_str()?.to_owned(), v["offset"].as_u64()?)));
+    {
+        let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(k) => s.by_key.entry(k).or_default().push(at),
+            None => s.unreadable += 1,
+        }
+    }
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    resp.headers_mut().insert(
+        "apns-id",
+        hyper::header::HeaderValue::from_static("00000000-0000-0000-0000-000000000000"),
+    );
+    Ok(resp)
+}
+
+/// Serves the fake APNs until the returned set is dropped.
+async fn sink(addr: SocketAddr, seen: Shared) -> Result<JoinSet<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--sink {addr}: cannot listen"))?;
+    let mut tasks = JoinSet::new();
+    tasks.spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            conns.spawn(async move {
+                let service = service_fn(move |req| handle(req, seen.clone()));
+                let _ = http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(1000)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(tasks)
+}
+
+fn user(i: usize) -> String {
+    format!("loadtest-push-{i}")
+}
+
+async fn register(http: &reqwest::Client, api: &Url, users: usize) -> Result<u64> {
+    let in_flight = Arc::new(Semaphore::new(REGISTER_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    for i in 0..users {
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (http, url) = (
+            http.clone(),
+            api.join(&format!("/v1/devices/loadtest-dev-{i}"))?,
+        );
+        tasks.spawn(async move {
+            let body = json!({"user": user(i), "platform": "apns", "token": format!("{i:064x}")});
+            let r = http.put(url).json(&body).send().await;
+            drop(permit);
+            match r {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(format!("HTTP {}", r.status())),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+    }
+    let mut ok = 0;
+    let mut first_error = None;
+    while let Some(j) = tasks.join_next().await {
+        match j.context("a registration task failed")? {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if ok == 0 {
+        bail!(
+            "no device could be registered: {}",
+            first_error.unwrap_or_default()
+        );
+    }
+    Ok(ok)
+}
+
+pub async fn run(opts: PushOptions) -> Result<Report> {
+    if opts.users == 0 {
+        bail!("--users must be at least 1");
+    }
+    if !opts.rate.is_finite() || opts.rate <= 0.0 {
+        bail!("--rate must be a number above 0");
+    }
+    let seen: Shared = Arc::default();
+    let _sink = sink(opts.sink, seen.clone()).await?;
+    let http = crate::churn::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
+    crate::publisher::check_ready(&http, &opts.api).await?;
+    let registered = register(&http, &opts.api, opts.users).await?;
+    tracing::info!(
+        "push: {registered} devices registered; publishing {}/s",
+        opts.rate
+    );
+
+    // Publish, noting when each accepted publication was sent.
+    let sent: Arc<Mutex<HashMap<(String, u64), Instant>>> = Arc::default();
+    let failures: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let total = (opts.rate * opts.duration.as_secs_f64()).round().max(1.0) as u64;
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let in_flight = Arc::new(Semaphore::new(PUBLISH_IN_FLIGHT));
+    let url = opts.api.join("/v1/publish")?;
+    let mut tasks = JoinSet::new();
+    let t0 = Instant::now();
+    for k in 0..total {
+        ticks.tick().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (http, url, sent, failures) =
+            (http.clone(), url.clone(), sent.clone(), failures.clone());
+        let channel = format!("user:{}", user(k as usize % opts.users));
+        tasks.spawn(async move {
+            let body = json!({
+                "channel": channel,
+                "data": {"k": k},
+                "push": {"title": "loadtest", "body": format!("message {k}")},
+            });
+            let at = Instant::now();
+            let r = crate::publisher::post_json(&http, url, &body).await;
+            drop(permit);
+            match r {
+                Ok(a) => {
+                    if let Some(offset) = a["offset"].as_u64() {
+                        sent.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((channel, offset), at);
+                    }
+                }
+                Err(e) => {
+                    *failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(format!("{e:#}"))
+                        .or_default() += 1;
+                }
+            }
+        });
+    }
+    while let Some(j) = tasks.join_next().await {
+        j.context("a publish task failed")?;
+    }
+    let publish_time = t0.elapsed();
+    let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(|p| p.into_inner()));
+    let accepted = sent.len() as u64;
+
+    // Drain: until every accepted publication's push arrived.
+    let deadline = Instant::now() + opts.drain_timeout;
+    loop {
+        let arrived = {
+            let s = seen.lock().unwrap_or_else(|p| p.into_inner());
+            sent.keys().filter(|k| s.by_key.contains_key(*k)).count() as u64
+        };
+        if arrived >= accepted || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+
+    let mut latency = report::latency_histogram::<u64>()?;
+    let (mut missing, mut duplicated, mut unexpected) = (Vec::new(), 0u64, 0u64);
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    for (key, at) in &sent {
+        match seen.by_key.get(key) {
+            None => missing.push(key.clone()),
+            Some(arrivals) => {
+                duplicated += arrivals.len() as u64 - 1;
+                if let Some(a) = arrivals.first() {
+                    let us = a.saturating_duration_since(*at).as_micros();
+                    latency.saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                }
+            }
+        }
+    }
+    for (key, arrivals) in &seen.by_key {
+        if !sent.contains_key(key) {
+            unexpected += arrivals.len() as u64;
+        }
+        for a in arrivals {
+            first = Some(first.map_or(*a, |f| f.min(*a)));
+            last = Some(last.map_or(*a, |l| l.max(*a)));
+        }
+    }
+    let received: u64 = seen.by_key.values().map(|v| v.len() as u64).sum();
+
+    let mut r = Report::new("push");
+    r.count(
+        "devices",
+        "devices registered (APNs, no live session)",
+        registered,
+    );
+    r.number("rate_target", "publication rate asked", opts.rate, "/s", 1);
+    r.count("publications", "publications accepted", accepted);
+    let failed: u64 = failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .sum();
+    r.count("publish_failures", "publications failed", failed);
+    r.number(
+        "publish_seconds",
+        "publishing time",
+        publish_time.as_secs_f64(),
+        "s",
+        2,
+    );
+    r.count("pushes", "pushes received by the provider", received);
+    r.count(
+        "pushes_missing",
+        "accepted publications never pushed",
+        missing.len() as u64,
+    );
+    r.count(
+        "pushes_duplicated",
+        "pushes received twice or more",
+        duplicated,
+    );
+    r.count(
+        "pushes_unexpected",
+        "pushes of no accepted publication",
+        unexpected,
+    );
+    r.count(
+        "sink_unreadable",
+        "provider requests without channel/offset",
+        seen.unreadable,
+    );
+    match (first, last) {
+        (Some(f), Some(l)) if l > f => r.number(
+            "pushes_per_second",
+            "pushes per second at the provider",
+            received as f64 / (l - f).as_secs_f64(),
+            "/s",
+            0,
+        ),
+        _ => r.missing(
+            "pushes_per_second",
+            "pushes per second at the provider",
+            "too few pushes",
+        ),
+    }
+    Latency::of(&latency).add_to(
+        &mut r,
+        [
+            "latency_p50_ms",
+            "latency_p90_ms",
+            "latency_p99_ms",
+            "latency_p999_ms",
+            "latency_max_ms",
+        ],
+        [
+            "publish→provider p50",
+            "publish→provider p90",
+            "publish→provider p99",
+            "publish→provider p99.9",
+            "publish→provider max",
+        ],
+    );
+    if !missing.is_empty() {
+        missing.sort();
+        let examples: Vec<String> = missing
+            .iter()
+            .take(5)
+            .map(|(c, o)| format!("{c} offset {o}"))
+            .collect();
+        r.violation(format!(
+            "{} accepted publications were never pushed within {:?}, e.g. {}",
+            missing.len(),
+            opts.drain_timeout,
+            examples.join("; ")
+        ));
+    }
+    if duplicated > 0 {
+        r.violation(format!(
+            "{duplicated} pushes arrived more than once (one push per device per message)"
+        ));
+    }
+    Ok(r)
+}
