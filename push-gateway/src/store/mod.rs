@@ -147,6 +147,9 @@ struct Inner {
     path: PathBuf,
     /// Jobs handed to a gateway and not settled yet (not handed out again).
     claimed: Mutex<HashSet<u64>>,
+    /// Enqueues waiting for the next group commit (see `outbox`): at most
+    /// one commit runs and one waits to take what piled up meanwhile.
+    pending: Mutex<Vec<outbox::PendingEnqueue>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -200,6 +203,7 @@ impl Store {
                 db,
                 path,
                 claimed: Mutex::new(HashSet::new()),
+                pending: Mutex::new(Vec::new()),
             }),
         })
     }
