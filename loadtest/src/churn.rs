@@ -116,7 +116,8 @@ struct Tally {
     fresh_sessions: AtomicU64,
     recovered: AtomicU64,
     not_recovered: AtomicU64,
-    server_closes: Mutex<Vec<Option<u16>>>,
+    /// Connections ended by the server or network, by close code.
+    server_closes: Mutex<BTreeMap<Option<u16>, u64>>,
     failures: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -140,7 +141,7 @@ impl Tally {
             fresh_sessions: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
             not_recovered: AtomicU64::new(0),
-            server_closes: Mutex::new(Vec::new()),
+            server_closes: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(BTreeMap::new()),
         }
     }
@@ -436,11 +437,13 @@ impl ClientCtx {
                 }
                 Step::Lost(code) => {
                     self.tally.online.fetch_sub(1, Ordering::Relaxed);
-                    self.tally
+                    *self
+                        .tally
                         .server_closes
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push(code);
+                        .entry(code)
+                        .or_insert(0) += 1;
                 }
             }
             // Lost, dropped or taken away: resume on the next node.
@@ -647,22 +650,6 @@ async fn post(http: &reqwest::Client, api: &Url, body: &Value) -> Result<(Epoch,
     Ok((Epoch::new(epoch), offset))
 }
 
-/// An HTTP client for the backend API, with the API key on every request.
-pub fn api_client(api_key: Option<&str>, pool: usize) -> Result<reqwest::Client> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(key) = api_key {
-        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
-            .context("--api-key is not a valid header value")?;
-        v.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
-    Ok(reqwest::Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(pool)
-        .timeout(Duration::from_secs(10))
-        .build()?)
-}
-
 pub async fn run(opts: ChurnOptions) -> Result<Report> {
     if opts.clients == 0 || opts.channels == 0 {
         bail!("--clients and --channels must be at least 1");
@@ -678,7 +665,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     if !opts.drop_rate.is_finite() || opts.drop_rate < 0.0 {
         bail!("--drop-rate must be 0 or more");
     }
-    let http = api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
+    let http = crate::publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
     for api in &opts.apis {
         crate::publisher::check_ready(&http, api).await?;
     }
@@ -889,13 +876,11 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         "connections dropped abruptly",
         Tally::get(&tally.drops),
     );
-    let (closes, close_codes) = report::close_codes(
-        tally
+    let (closes, close_codes) = report::tallied_close_codes(
+        &tally
             .server_closes
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied(),
+            .unwrap_or_else(|p| p.into_inner()),
     );
     r.count(
         "server_closes",

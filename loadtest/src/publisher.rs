@@ -58,6 +58,22 @@ pub fn unix_micros() -> u64 {
         .unwrap_or(0)
 }
 
+/// An HTTP client for the backend API, with the API key on every request.
+pub fn api_client(api_key: Option<&str>, pool: usize) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("--api-key is not a valid header value")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(pool)
+        .timeout(Duration::from_secs(10))
+        .build()?)
+}
+
 /// Checks that the API answers `GET /readyz` with 200.
 pub async fn check_ready(http: &reqwest::Client, api: &Url) -> Result<()> {
     let url = api.join("/readyz")?;

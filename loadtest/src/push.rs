@@ -165,7 +165,7 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
     }
     let seen: Shared = Arc::default();
     let _sink = sink(opts.sink, seen.clone()).await?;
-    let http = crate::churn::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
+    let http = crate::publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
     crate::publisher::check_ready(&http, &opts.api).await?;
     let registered = register(&http, &opts.api, opts.users).await?;
     tracing::info!(

@@ -163,6 +163,11 @@ pub fn close_codes(codes: impl IntoIterator<Item = Option<u16>>) -> (u64, String
     for c in codes {
         *tally.entry(c).or_default() += 1;
     }
+    tallied_close_codes(&tally)
+}
+
+/// [`close_codes`] of codes already counted.
+pub fn tallied_close_codes(tally: &std::collections::BTreeMap<Option<u16>, u64>) -> (u64, String) {
     let total = tally.values().sum();
     if tally.is_empty() {
         return (0, "none".into());

@@ -31,24 +31,28 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a test waits for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// Path of the `broker` binary, built on first use if missing.
-pub fn broker_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
+/// Path of the workspace binary `name` (package `package`), next to the
+/// test binary, built on first use if missing.
+fn built_bin(
+    cell: &'static OnceLock<std::result::Result<PathBuf, String>>,
+    name: &str,
+    package: &str,
+) -> Result<PathBuf> {
+    cell.get_or_init(|| {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        // target/<profile>/deps/<test> → target/<profile>/broker
+        // target/<profile>/deps/<test> → target/<profile>/<name>
         let dir = exe
             .parent()
             .and_then(|d| d.parent())
             .ok_or("unexpected test binary location")?;
-        let bin = dir.join("broker");
+        let bin = dir.join(name);
         if !bin.exists() {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "tether-broker", "--bin", "broker"])
+                .args(["build", "-p", package, "--bin", name])
                 .status()
                 .map_err(|e| e.to_string())?;
             if !status.success() {
-                return Err("cargo build -p tether-broker failed".into());
+                return Err(format!("cargo build -p {package} failed"));
             }
         }
         Ok(bin)
@@ -57,25 +61,16 @@ pub fn broker_bin() -> Result<PathBuf> {
     .map_err(|e| anyhow!(e))
 }
 
+/// Path of the `broker` binary, built on first use if missing.
+pub fn broker_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    built_bin(&BIN, "broker", "tether-broker")
+}
+
 /// Path of the `loadtest` binary, built on first use if missing.
 pub fn loadtest_bin() -> Result<PathBuf> {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let broker = broker_bin().map_err(|e| e.to_string())?;
-        let bin = broker.with_file_name("loadtest");
-        if !bin.exists() {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "tether-loadtest", "--bin", "loadtest"])
-                .status()
-                .map_err(|e| e.to_string())?;
-            if !status.success() {
-                return Err("cargo build -p tether-loadtest failed".into());
-            }
-        }
-        Ok(bin)
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    built_bin(&BIN, "loadtest", "tether-loadtest")
 }
 
 /// A broker process on free loopback ports, killed on drop.

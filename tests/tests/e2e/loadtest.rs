@@ -517,19 +517,22 @@ async fn churn_across_a_cluster_through_a_redis_restart_loses_nothing_silently()
     }
 }
 
-/// `push`: offline users' publications reach the fake APNs that loadtest
-/// serves, each exactly once, matched to its publication.
-#[tokio::test]
-async fn push_counts_every_push_at_the_provider() {
+/// A loopback address nothing listens on (yet).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A broker with APNs configured (a fresh .p8 key) and pointed at
+/// `http://{endpoint}`; the directory holds the key.
+fn apns_broker(endpoint: std::net::SocketAddr) -> (TestBroker, tempfile::TempDir) {
     let keys = tether_tests::fakes::keys::es256_pair().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("AuthKey.p8");
     std::fs::write(&key, &keys.private_pem).unwrap();
-    let sink = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let endpoint = format!("http://{sink}");
+    let endpoint = format!("http://{endpoint}");
     let broker = TestBroker::start(&[
         "--apns-key-file",
         key.to_str().unwrap(),
@@ -543,6 +546,15 @@ async fn push_counts_every_push_at_the_provider() {
         &endpoint,
     ])
     .unwrap();
+    (broker, dir)
+}
+
+/// `push`: offline users' publications reach the fake APNs that loadtest
+/// serves, each exactly once, matched to its publication.
+#[tokio::test]
+async fn push_counts_every_push_at_the_provider() {
+    let sink = free_addr();
+    let (broker, _dir) = apns_broker(sink);
     let (api, sink) = (broker.api_url(""), sink.to_string());
     let v = loadtest(&[
         "push",
@@ -571,31 +583,8 @@ async fn push_counts_every_push_at_the_provider() {
 /// the run and are named.
 #[tokio::test]
 async fn push_names_the_publications_never_pushed() {
-    let keys = tether_tests::fakes::keys::es256_pair().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("AuthKey.p8");
-    std::fs::write(&key, &keys.private_pem).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (nowhere, sink) = (free(), free());
-    let endpoint = format!("http://{nowhere}");
-    let broker = TestBroker::start(&[
-        "--apns-key-file",
-        key.to_str().unwrap(),
-        "--apns-key-id",
-        "KEY1234567",
-        "--apns-team-id",
-        "TEAM123456",
-        "--apns-topic",
-        "com.example.loadtest",
-        "--apns-endpoint",
-        &endpoint,
-    ])
-    .unwrap();
+    let (nowhere, sink) = (free_addr(), free_addr());
+    let (broker, _dir) = apns_broker(nowhere);
     let (api, sink) = (broker.api_url(""), sink.to_string());
     let run = loadtest(&[
         "push",
