@@ -22,7 +22,8 @@
 //!    reordered, declared lost (`recovered: false`, allowed) and silently
 //!    lost (never allowed), per channel and in total.
 //!
-//! Latency (publish → deliver, from the `sent_us` each publication carries)
+//! Latency (publish → deliver, from the `sent_us` each publication carries:
+//! when it was due at the fixed rate, see [`crate::publisher::Schedule`])
 //! counts live deliveries only: a replay after a resume is as late as the
 //! client was away.
 
@@ -583,13 +584,13 @@ async fn publish(
     run_id: u64,
 ) -> Result<Published> {
     let total = (opts.rate * opts.duration.as_secs_f64()).round().max(1.0) as u64;
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let schedule = crate::publisher::Schedule::new(opts.rate);
     let in_flight = Arc::new(Semaphore::new(PUBLISH_IN_FLIGHT));
     let pad = Arc::new("x".repeat(opts.payload));
     let mut tasks = JoinSet::new();
     for k in 0..total {
-        ticks.tick().await;
+        // Latency is measured from when publication k was due.
+        let due_us = schedule.wait(k).await;
         let permit = in_flight.clone().acquire_owned().await?;
         let (http, opts, channels, ledger, pad, tally) = (
             http.clone(),
@@ -604,7 +605,7 @@ async fn publish(
             let body = json!({
                 "channel": channel.as_str(),
                 "idempotency_key": format!("loadtest-{run_id}-{k}"),
-                "data": {"sent_us": unix_micros(), "k": k, "pad": &*pad},
+                "data": {"sent_us": due_us, "k": k, "pad": &*pad},
             });
             let mut last_error = String::new();
             for attempt in 0..PUBLISH_ATTEMPTS {

@@ -4,7 +4,8 @@
 //! `--connect-concurrency`; raise both to find the broker's limit), keeps
 //! them open until all have settled, and reports the rate achieved and the
 //! distribution of one client's setup time (TCP connect, upgrade,
-//! `connect`, `subscribe`, retries included).
+//! `connect`, `subscribe`, retries included). With `--workers N` every
+//! worker opens its share and holds it until all have settled.
 
 use std::time::Duration;
 
@@ -12,8 +13,9 @@ use anyhow::{Result, bail};
 use tether_protocol::ChannelName;
 
 use crate::client::Client;
-use crate::fleet::{self, Counters, Fleet, FleetOptions, Ready};
-use crate::report::{self, Latency, Report};
+use crate::crew::{Part, Role, Share};
+use crate::fleet::{self, Fleet, FleetOptions, Ready};
+use crate::report::{Latency, Report};
 
 #[derive(Debug, Clone)]
 pub struct ConnectRateOptions {
@@ -29,36 +31,52 @@ async fn hold(client: Client, mut ready: Ready) -> Duration {
     ready.setup
 }
 
-pub async fn run(opts: ConnectRateOptions, fleet_opts: FleetOptions) -> Result<Report> {
+pub async fn run(
+    opts: ConnectRateOptions,
+    fleet_opts: FleetOptions,
+    mut role: Role,
+    share: Share,
+) -> Result<Report> {
     if opts.connections == 0 {
         bail!("--connections must be at least 1");
     }
     let channels = opts.channels.unwrap_or(opts.connections).max(1);
-    let (rate, concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
+    let (rate, concurrency) = (
+        fleet_opts.connect_rate * share.of as f64,
+        fleet_opts.concurrency * share.of,
+    );
     let prefix = opts.channel_prefix.clone();
     let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
     let udp_drops0 = crate::quic::udp_drops(&transport);
+    let start_us = crate::publisher::unix_micros();
     let fleet = Fleet::launch(
-        opts.connections,
+        share.range(opts.connections),
         fleet_opts,
         move |i| Ok(ChannelName::new(format!("{prefix}{}", i % channels))?),
         hold,
     );
-    let elapsed = fleet.wait_settled("connect-rate").await;
-    let established = Counters::get(&fleet.counters.established);
+    fleet.wait_settled("connect-rate").await;
     let udp_drops1 = crate::quic::udp_drops(&transport);
-    let failed = Counters::get(&fleet.counters.failed);
-    let retried = Counters::get(&fleet.counters.retried);
-    let reasons = fleet.counters.failure_reasons();
+    // Every worker holds its connections until all have settled.
+    let step = role.step(Part::counted(&fleet.counters)?).await?;
+    role.tell(&serde_json::Value::Null).await?;
     let setups = fleet.stop().await;
     transport.finish().await;
-
-    let mut hist = report::latency_histogram::<u64>()?;
+    let mut mine = Part::new()?;
     for d in &setups {
-        hist.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
+        mine.setup
+            .saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
     }
+    let (Ok(settled), Some(total)) = (step, role.last(mine).await?) else {
+        return Ok(Report::new("connect-rate"));
+    };
+    let (established, failed, retried) = (settled.established, settled.failed, settled.retried);
+    let reasons = settled.top_reasons();
+    let elapsed = std::time::Duration::from_micros(settled.settled_at_us.saturating_sub(start_us));
+    let hist = total.setup;
     let mut r = Report::new("connect-rate");
     transport.describe(encoding, &mut r);
+    r.count("workers", "load tester processes", share.of as u64);
     r.count(
         "connections_requested",
         "connections requested",

@@ -3,7 +3,8 @@
 //!
 //! Every subscriber joins one channel; once all are subscribed, the
 //! publisher POSTs `--rate` publications per second for `--duration`
-//! seconds, each carrying `{"sent_us": <unix µs at send>, "pad": "xxx…"}`.
+//! seconds, each carrying `{"sent_us": <unix µs it was due>, "pad": "xxx…"}`
+//! (a fixed arrival rate, see [`publisher::Schedule`]).
 //! Each subscriber records `now - sent_us` into its own HDR histogram (no
 //! lock per message; merged at the end), counts deliveries and checks that
 //! offsets rise by exactly one. The broker's CPU time (utime + stime) is
@@ -21,6 +22,10 @@
 //! socket, runs in the load tester's context (a third of its CPU in a
 //! profile), the mirror image of what `loadtest floor` measures for a
 //! sender.
+//!
+//! With `--workers N` the subscribers are spread over N processes; the
+//! leader publishes, tells the members how many publications were accepted
+//! and merges their histograms and counts (see [`crate::crew`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,8 +36,9 @@ use hdrhistogram::Histogram;
 use tether_protocol::{ChannelName, Epoch};
 
 use crate::client::{Client, Event};
+use crate::crew::{Part, Role, Share};
 use crate::fleet::{Counters, Fleet, FleetOptions, Ready, Shards, Transport};
-use crate::proc::{self, Pid};
+use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self, PublishPlan, unix_micros};
 use crate::quic::{UdpDrops, udp_drops};
 use crate::report::{self, Latency, Report};
@@ -43,7 +49,7 @@ pub struct FanoutOptions {
     pub plan: PublishPlan,
     /// How long to wait for deliveries after the last publication was answered.
     pub drain_timeout: Duration,
-    pub broker_pid: Option<u32>,
+    pub broker_pids: Vec<u32>,
 }
 
 /// Deliveries received so far, counted in a few slots, one per cache line:
@@ -170,7 +176,12 @@ async fn subscribe_and_measure(
     s
 }
 
-pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Report> {
+pub async fn run(
+    opts: FanoutOptions,
+    mut fleet_opts: FleetOptions,
+    mut role: Role,
+    share: Share,
+) -> Result<Report> {
     if opts.subscribers == 0 {
         bail!("--subscribers must be at least 1");
     }
@@ -182,12 +193,13 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
         .pool_max_idle_per_host(opts.plan.max_in_flight)
         .timeout(Duration::from_secs(30))
         .build()?;
-    publisher::check_ready(&http, &opts.plan.api).await?;
-    let broker = opts.broker_pid.map(Pid::Other);
-    if let Some(pid) = opts.broker_pid {
-        let name = proc::check_running(pid)?;
-        tracing::info!(pid, name, "measuring the broker's CPU");
+    if !role.is_member() {
+        publisher::check_ready(&http, &opts.plan.api).await?;
     }
+    let broker = match role.is_member() {
+        true => Brokers::default(),
+        false => Brokers::new(opts.broker_pids.clone(), "CPU")?,
+    };
 
     let template = Arc::new(report::latency_histogram::<u32>()?);
     if matches!(fleet_opts.transport, Transport::Ws(_)) {
@@ -202,7 +214,7 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
     let fleet = {
         let (template, progress) = (template.clone(), progress.clone());
         Fleet::launch(
-            opts.subscribers,
+            share.range(opts.subscribers),
             fleet_opts,
             {
                 let channel = channel.clone();
@@ -219,69 +231,118 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
             },
         )
     };
-    let setup_time = fleet.wait_settled("fanout").await;
-    let subscribed = Counters::get(&fleet.counters.established);
-    if subscribed == 0 {
-        bail!(
-            "no subscriber could subscribe: {:?}",
-            fleet.counters.failure_reasons().first()
-        );
-    }
-    tracing::info!(
-        "fanout: {subscribed} subscribers in {:.1} s; publishing {} × {}/s",
-        setup_time.as_secs_f64(),
-        opts.plan.total(),
-        opts.plan.rate
-    );
-
-    // The measured window opens with the first publication.
-    let broker_cpu0 = broker.map(proc::cpu_time).transpose()?;
+    let start_us = unix_micros();
+    fleet.wait_settled("fanout").await;
+    let mine_subscribed = Counters::get(&fleet.counters.established);
+    // Every worker's subscribers settled; then the leader publishes.
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
-    let udp_drops0 = udp_drops(&transport);
-    let t0 = Instant::now();
-    let t0_us = unix_micros();
-    let published = publisher::run(http, &opts.plan).await?;
-    let expected = published.ok * subscribed;
+    let step = role.step(Part::counted(&fleet.counters)?).await?;
+    let (settled, accepted, published, t0, t0_us, broker_cpu0, udp_drops0) = match step {
+        Ok(all) => {
+            if all.established == 0 {
+                bail!(
+                    "no subscriber could subscribe: {:?}",
+                    all.top_reasons().first()
+                );
+            }
+            let setup_time = Duration::from_micros(all.settled_at_us.saturating_sub(start_us));
+            tracing::info!(
+                "fanout: {} subscribers in {:.1} s; publishing {} × {}/s",
+                all.established,
+                setup_time.as_secs_f64(),
+                opts.plan.total(),
+                opts.plan.rate
+            );
+            // The measured window opens with the first publication.
+            let broker_cpu0 = broker.cpu()?;
+            let udp_drops0 = udp_drops(&transport);
+            let (t0, t0_us) = (Instant::now(), unix_micros());
+            let published = publisher::run(http, &opts.plan).await?;
+            role.tell(&serde_json::json!({ "accepted": published.ok }))
+                .await?;
+            let accepted = published.ok;
+            (
+                Some((all, setup_time)),
+                accepted,
+                Some(published),
+                t0,
+                t0_us,
+                broker_cpu0,
+                udp_drops0,
+            )
+        }
+        Err(word) => {
+            let accepted = word["accepted"].as_u64().unwrap_or(0);
+            (
+                None,
+                accepted,
+                None,
+                Instant::now(),
+                0,
+                None,
+                udp_drops(&transport),
+            )
+        }
+    };
+    let expected_here = accepted * mine_subscribed;
     let drain_deadline = Instant::now() + opts.drain_timeout;
-    while progress.total() < expected
+    while progress.total() < expected_here
         && Instant::now() < drain_deadline
-        && Counters::get(&fleet.counters.dropped) < subscribed
+        && Counters::get(&fleet.counters.dropped) < mine_subscribed
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
+    let udp_drops = udp_drops(&transport);
+    let mut mine = Part::counted(&fleet.counters)?;
+    mine.rss = proc::rss_bytes(Pid::Current)?;
+    mine.cpu_us = u64::try_from(own_cpu.as_micros()).unwrap_or(u64::MAX);
+    let stats = fleet.stop().await;
+    transport.finish().await;
+    for s in &stats {
+        report::merge_into(&mut mine.latency, &s.latency);
+        mine.delivered += s.delivered;
+        mine.skipped += s.skipped;
+        mine.not_increasing += s.not_increasing;
+        mine.epoch_changes += s.epoch_changes;
+        mine.bad_payload += s.bad_payload;
+        mine.last_delivery_us = mine.last_delivery_us.max(s.last_delivery_us);
+        if let Some(code) = s.dropped {
+            *mine.close_codes.entry(code).or_default() += 1;
+        }
+    }
+    // The members' final parts arrive once their own drains are over.
+    let (Some(total), Some((settled, setup_time)), Some(published)) =
+        (role.last(mine).await?, settled, published)
+    else {
+        return Ok(Report::new("fanout"));
+    };
     let window = t0.elapsed();
-    let broker_cpu = match (broker_cpu0, broker.map(proc::cpu_time).transpose()?) {
+    let broker_cpu = match (broker_cpu0, broker.cpu()?) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
-    let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
-    let udp_drops = udp_drops(&transport);
-    let own_rss = proc::rss_bytes(Pid::Current)?;
-    let failed = Counters::get(&fleet.counters.failed);
-    let retried = Counters::get(&fleet.counters.retried);
-    let reasons = fleet.counters.failure_reasons();
-
-    let stats = fleet.stop().await;
-    transport.finish().await;
-    let mut latency = report::latency_histogram::<u64>()?;
-    let mut delivered = 0;
-    let (mut skipped, mut not_increasing, mut epoch_changes, mut bad_payload) = (0, 0, 0, 0);
-    let mut last_delivery_us: Option<u64> = None;
-    let mut dropped = Vec::new();
-    for s in &stats {
-        report::merge_into(&mut latency, &s.latency);
-        delivered += s.delivered;
-        skipped += s.skipped;
-        not_increasing += s.not_increasing;
-        epoch_changes += s.epoch_changes;
-        bad_payload += s.bad_payload;
-        last_delivery_us = last_delivery_us.max(s.last_delivery_us);
-        dropped.extend(s.dropped);
-    }
-    let delivery_span = last_delivery_us.map(|t| Duration::from_micros(t.saturating_sub(t0_us)));
+    let subscribed = settled.established;
+    let expected = accepted * subscribed;
+    let (failed, retried) = (settled.failed, settled.retried);
+    let reasons = settled.top_reasons();
+    let own_cpu = Duration::from_micros(total.cpu_us);
+    let own_rss = total.rss;
+    let latency = total.latency;
+    let delivered = total.delivered;
+    let (skipped, not_increasing, epoch_changes, bad_payload) = (
+        total.skipped,
+        total.not_increasing,
+        total.epoch_changes,
+        total.bad_payload,
+    );
+    let delivery_span = total
+        .last_delivery_us
+        .map(|t| Duration::from_micros(t.saturating_sub(t0_us)));
 
     let mut r = Report::new("fanout");
     transport.describe(encoding, &mut r);
+    r.count("workers", "load tester processes", share.of as u64);
     r.count(
         "subscribers_requested",
         "subscribers requested",
@@ -358,7 +419,8 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
             opts.plan.channel
         ));
     }
-    if delivered < expected && dropped.is_empty() {
+    let (dropped_count, dropped_codes) = report::tallied_close_codes(&total.close_codes);
+    if delivered < expected && dropped_count == 0 {
         r.violation(format!(
             "{} deliveries of {} had not arrived {:?} after the last publication",
             expected - delivered,
@@ -367,7 +429,6 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
         ));
     }
     r.count("bad_payloads", "deliveries without sent_us", bad_payload);
-    let (dropped_count, dropped_codes) = report::close_codes(dropped);
     r.count(
         "subscribers_dropped",
         "subscribers disconnected during the run",
@@ -395,6 +456,11 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
             "no delivery",
         ),
     }
+    r.count(
+        "latency_samples",
+        "latencies recorded (merged over workers)",
+        latency.len(),
+    );
     Latency::of(&latency).add_to(
         &mut r,
         [
@@ -462,7 +528,7 @@ pub async fn run(opts: FanoutOptions, mut fleet_opts: FleetOptions) -> Result<Re
     report::own_cpu(&mut r, own_cpu, window);
     r.bytes(
         "loadtest_rss_bytes",
-        "loadtest RSS (for information)",
+        "loadtest RSS, all workers (for information)",
         own_rss as f64,
     );
     UdpDrops::add_to(&mut r, udp_drops0, udp_drops, "in the measured window");

@@ -29,7 +29,8 @@ use crate::target::Target;
 /// Where clients connect, and over what.
 #[derive(Debug, Clone)]
 pub enum Transport {
-    Ws(Target),
+    /// Client `i` on node `i mod n`.
+    Ws(Arc<[Target]>),
     Quic(QuicTarget),
 }
 
@@ -50,7 +51,10 @@ impl Transport {
         encoding: Encoding,
     ) -> Result<Client> {
         match self {
-            Transport::Ws(target) => Client::open(target, source, encoding).await,
+            Transport::Ws(targets) => match targets.get(index % targets.len().max(1)) {
+                Some(target) => Client::open(target, source, encoding).await,
+                None => anyhow::bail!("no WebSocket URL to connect to"),
+            },
             Transport::Quic(q) => {
                 Client::open_quic(q.endpoint(index), q.addr, &q.server_name).await
             }
@@ -62,14 +66,17 @@ impl Transport {
     pub fn describe(&self, encoding: Encoding, r: &mut crate::report::Report) {
         r.text("transport", "transport", self.name());
         match self {
-            Transport::Ws(_) => r.text(
-                "encoding",
-                "encoding",
-                match encoding {
-                    Encoding::Json => "json",
-                    Encoding::MsgPack => "msgpack",
-                },
-            ),
+            Transport::Ws(targets) => {
+                r.text(
+                    "encoding",
+                    "encoding",
+                    match encoding {
+                        Encoding::Json => "json",
+                        Encoding::MsgPack => "msgpack",
+                    },
+                );
+                r.count("nodes", "nodes (WebSocket URLs)", targets.len() as u64);
+            }
             Transport::Quic(q) => {
                 r.text("encoding", "encoding", "msgpack");
                 r.count(
@@ -415,9 +422,15 @@ pub struct Fleet<T> {
 }
 
 impl<T: Send + 'static> Fleet<T> {
-    /// Starts opening `size` clients; client `i` subscribes to `channel_of(i)`
-    /// and then runs `run(client, ready)`.
-    pub fn launch<C, F, Fut>(size: usize, opts: FleetOptions, channel_of: C, run: F) -> Fleet<T>
+    /// Starts opening the clients numbered `indices` (this process's share
+    /// of the run, see [`crate::crew`]); client `i` subscribes to
+    /// `channel_of(i)` and then runs `run(client, ready)`.
+    pub fn launch<C, F, Fut>(
+        indices: std::ops::Range<usize>,
+        opts: FleetOptions,
+        channel_of: C,
+        run: F,
+    ) -> Fleet<T>
     where
         C: Fn(usize) -> Result<ChannelName>,
         F: Fn(Client, Ready) -> Fut + Clone + Send + 'static,
@@ -430,9 +443,11 @@ impl<T: Send + 'static> Fleet<T> {
         let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
         let started = Instant::now();
         let rate = opts.connect_rate.max(0.001);
+        let size = indices.len();
+        let first = indices.start;
         let mut handles = Vec::with_capacity(size);
-        for index in 0..size {
-            let slot = started + Duration::from_secs_f64(index as f64 / rate);
+        for index in indices {
+            let slot = started + Duration::from_secs_f64((index - first) as f64 / rate);
             let channel = channel_of(index);
             let (opts, permits, counters) = (opts.clone(), permits.clone(), counters.clone());
             let stop_rx = stop.subscribe();

@@ -3,15 +3,18 @@
 //! Reads the broker's RSS, opens every client (connected and subscribed,
 //! client `i` on channel `idle:<i mod channels>`), waits `--settle` seconds
 //! while answering heartbeats, reads the RSS again, and reports
-//! `(after - before) / connections alive`. Then closes everything.
+//! `(after - before) / connections alive`. Then closes everything. With
+//! `--workers N` the connections are spread over N processes, and the
+//! leader reads the RSS once every worker's share has settled.
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use tether_protocol::ChannelName;
 
-use crate::fleet::{self, Counters, Ended, Fleet, FleetOptions};
-use crate::proc::{self, Pid};
+use crate::crew::{Part, Role, Share};
+use crate::fleet::{self, Ended, Fleet, FleetOptions};
+use crate::proc::{self, Brokers, Pid};
 use crate::report::{self, Report};
 
 #[derive(Debug, Clone)]
@@ -20,62 +23,84 @@ pub struct IdleOptions {
     /// Distinct channels; `None`: one per connection.
     pub channels: Option<usize>,
     pub settle: Duration,
-    pub broker_pid: Option<u32>,
+    pub broker_pids: Vec<u32>,
     /// Prefix of the channel names.
     pub channel_prefix: String,
 }
 
-pub async fn run(opts: IdleOptions, fleet_opts: FleetOptions) -> Result<Report> {
+pub async fn run(
+    opts: IdleOptions,
+    fleet_opts: FleetOptions,
+    mut role: Role,
+    share: Share,
+) -> Result<Report> {
     if opts.connections == 0 {
         bail!("--connections must be at least 1");
     }
     let channels = opts.channels.unwrap_or(opts.connections).max(1);
-    let broker = opts.broker_pid.map(Pid::Other);
-    if let Some(pid) = opts.broker_pid {
-        let name = proc::check_running(pid)?;
-        tracing::info!(pid, name, "measuring the broker's memory");
-    }
-    let rss_before = broker.map(proc::rss_bytes).transpose()?;
+    let broker = match role.is_member() {
+        true => Brokers::default(),
+        false => Brokers::new(opts.broker_pids.clone(), "memory")?,
+    };
+    let rss_before = broker.rss()?;
 
     let prefix = opts.channel_prefix.clone();
     let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
     let udp_drops0 = crate::quic::udp_drops(&transport);
     let fleet = Fleet::launch(
-        opts.connections,
+        share.range(opts.connections),
         fleet_opts,
         move |i| Ok(ChannelName::new(format!("{prefix}{}", i % channels))?),
         |client, mut ready| async move { fleet::hold(client, &mut ready).await },
     );
-    let setup_time = fleet.wait_settled("idle").await;
-    tracing::info!(
-        "idle: {} connections subscribed in {:.1} s; settling for {:?}",
-        Counters::get(&fleet.counters.established),
-        setup_time.as_secs_f64(),
-        opts.settle
-    );
-    if Counters::get(&fleet.counters.established) > 0 {
-        tokio::time::sleep(opts.settle).await;
-    }
-
-    let rss_after = broker.map(proc::rss_bytes).transpose()?;
-    let own_rss = proc::rss_bytes(Pid::Current)?;
+    let start_us = crate::publisher::unix_micros();
+    fleet.wait_settled("idle").await;
+    // Every worker's share settled, then the settle time, then the RSS.
+    let settled = match role.step(Part::counted(&fleet.counters)?).await? {
+        Ok(all) => {
+            tracing::info!(
+                "idle: {} connections subscribed; settling for {:?}",
+                all.established,
+                opts.settle
+            );
+            if all.established > 0 {
+                tokio::time::sleep(opts.settle).await;
+            }
+            Some(all)
+        }
+        Err(_) => None,
+    };
+    let setup_time = settled.as_ref().map_or(Duration::ZERO, |s| {
+        Duration::from_micros(s.settled_at_us.saturating_sub(start_us))
+    });
+    let rss_after = match settled {
+        Some(_) => broker.rss()?,
+        None => None,
+    };
+    role.tell(&serde_json::Value::Null).await?;
+    let mut mine = Part::counted(&fleet.counters)?;
+    mine.rss = proc::rss_bytes(Pid::Current)?;
     let udp_drops1 = crate::quic::udp_drops(&transport);
-    let established = Counters::get(&fleet.counters.established);
-    let failed = Counters::get(&fleet.counters.failed);
-    let dropped_before_measure = Counters::get(&fleet.counters.dropped);
-    let alive = established.saturating_sub(dropped_before_measure);
-    let retried = Counters::get(&fleet.counters.retried);
-    let reasons = fleet.counters.failure_reasons();
-
     let held = fleet.stop().await;
     transport.finish().await;
-    let (_, dropped_codes) = report::close_codes(held.iter().filter_map(|h| match h {
-        Ended::Dropped(code) => Some(*code),
-        Ended::Stopped => None,
-    }));
+    for h in &held {
+        if let Ended::Dropped(code) = h {
+            *mine.close_codes.entry(*code).or_default() += 1;
+        }
+    }
+    let Some(total) = role.last(mine).await? else {
+        return Ok(Report::new("idle"));
+    };
+    let own_rss = total.rss;
+    let (established, failed, retried) = (total.established, total.failed, total.retried);
+    let dropped_before_measure = total.dropped;
+    let alive = established.saturating_sub(dropped_before_measure);
+    let reasons = total.top_reasons();
+    let (_, dropped_codes) = report::tallied_close_codes(&total.close_codes);
 
     let mut r = Report::new("idle");
     transport.describe(encoding, &mut r);
+    r.count("workers", "load tester processes", share.of as u64);
     r.count(
         "connections_requested",
         "connections requested",
@@ -162,7 +187,7 @@ pub async fn run(opts: IdleOptions, fleet_opts: FleetOptions) -> Result<Report> 
     }
     r.bytes(
         "loadtest_rss_bytes",
-        "loadtest RSS (for information)",
+        "loadtest RSS, all workers (for information)",
         own_rss as f64,
     );
     r.text(

@@ -35,6 +35,7 @@
 mod churn;
 mod client;
 mod connect_rate;
+mod crew;
 mod fanout;
 mod fleet;
 mod floor;
@@ -57,6 +58,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_protocol::Encoding;
 
+use crate::crew::{Role, Share};
 use crate::fleet::{FleetOptions, Transport};
 use crate::report::Report;
 use crate::target::Target;
@@ -91,6 +93,16 @@ struct Cli {
     /// Objective: exit 3 when more connections failed than this.
     #[arg(long, global = true, value_name = "N")]
     max_connect_failures: Option<u64>,
+    /// Spread the clients over N processes of this binary (idle, fanout,
+    /// connect-rate): each under its own file-descriptor limit (~19,900
+    /// sockets on a default Linux box) and on its own threads. This process
+    /// publishes, measures the broker and reports; the histograms of all
+    /// are merged.
+    #[arg(long, global = true, default_value_t = 1, value_name = "N")]
+    workers: usize,
+    /// Which worker this process is (set by the first one for the others).
+    #[arg(long, global = true, default_value_t = 0, hide = true)]
+    worker_index: usize,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -374,9 +386,14 @@ struct Common {
     /// Transport of the clients.
     #[arg(long, value_enum, default_value = "ws")]
     transport: TransportArg,
-    /// WebSocket URL of the broker (ws:// or wss://).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
-    url: String,
+    /// WebSocket URLs of the broker (ws:// or wss://): several nodes of a
+    /// cluster, comma-separated or repeated: client i on node i mod nodes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/v1/ws"
+    )]
+    url: Vec<String>,
     /// For wss://: trust these PEM certificates (a staging CA or a
     /// self-signed certificate) instead of the system's roots.
     #[arg(long, value_name = "FILE")]
@@ -408,12 +425,13 @@ struct Common {
     /// addresses).
     #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
     source_ips: Vec<IpAddr>,
-    /// Client setups started per second (resume: the first connections;
+    /// Client setups started per second, over all workers (resume: the first connections;
     /// the reconnect wave has --reconnect-rate).
     #[arg(long, default_value_t = 2000.0)]
     connect_rate: f64,
-    /// Client setups in flight at once; keep it at or below the broker's
-    /// listen backlog, or a burst overflows it (SYN retried after 1 s).
+    /// Client setups in flight at once (over all workers); keep it at or
+    /// below the broker's listen backlog, or a burst overflows it (SYN
+    /// retried after 1 s).
     #[arg(long, default_value_t = 128)]
     connect_concurrency: usize,
     /// Retries of a failed setup (with backoff) before it counts as failed.
@@ -422,9 +440,11 @@ struct Common {
     /// Seconds one setup attempt may take.
     #[arg(long, default_value_t = 15.0)]
     attempt_timeout: f64,
-    /// PID of the broker, to read its RSS (/proc/PID/status) and CPU time (/proc/PID/stat).
-    #[arg(long)]
-    broker_pid: Option<u32>,
+    /// PIDs of the broker (one per node, when the nodes run on this
+    /// machine), to read their RSS (/proc/PID/status) and CPU time
+    /// (/proc/PID/stat), summed.
+    #[arg(long, value_delimiter = ',', value_name = "PID,PID,…")]
+    broker_pid: Vec<u32>,
     /// Prefix of the per-connection channel names (idle: `idle:`,
     /// connect-rate: `connect:`, resume: `resume:`).
     #[arg(long)]
@@ -432,13 +452,17 @@ struct Common {
 }
 
 impl Common {
-    /// How to open `clients` clients.
-    async fn fleet_options(&self, clients: usize) -> Result<FleetOptions> {
+    /// How to open this worker's share of `clients` clients.
+    async fn fleet_options(&self, clients: usize, share: Share) -> Result<FleetOptions> {
         let transport = match self.transport {
             TransportArg::Ws => {
-                let target = Target::resolve_with(&self.url, self.tls_ca.as_deref()).await?;
-                target::check_source_ips(&self.source_ips, target.addr)?;
-                Transport::Ws(target)
+                let mut targets = Vec::with_capacity(self.url.len());
+                for url in &self.url {
+                    let target = Target::resolve_with(url, self.tls_ca.as_deref()).await?;
+                    target::check_source_ips(&self.source_ips, target.addr)?;
+                    targets.push(target);
+                }
+                Transport::Ws(targets.into())
             }
             TransportArg::Quic => {
                 let fingerprint = self.quic_fingerprint.clone().context(
@@ -449,7 +473,7 @@ impl Common {
                     addr: self.quic_addr,
                     fingerprint,
                     server_name: self.quic_server_name.clone(),
-                    clients,
+                    clients: share.range(clients).len(),
                     clients_per_endpoint: self.quic_clients_per_endpoint,
                     source_ips: self.source_ips.clone(),
                     socket_buffer: self.quic_socket_buffer,
@@ -463,8 +487,9 @@ impl Common {
             transport,
             encoding: self.encoding.into(),
             source_ips: self.source_ips.clone(),
-            connect_rate: self.connect_rate,
-            concurrency: self.connect_concurrency.max(1),
+            connect_rate: share.rate(self.connect_rate),
+            // Each worker's part of it, as of the rate.
+            concurrency: self.connect_concurrency.div_ceil(share.of.max(1)).max(1),
             retries: self.connect_retries,
             attempt_timeout: seconds(self.attempt_timeout, "--attempt-timeout")?,
             shards: None,
@@ -476,7 +501,23 @@ fn seconds(v: f64, what: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(v).with_context(|| format!("{what} {v} is not a number of seconds"))
 }
 
-async fn run(scenario: Scenario) -> Result<Report> {
+async fn run(scenario: Scenario, share: Share) -> Result<Report> {
+    let spread = matches!(
+        scenario,
+        Scenario::Idle { .. } | Scenario::Fanout { .. } | Scenario::ConnectRate { .. }
+    );
+    if share.of > 1 && !spread {
+        anyhow::bail!("--workers is for idle, fanout and connect-rate");
+    }
+    if share.index >= share.of.max(1) {
+        anyhow::bail!("--worker-index {} of --workers {}", share.index, share.of);
+    }
+    // Workers 1.. are started by worker 0 (this process, unless it is one).
+    let role = if spread {
+        Role::start(share)?
+    } else {
+        Role::Solo
+    };
     match scenario {
         Scenario::Idle {
             common,
@@ -488,13 +529,14 @@ async fn run(scenario: Scenario) -> Result<Report> {
                 connections,
                 channels,
                 settle: seconds(settle, "--settle")?,
-                broker_pid: common.broker_pid,
+                broker_pids: common.broker_pid.clone(),
                 channel_prefix: common
                     .channel_prefix
                     .clone()
                     .unwrap_or_else(|| "idle:".into()),
             };
-            idle::run(opts, common.fleet_options(connections).await?).await
+            let fleet = common.fleet_options(connections, share).await?;
+            idle::run(opts, fleet, role, share).await
         }
         Scenario::Fanout {
             common,
@@ -520,9 +562,10 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     max_in_flight,
                 },
                 drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
-                broker_pid: common.broker_pid,
+                broker_pids: common.broker_pid.clone(),
             };
-            fanout::run(opts, common.fleet_options(subscribers).await?).await
+            let fleet = common.fleet_options(subscribers, share).await?;
+            fanout::run(opts, fleet, role, share).await
         }
         Scenario::ConnectRate {
             common,
@@ -537,7 +580,8 @@ async fn run(scenario: Scenario) -> Result<Report> {
                     .clone()
                     .unwrap_or_else(|| "connect:".into()),
             };
-            connect_rate::run(opts, common.fleet_options(connections).await?).await
+            let fleet = common.fleet_options(connections, share).await?;
+            connect_rate::run(opts, fleet, role, share).await
         }
         Scenario::Resume {
             common,
@@ -567,13 +611,13 @@ async fn run(scenario: Scenario) -> Result<Report> {
                 reconnect_concurrency: reconnect_concurrency.max(1),
                 drop_timeout: seconds(drop_timeout, "--drop-timeout")?,
                 message_timeout: seconds(message_timeout, "--message-timeout")?,
-                broker_pid: common.broker_pid,
+                broker_pids: common.broker_pid.clone(),
                 channel_prefix: common
                     .channel_prefix
                     .clone()
                     .unwrap_or_else(|| "resume:".into()),
             };
-            resume::run(opts, common.fleet_options(clients).await?).await
+            resume::run(opts, common.fleet_options(clients, share).await?).await
         }
         Scenario::Churn {
             url,
@@ -687,13 +731,34 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    // Every socket is a file descriptor: take all the kernel allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "file descriptors"),
+        Err(e) => tracing::warn!("could not raise the file-descriptor limit: {e}"),
+    }
+    let share = Share {
+        index: cli.worker_index,
+        of: cli.workers.max(1),
+    };
     let limit = Duration::from_secs(cli.timeout);
     let objectives = Objectives {
         max_p99_ms: cli.max_p99_ms,
         min_rate: cli.min_rate,
         max_connect_failures: cli.max_connect_failures,
     };
-    match tokio::time::timeout(limit, run(cli.scenario)).await {
+    let outcome = tokio::time::timeout(limit, run(cli.scenario, share)).await;
+    if share.index > 0 {
+        // A member: the leader reports; its exit status says if this one failed.
+        return match outcome {
+            Ok(Ok(_)) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("loadtest worker {}: {e:#}", share.index);
+                ExitCode::from(report::EXIT_ERROR)
+            }
+            Err(_) => ExitCode::from(report::EXIT_ERROR),
+        };
+    }
+    match outcome {
         Ok(Ok(report)) => {
             print!("{}", report.render());
             let missed = objectives.missed(&report);

@@ -145,6 +145,43 @@ pub fn check_running(pid: u32) -> Result<String> {
     process_name(Pid::Other(pid))
 }
 
+/// The broker processes on this machine to measure (`--broker-pid`, one
+/// per node), their figures summed; none: nothing to measure.
+#[derive(Debug, Clone, Default)]
+pub struct Brokers(Vec<u32>);
+
+impl Brokers {
+    /// Checks that each is running and logs what is measured.
+    pub fn new(pids: Vec<u32>, what: &str) -> Result<Brokers> {
+        for &pid in &pids {
+            let name = check_running(pid)?;
+            tracing::info!(pid, name, "measuring the broker's {what}");
+        }
+        Ok(Brokers(pids))
+    }
+
+    /// Their resident memory, summed.
+    pub fn rss(&self) -> Result<Option<u64>> {
+        self.sum(|pid| rss_bytes(Pid::Other(pid)))
+    }
+
+    /// Their CPU time so far, summed.
+    pub fn cpu(&self) -> Result<Option<Duration>> {
+        self.sum(|pid| cpu_time(Pid::Other(pid)))
+    }
+
+    fn sum<T: std::iter::Sum<T>>(&self, f: impl Fn(u32) -> Result<T>) -> Result<Option<T>> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        self.0
+            .iter()
+            .map(|&pid| f(pid))
+            .sum::<Result<T>>()
+            .map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,12 @@
 //! The backend side of the fan-out scenario: publications over the HTTP API
 //! at a fixed rate, each stamped with the time it was sent.
 //!
-//! Publication `k` is sent at `start + k / rate` (in batches of `batch` with
-//! `POST /v1/publish/batch` when `batch > 1`). Requests run concurrently, at
-//! most `max_in_flight` at once, so that one slow answer does not shift the
-//! schedule of the next ones.
+//! Publication `k` is due at `start + k / rate` (in batches of `batch` with
+//! `POST /v1/publish/batch` when `batch > 1`), a fixed arrival rate
+//! ([`Schedule`]). Requests run concurrently, at most `max_in_flight` at
+//! once, so that one slow answer does not shift the schedule of the next
+//! ones; each publication carries the time it was *due*, so that a wait for
+//! a free request slot counts as latency instead of being hidden.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,6 +50,50 @@ pub struct Published {
     pub errors: BTreeMap<String, u64>,
     /// From the first request sent to the last answer received.
     pub elapsed: Duration,
+}
+
+/// A fixed arrival schedule: request `k` is due at `start + k × period`.
+///
+/// Latency is measured from that due time, not from when the request went
+/// out: when the broker slows down and the load tester's requests wait for
+/// a free slot (`max_in_flight`), the wait counts as latency, as it would
+/// for the user whose message waited. Measuring from the actual send time
+/// hides exactly the slow moments (coordinated omission).
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    start: Instant,
+    start_us: u64,
+    period: Duration,
+}
+
+impl Schedule {
+    /// `per_second` requests a second, from now.
+    pub fn new(per_second: f64) -> Schedule {
+        Schedule {
+            start: Instant::now(),
+            start_us: unix_micros(),
+            period: Duration::from_secs_f64(1.0 / per_second.max(0.001)),
+        }
+    }
+
+    /// When request `k` is due, as an instant.
+    pub fn due(&self, k: u64) -> Instant {
+        self.start + self.period.mul_f64(k as f64)
+    }
+
+    /// When request `k` is due, in unix µs (what the publication carries).
+    pub fn due_us(&self, k: u64) -> u64 {
+        self.start_us.saturating_add(
+            u64::try_from(self.period.mul_f64(k as f64).as_micros()).unwrap_or(u64::MAX),
+        )
+    }
+
+    /// Waits until request `k` is due (at once if it is late); returns its
+    /// due time in unix µs.
+    pub async fn wait(&self, k: u64) -> u64 {
+        tokio::time::sleep_until(self.due(k).into()).await;
+        self.due_us(k)
+    }
 }
 
 /// Unix time in microseconds.
@@ -96,20 +142,17 @@ pub async fn run(http: reqwest::Client, plan: &PublishPlan) -> Result<Published>
     let pad = "x".repeat(plan.payload);
     let total = plan.total();
     let requests = total.div_ceil(batch as u64);
-    let period = Duration::from_secs_f64(batch as f64 / plan.rate.max(0.001));
+    let schedule = Schedule::new(plan.rate.max(0.001) / batch as f64);
     let in_flight = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut sent = 0u64;
-    for _ in 0..requests {
-        ticks.tick().await;
+    for r in 0..requests {
+        let due_us = schedule.wait(r).await;
         let permit = in_flight.clone().acquire_owned().await?;
         let n = (total - sent).min(batch as u64);
         sent += n;
-        let data =
-            || json!({"channel": plan.channel, "data": {"sent_us": unix_micros(), "pad": pad}});
+        let data = || json!({"channel": plan.channel, "data": {"sent_us": due_us, "pad": pad}});
         let (url, body) = if batch == 1 {
             (single.clone(), data())
         } else {
@@ -209,6 +252,15 @@ mod tests {
             ..plan
         };
         assert_eq!(short.total(), 1);
+    }
+
+    #[test]
+    fn the_schedule_is_fixed_from_the_start() {
+        let s = Schedule::new(1000.0);
+        // 1 ms apart, whatever the time they were asked at.
+        assert_eq!(s.due_us(0), s.start_us);
+        assert_eq!(s.due_us(2500) - s.due_us(0), 2_500_000);
+        assert_eq!(s.due(10) - s.due(0), Duration::from_millis(10));
     }
 
     #[test]

@@ -177,14 +177,15 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
     let sent: Arc<Mutex<HashMap<(String, u64), Instant>>> = Arc::default();
     let failures: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let total = (opts.rate * opts.duration.as_secs_f64()).round().max(1.0) as u64;
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let schedule = crate::publisher::Schedule::new(opts.rate);
     let in_flight = Arc::new(Semaphore::new(PUBLISH_IN_FLIGHT));
     let url = opts.api.join("/v1/publish")?;
     let mut tasks = JoinSet::new();
     let t0 = Instant::now();
     for k in 0..total {
-        ticks.tick().await;
+        schedule.wait(k).await;
+        // Latency is measured from when publication k was due.
+        let due = schedule.due(k);
         let permit = in_flight.clone().acquire_owned().await?;
         let (http, url, sent, failures) =
             (http.clone(), url.clone(), sent.clone(), failures.clone());
@@ -195,7 +196,7 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
                 "data": {"k": k},
                 "push": {"title": "loadtest", "body": format!("message {k}")},
             });
-            let at = Instant::now();
+            let at = due;
             let r = crate::publisher::post_json(&http, url, &body).await;
             drop(permit);
             match r {

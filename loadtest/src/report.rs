@@ -156,17 +156,8 @@ pub fn human_bytes(b: f64) -> String {
     }
 }
 
-/// Counts close codes (`None`: the connection ended without one) and
-/// describes them, e.g. `"3 × 4008, 1 × none"`; `"none"` when empty.
-pub fn close_codes(codes: impl IntoIterator<Item = Option<u16>>) -> (u64, String) {
-    let mut tally = std::collections::BTreeMap::<Option<u16>, u64>::new();
-    for c in codes {
-        *tally.entry(c).or_default() += 1;
-    }
-    tallied_close_codes(&tally)
-}
-
-/// [`close_codes`] of codes already counted.
+/// Describes close codes counted (`None`: the connection ended without
+/// one), e.g. `"1 × no close code, 3 × 4008"`; `"none"` when empty.
 pub fn tallied_close_codes(tally: &std::collections::BTreeMap<Option<u16>, u64>) -> (u64, String) {
     let total = tally.values().sum();
     if tally.is_empty() {
@@ -332,9 +323,13 @@ mod tests {
 
     #[test]
     fn close_codes_are_tallied() {
-        assert_eq!(close_codes([]), (0, "none".to_owned()));
         assert_eq!(
-            close_codes([Some(4008), None, Some(4008)]),
+            tallied_close_codes(&Default::default()),
+            (0, "none".to_owned())
+        );
+        let tally = [(Some(4008), 2), (None, 1)].into_iter().collect();
+        assert_eq!(
+            tallied_close_codes(&tally),
             (3, "1 × no close code, 2 × 4008".to_owned())
         );
     }

@@ -35,7 +35,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::client::{Client, Event, kind};
 use crate::fleet::{self, Counters, Fleet, FleetOptions, Transport};
-use crate::proc::{self, Pid};
+use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self};
 use crate::report::{self, Latency, Report};
 use crate::target::Target;
@@ -57,7 +57,7 @@ pub struct ResumeOptions {
     pub reconnect_concurrency: usize,
     pub drop_timeout: Duration,
     pub message_timeout: Duration,
-    pub broker_pid: Option<u32>,
+    pub broker_pids: Vec<u32>,
     pub channel_prefix: String,
 }
 
@@ -316,19 +316,19 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     if opts.missed > MAX_BATCH {
         bail!("--missed must be at most {MAX_BATCH}");
     }
-    let Transport::Ws(target) = fleet_opts.transport.clone() else {
+    let Transport::Ws(targets) = fleet_opts.transport.clone() else {
         bail!("the resume scenario runs over WebSocket only");
     };
+    let [target] = &*targets else {
+        bail!("the resume scenario runs against one node (one --url)");
+    };
+    let target = target.clone();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(PUBLISH_IN_FLIGHT)
         .timeout(Duration::from_secs(30))
         .build()?;
     publisher::check_ready(&http, &opts.api).await?;
-    let broker = opts.broker_pid.map(Pid::Other);
-    if let Some(pid) = opts.broker_pid {
-        let name = proc::check_running(pid)?;
-        tracing::info!(pid, name, "measuring the broker's CPU");
-    }
+    let broker = Brokers::new(opts.broker_pids.clone(), "CPU")?;
     let (setup_rate, setup_concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
     let wave = Arc::new(Wave {
         target,
@@ -345,7 +345,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     // 1. Connect and subscribe.
     let prefix = opts.channel_prefix.clone();
     let fleet = Fleet::launch(
-        opts.clients,
+        0..opts.clients,
         fleet_opts,
         move |i| Ok(ChannelName::new(format!("{prefix}{i}"))?),
         hold_then_drop,
@@ -403,7 +403,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     );
 
     // 5. Reconnect them all.
-    let broker_cpu0 = broker.map(proc::cpu_time).transpose()?;
+    let broker_cpu0 = broker.cpu()?;
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let (stop, _) = watch::channel(false);
     let wave_start = Instant::now();
@@ -430,7 +430,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         }
     }
     let wave_window = wave_start.elapsed();
-    let broker_cpu = match (broker_cpu0, broker.map(proc::cpu_time).transpose()?) {
+    let broker_cpu = match (broker_cpu0, broker.cpu()?) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };

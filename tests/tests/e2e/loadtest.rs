@@ -613,6 +613,99 @@ async fn push_names_the_publications_never_pushed() {
     );
 }
 
+/// `tether_connections_accepted` of a broker, over WebSocket.
+async fn accepted(broker: &TestBroker) -> u64 {
+    let metrics = broker.metrics().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_connections_accepted_total{transport=\"ws\"} "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn workers_share_the_clients_and_their_figures_are_merged() {
+    let a = TestBroker::start(&[]).unwrap();
+    let b = TestBroker::start(&[]).unwrap();
+
+    // Three processes of subscribers on one channel: every publication
+    // reaches every subscriber of every worker, and the leader's report
+    // holds all of their deliveries and latencies.
+    let v = loadtest(&[
+        "--workers",
+        "3",
+        "fanout",
+        "--url",
+        &a.ws_url(),
+        "--api",
+        &a.api_url(""),
+        "--subscribers",
+        "61",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+    ])
+    .await
+    .ok();
+    assert_eq!(n(&v, "workers"), 3, "{v}");
+    assert_eq!(n(&v, "subscribers"), 61, "{v}");
+    assert_eq!(n(&v, "publications"), 20, "{v}");
+    assert_eq!(n(&v, "deliveries"), 20 * 61, "{v}");
+    assert_eq!(n(&v, "latency_samples"), 20 * 61, "{v}");
+    assert_eq!(n(&v, "lost"), 0, "{v}");
+    assert_eq!(accepted(&a).await, 61);
+
+    // Two processes over two nodes: each node holds half the connections,
+    // and the memory is read from both brokers.
+    let urls = format!("{},{}", a.ws_url(), b.ws_url());
+    let pids = format!("{},{}", a.pid(), b.pid());
+    let v = loadtest(&[
+        "--workers",
+        "2",
+        "idle",
+        "--url",
+        &urls,
+        "--connections",
+        "100",
+        "--settle",
+        "0.2",
+        "--broker-pid",
+        &pids,
+    ])
+    .await
+    .ok();
+    assert_eq!(n(&v, "workers"), 2, "{v}");
+    assert_eq!(n(&v, "nodes"), 2, "{v}");
+    assert_eq!(n(&v, "connections_measured"), 100, "{v}");
+    assert!(
+        v["broker_rss_per_connection_bytes"].as_f64().is_some(),
+        "{v}"
+    );
+    assert_eq!(accepted(&a).await, 61 + 50);
+    assert_eq!(accepted(&b).await, 50);
+
+    let v = loadtest(&[
+        "--workers",
+        "2",
+        "connect-rate",
+        "--url",
+        &b.ws_url(),
+        "--connections",
+        "101",
+    ])
+    .await
+    .ok();
+    assert_eq!(n(&v, "connections_established"), 101, "{v}");
+    assert_eq!(n(&v, "connect_failures"), 0, "{v}");
+    assert!(v["setup_p99_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(accepted(&b).await, 50 + 101);
+
+    // Scenarios that keep one ledger refuse to be spread.
+    let run = loadtest(&["--workers", "2", "churn", "--url", &a.ws_url()]).await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("--workers is for"), "{}", run.stderr);
+}
+
 #[tokio::test]
 async fn the_other_scenarios_run_and_report_what_they_measured() {
     let broker = TestBroker::start(&[]).unwrap();
