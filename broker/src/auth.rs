@@ -7,7 +7,8 @@ use tether_protocol::{ChannelName, UserId};
 
 use crate::config::ClientAuth;
 
-/// Clock leeway when checking `exp`, in seconds.
+/// Clock leeway when checking `exp` and `nbf`, in seconds; also added to a
+/// session's token deadline (one leeway everywhere).
 pub const LEEWAY_SECS: u64 = 5;
 
 /// Why a token was refused.
@@ -117,11 +118,31 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Ok(Verifier {
             inner: Some((key, validation)),
         })
+    }
+
+    /// Also requires the `aud` claim to hold `audience` and the `iss` claim
+    /// to be `issuer` (`--jwt-audience`, `--jwt-issuer`), when given.
+    pub fn expecting(mut self, audience: Option<&str>, issuer: Option<&str>) -> Verifier {
+        if let Some((_, v)) = &mut self.inner {
+            let mut required = vec!["exp", "sub"];
+            if let Some(aud) = audience {
+                v.set_audience(&[aud]);
+                v.validate_aud = true;
+                required.push("aud");
+            }
+            if let Some(iss) = issuer {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            v.set_required_spec_claims(&required);
+        }
+        self
     }
 
     /// Whether client auth is configured.
@@ -140,6 +161,11 @@ impl Verifier {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed".into()),
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+                ErrorKind::ImmatureSignature => {
+                    AuthError::Invalid("not valid yet (`nbf` in the future)".into())
+                }
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience (`aud`)".into()),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer (`iss`)".into()),
                 ErrorKind::MissingRequiredClaim(c) => {
                     AuthError::Invalid(format!("missing claim `{c}`"))
                 }

@@ -27,6 +27,50 @@ pub enum ConfigError {
     },
 }
 
+/// A value never shown by `Debug` (logs, panics, `{:?}` of the config):
+/// keys and secrets. Read it with [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Secret<T> {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret<String> {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl From<&str> for Secret<String> {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
+}
+
+/// Shortest HS256 secret accepted: RFC 7518 §3.2 asks for a key of at
+/// least the hash's size (256 bits).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
@@ -60,14 +104,20 @@ pub struct Settings {
     #[arg(long, env = "TETHER_API_ADDR")]
     pub api_addr: Option<String>,
     /// Key the backend API requires as `Authorization: Bearer <key>` [default: none, open]
-    #[arg(long, env = "TETHER_API_KEY")]
-    pub api_key: Option<String>,
-    /// HS256 secret for client JWTs [default: none, anonymous clients]
-    #[arg(long, env = "TETHER_JWT_SECRET")]
-    pub jwt_secret: Option<String>,
+    #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret<String>>,
+    /// HS256 secret for client JWTs, at least 32 bytes [default: none, anonymous clients]
+    #[arg(long, env = "TETHER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret<String>>,
     /// PEM public key (RSA for RS256, EC P-256 for ES256) for client JWTs
     #[arg(long, env = "TETHER_JWT_PUBLIC_KEY", value_name = "FILE")]
     pub jwt_public_key: Option<PathBuf>,
+    /// Client JWTs must carry this in `aud` [default: `aud` not checked]
+    #[arg(long, env = "TETHER_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Client JWTs must carry this `iss` [default: `iss` not checked]
+    #[arg(long, env = "TETHER_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Redis URL for cluster mode, redis:// or rediss:// (TLS) [default: none, single node]
     #[arg(long, env = "TETHER_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -94,7 +144,7 @@ pub struct Settings {
     pub resume_window: Option<u64>,
     /// Secret that signs resume tokens; share it across a cluster [default: random per start]
     #[arg(long, env = "TETHER_RESUME_SECRET")]
-    pub resume_secret: Option<String>,
+    pub resume_secret: Option<Secret<String>>,
     /// Seconds before an unacked personal message also goes to push [default: off]
     #[arg(long, env = "TETHER_ACK_TIMEOUT")]
     pub ack_timeout: Option<u64>,
@@ -160,7 +210,7 @@ pub struct Settings {
     pub quic_keep_alive: Option<u64>,
     /// 64 hex characters: the key sealing TLS session tickets, shared by the nodes of a cluster [default: random per start]
     #[arg(long, env = "TETHER_QUIC_TICKET_KEY")]
-    pub quic_ticket_key: Option<String>,
+    pub quic_ticket_key: Option<Secret<String>>,
     /// Log format: `text` or `json` [default: text]
     #[arg(long, env = "TETHER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -227,8 +277,12 @@ pub struct Config {
     pub client_addr: SocketAddr,
     pub quic_addr: Option<SocketAddr>,
     pub api_addr: SocketAddr,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret<String>>,
     pub client_auth: ClientAuth,
+    /// The `aud` client JWTs must carry, if any.
+    pub jwt_audience: Option<String>,
+    /// The `iss` client JWTs must carry, if any.
+    pub jwt_issuer: Option<String>,
     /// Cluster mode: where the shared state lives; `None` for a single node.
     pub redis: Option<RedisTarget>,
     pub node_id: String,
@@ -237,7 +291,7 @@ pub struct Config {
     pub history_size: usize,
     pub history_ttl: Duration,
     pub resume_window: Duration,
-    pub resume_secret: Option<Vec<u8>>,
+    pub resume_secret: Option<Secret<Vec<u8>>>,
     pub ack_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub client_rate: u32,
@@ -254,7 +308,7 @@ pub struct Config {
     pub fcm: Option<FcmSettings>,
     pub quic_idle_timeout: Duration,
     pub quic_keep_alive: Option<Duration>,
-    pub quic_ticket_key: Option<[u8; 32]>,
+    pub quic_ticket_key: Option<Secret<[u8; 32]>>,
     pub log_format: LogFormat,
 }
 
@@ -326,6 +380,8 @@ impl Settings {
             api_key,
             jwt_secret,
             jwt_public_key,
+            jwt_audience,
+            jwt_issuer,
             redis_url,
             redis_cluster,
             node_id,
@@ -386,10 +442,15 @@ impl Settings {
                     "give either jwt-secret or jwt-public-key, not both",
                 ));
             }
-            (Some(s), None) if s.is_empty() => {
-                return Err(invalid("jwt-secret", "must not be empty"));
+            (Some(s), None) if s.expose().len() < MIN_JWT_SECRET_BYTES => {
+                return Err(invalid(
+                    "jwt-secret",
+                    format!(
+                        "must be at least {MIN_JWT_SECRET_BYTES} bytes (an HS256 key shorter than the hash can be guessed); e.g. `openssl rand -hex 32`"
+                    ),
+                ));
             }
-            (Some(s), None) => ClientAuth::Secret(s.into_bytes()),
+            (Some(s), None) => ClientAuth::Secret(s.into_inner().into_bytes()),
             (None, Some(path)) => {
                 let pem = std::fs::read(&path).map_err(|e| {
                     invalid(
@@ -470,10 +531,10 @@ impl Settings {
             return Err(invalid("tls-cert", "tls-cert and tls-key go together"));
         }
         let resume_secret = match self.resume_secret {
-            Some(s) if s.len() < 16 => {
+            Some(s) if s.expose().len() < 16 => {
                 return Err(invalid("resume-secret", "must be at least 16 bytes"));
             }
-            Some(s) => Some(s.into_bytes()),
+            Some(s) => Some(Secret(s.into_inner().into_bytes())),
             None => None,
         };
         let redis_scheme = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
@@ -567,11 +628,11 @@ impl Settings {
         let quic_ticket_key = match self.quic_ticket_key {
             None => None,
             Some(hex_key) => {
-                let bytes = hex::decode(hex_key.trim())
+                let bytes = hex::decode(hex_key.expose().trim())
                     .map_err(|_| invalid("quic-ticket-key", "must be 64 hex characters"))?;
-                Some(<[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-                    invalid("quic-ticket-key", "must be 64 hex characters (32 bytes)")
-                })?)
+                Some(Secret(<[u8; 32]>::try_from(bytes.as_slice()).map_err(
+                    |_| invalid("quic-ticket-key", "must be 64 hex characters (32 bytes)"),
+                )?))
             }
         };
         if redis.is_some() && quic_addr.is_some() && quic_ticket_key.is_none() {
@@ -585,8 +646,10 @@ impl Settings {
             client_addr,
             quic_addr,
             api_addr,
-            api_key: self.api_key.filter(|k| !k.is_empty()),
+            api_key: self.api_key.filter(|k| !k.expose().is_empty()),
             client_auth,
+            jwt_audience: self.jwt_audience.filter(|a| !a.is_empty()),
+            jwt_issuer: self.jwt_issuer.filter(|i| !i.is_empty()),
             redis,
             node_id,
             data_dir: self
@@ -721,8 +784,50 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_never_in_debug_output() {
+        let settings = Settings {
+            api_key: Some("api-key-SEKRIT".into()),
+            jwt_secret: Some("jwt-secret-SEKRIT-0123456789abcdef".into()),
+            resume_secret: Some("resume-secret-SEKRIT".into()),
+            quic_ticket_key: Some(Secret::from(&*"ab".repeat(32))),
+            redis_url: Some("redis://127.0.0.1:6390".into()),
+            ..Settings::default()
+        };
+        let config = settings.clone().resolve_without_file().expect("valid");
+        let api = crate::api::ApiConfig::from_config(&config);
+        for shown in [
+            format!("{settings:?}"),
+            format!("{config:?}"),
+            format!("{api:?}"),
+        ] {
+            assert!(!shown.contains("SEKRIT"), "{shown}");
+            assert!(!shown.contains("abab"), "{shown}");
+            assert!(shown.contains("Secret(..)"), "{shown}");
+        }
+        assert_eq!(
+            config.api_key.as_ref().map(|k| k.expose().as_str()),
+            Some("api-key-SEKRIT")
+        );
+    }
+
+    #[test]
+    fn an_hs256_secret_shorter_than_the_hash_is_refused() {
+        let with = |s: &str| {
+            Settings {
+                jwt_secret: Some(s.into()),
+                ..Settings::default()
+            }
+            .resolve_without_file()
+        };
+        let e = with(&"x".repeat(31)).expect_err("too short").to_string();
+        assert!(e.contains("jwt-secret") && e.contains("32 bytes"), "{e}");
+        assert!(!e.contains("xxxx"), "the secret is echoed: {e}");
+        assert!(with(&"x".repeat(32)).is_ok());
+    }
+
+    #[test]
     fn cluster_mode_needs_shared_secrets_and_one_kind_of_redis() {
-        let secret = Some("0123456789abcdef0123".to_owned());
+        let secret = Some(Secret::from("0123456789abcdef0123"));
         let bad = |s: Settings| s.resolve_without_file().expect_err("invalid").to_string();
         let e = bad(Settings {
             redis_url: Some("redis://127.0.0.1:6390".into()),

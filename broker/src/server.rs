@@ -161,8 +161,14 @@ impl Server {
             config: SessionConfig::from_config(&config),
             broker: hub.broker().clone(),
             hub,
-            verifier: Verifier::new(&config.client_auth)?,
-            keys: ResumeKeys::new(config.resume_secret.clone()),
+            verifier: Verifier::new(&config.client_auth)?
+                .expecting(config.jwt_audience.as_deref(), config.jwt_issuer.as_deref()),
+            keys: ResumeKeys::new(
+                config
+                    .resume_secret
+                    .clone()
+                    .map(crate::config::Secret::into_inner),
+            ),
             resumes,
             bus,
             presence,

@@ -102,7 +102,7 @@ impl From<BrokerError> for ApiError {
 /// The settings the API reads.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::config::Secret<String>>,
     pub max_message_size: usize,
     pub history_size: usize,
 }
@@ -173,8 +173,8 @@ async fn require_api_key(
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
+            .and_then(bearer);
+        let ok = given.is_some_and(|g| same_key(g, key.expose()));
         if !ok {
             return ApiError::new(
                 ErrorCode::Unauthorized,
@@ -186,8 +186,19 @@ async fn require_api_key(
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The credentials of `Authorization: Bearer <token>`; the scheme is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares the SHA-256 digests of the two keys in constant time: the time
+/// taken says nothing of the key's bytes, nor of its length.
+fn same_key(given: &str, key: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -178,8 +178,11 @@ fn deadline_after(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// The timer deadline at unix time `exp`.
+/// The timer deadline of a token expiring at unix time `exp`: with the same
+/// clock leeway as the check at `connect` ([`crate::auth::LEEWAY_SECS`]), so
+/// that a token accepted inside the leeway is not closed at once.
 fn deadline_at_unix(exp: u64) -> Instant {
+    let exp = exp.saturating_add(crate::auth::LEEWAY_SECS);
     deadline_after(
         Instant::now(),
         Duration::from_secs(exp.saturating_sub(unix_secs())),

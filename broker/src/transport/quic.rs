@@ -97,7 +97,7 @@ pub fn endpoint(
     // the handshake completes anyway. See docs/protocol.md.
     tls.max_early_data_size = 0;
     let tickets: Arc<dyn rustls::server::ProducesTickets> = match &cfg.quic_ticket_key {
-        Some(key) => Arc::new(SharedTicketKey::new(key)?),
+        Some(key) => Arc::new(SharedTicketKey::new(key.expose())?),
         None => rustls::crypto::aws_lc_rs::Ticketer::new()
             .map_err(|e| TlsError::Config(e.to_string()))?,
     };

@@ -97,6 +97,26 @@ async fn the_api_key_is_required_when_configured() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The scheme is case-insensitive (RFC 9110); the key is not, and a key
+    // that is only a prefix of the real one is refused.
+    for (value, status) in [
+        ("bearer k3y", 200),
+        ("BEARER  k3y", 200),
+        ("Bearer K3Y", 401),
+        ("Bearer k3", 401),
+        ("Bearer k3yy", 401),
+        ("Basic k3y", 401),
+        ("k3y", 401),
+    ] {
+        let r = http
+            .post(broker.api_url("/v1/publish"))
+            .header("authorization", value)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "Authorization: {value}");
+    }
     // Health and metrics stay open for probes and scrapers.
     assert_eq!(get(&broker, "/healthz").await.0, 200);
     assert_eq!(get(&broker, "/metrics").await.0, 200);

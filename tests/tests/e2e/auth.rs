@@ -4,7 +4,7 @@ use serde_json::json;
 use tether_protocol::*;
 use tether_tests::*;
 
-const SECRET: &str = "test-secret-please-change";
+const SECRET: &str = "test-secret-please-change-0123456";
 
 fn token(claims: serde_json::Value) -> String {
     hs256_token(SECRET, claims)
@@ -57,6 +57,90 @@ async fn missing_bad_and_expired_tokens_are_refused_with_their_codes() {
     let closed = c.expect_close().await.unwrap();
     assert_eq!(closed.code, Some(4011));
     assert!(closed.disconnect.expect("disconnect").reconnect);
+}
+
+#[tokio::test]
+async fn nbf_audience_and_issuer_are_checked() {
+    let broker = TestBroker::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--jwt-audience",
+        "tether-app",
+        "--jwt-issuer",
+        "https://auth.example",
+    ])
+    .unwrap();
+    let good = json!({"sub": "alice", "exp": unix_now() + 60,
+                      "aud": "tether-app", "iss": "https://auth.example"});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        token(c)
+    };
+    let without = |k: &str| {
+        let mut c = good.clone();
+        c.as_object_mut().unwrap().remove(k);
+        token(c)
+    };
+    for (what, t) in [
+        ("wrong audience", with("aud", json!("other-app"))),
+        ("no audience", without("aud")),
+        ("wrong issuer", with("iss", json!("https://evil.example"))),
+        ("no issuer", without("iss")),
+        ("not valid for a minute", with("nbf", json!(unix_now() + 60))),
+    ] {
+        let mut c = connect_with(&broker, Some(&t)).await;
+        assert_eq!(c.expect_close().await.unwrap().code, Some(4003), "{what}");
+    }
+    // `aud` may be a list; an `nbf` inside the leeway is accepted.
+    for t in [
+        with("aud", json!(["web", "tether-app"])),
+        with("nbf", json!(unix_now() + 2)),
+    ] {
+        let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+        c.handshake(Some(&t)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_token_accepted_inside_the_leeway_is_not_closed_at_once() {
+    let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
+    // Expired 2 s ago: inside the 5 s leeway, so `connect` accepts it, and
+    // the session's deadline carries the same leeway (a message published
+    // after the handshake still arrives before the 4011).
+    let t = token(json!({"sub": "alice", "exp": unix_now() - 2, "channels": ["news"]}));
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&t)).await.unwrap();
+    c.subscribe("news").await.unwrap();
+    broker
+        .publish(json!({"channel": "news", "data": "still here"}))
+        .await
+        .unwrap();
+    let p = c.recv_publication().await.unwrap();
+    assert_eq!(p.data, json!("still here"));
+    // And then the session does end, with 4011.
+    assert_eq!(c.expect_close().await.unwrap().code, Some(4011));
+}
+
+#[tokio::test]
+async fn a_short_hs256_secret_is_refused_at_start() {
+    let out = std::process::Command::new(broker_bin().unwrap())
+        .args([
+            "--jwt-secret",
+            "only-31-bytes-long-0123456789ab",
+            "--client-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--quic-addr",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jwt-secret") && err.contains("32 bytes"), "{err}");
+    assert!(!err.contains("only-31-bytes"), "the secret is echoed: {err}");
 }
 
 #[tokio::test]

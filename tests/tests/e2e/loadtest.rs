@@ -84,7 +84,7 @@ async fn churn_with_auth_resumes_every_drop_and_loses_nothing() {
         "--api-key",
         "lt-key",
         "--jwt-secret",
-        "lt-jwt-secret-0123456789abcdef",
+        "lt-jwt-secret-0123456789abcdef-0123",
     ])
     .unwrap();
     let (ws, api) = (broker.ws_url(), broker.api_url(""));
@@ -97,7 +97,7 @@ async fn churn_with_auth_resumes_every_drop_and_loses_nothing() {
         "--api-key",
         "lt-key",
         "--jwt-secret",
-        "lt-jwt-secret-0123456789abcdef",
+        "lt-jwt-secret-0123456789abcdef-0123",
         "--clients",
         "40",
         "--channels",

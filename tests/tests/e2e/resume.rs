@@ -209,7 +209,7 @@ async fn a_used_token_gives_a_fresh_session_and_the_newest_token_still_works() {
 
 #[tokio::test]
 async fn another_users_token_never_gives_their_session() {
-    const SECRET: &str = "resume-secret-for-tests";
+    const SECRET: &str = "resume-secret-for-tests-0123456789";
     let broker = TestBroker::start(&["--jwt-secret", SECRET]).unwrap();
     let alice = hs256_token(SECRET, json!({"sub": "alice", "exp": unix_now() + 600}));
     let bob = hs256_token(SECRET, json!({"sub": "bob", "exp": unix_now() + 600}));

@@ -15,7 +15,7 @@ import { Proxy } from '../support/proxy.mjs';
 import { tokenFor } from '../support/jwt.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const SECRET = 'browser-test-secret-0123456789';
+const SECRET = 'browser-test-secret-0123456789-abcdef';
 const dist = new URL('../../dist/esm/', import.meta.url);
 let server, context, page, broker, authBroker, profile;
 const proxies = [];
