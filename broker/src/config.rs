@@ -601,9 +601,12 @@ impl Settings {
             (&self.fcm_endpoint, "fcm-endpoint"),
         ] {
             if let Some(url) = given
-                && !(url.starts_with("http://") || url.starts_with("https://"))
+                && !tether_push_gateway::validate::provider_url_allowed(url)
             {
-                return Err(invalid(setting, "must be an http:// or https:// URL"));
+                return Err(invalid(
+                    setting,
+                    "must be an https:// URL (http://, without TLS, only to a loopback host)",
+                ));
             }
         }
         if apns.iter().any(|b| *b) && !apns.iter().all(|b| *b) {

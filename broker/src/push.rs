@@ -42,6 +42,11 @@ const SHARED_CHECK_EVERY: Duration = Duration::from_millis(250);
 const SHARED_CHECK_BATCH: usize = 256;
 
 /// The broker's side of push: device registry, presence, fallback rules.
+/// The pushes a publication asked for could not be arranged.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PushFailed(String);
+
 #[derive(Clone)]
 pub struct Push {
     gateway: Gateway,
@@ -113,19 +118,24 @@ impl Push {
             .inc();
     }
 
-    /// A publication on `user:{user}` at `offset` carried `push`.
+    /// A publication on `user:{user}` at `offset` carried `push`. An error
+    /// when the pushes it needs could not be arranged (the devices could
+    /// not be read, or the outbox not written): the publisher must hear of
+    /// it (503), since the publication itself went through.
     pub async fn on_publish(
         &self,
         user: &str,
         channel: &ChannelName,
         offset: Offset,
         notification: Notification,
-    ) {
+    ) -> Result<(), PushFailed> {
         let devices = match self.devices.devices_for_user(user).await {
             Ok(d) => d,
             Err(e) => {
                 warn!(error = %e, "device lookup failed; no push for this publication");
-                return;
+                return Err(PushFailed(format!(
+                    "the user's devices could not be read: {e}"
+                )));
             }
         };
         let mut now = Vec::new();
@@ -157,7 +167,9 @@ impl Push {
                 }
             }
         }
-        self.enqueue(now).await;
+        self.enqueue(now)
+            .await
+            .map_err(|e| PushFailed(format!("the push outbox could not be written: {e}")))
     }
 
     /// The device's liveness; presence that cannot be read counts as
@@ -172,14 +184,20 @@ impl Push {
         }
     }
 
-    async fn enqueue(&self, jobs: Vec<NewPushJob>) {
+    /// Writes jobs to the outbox; a failure is logged and counted, and
+    /// returned for a caller that can still tell someone.
+    async fn enqueue(&self, jobs: Vec<NewPushJob>) -> Result<(), String> {
         if jobs.is_empty() {
-            return;
+            return Ok(());
         }
         let n = jobs.len();
-        if let Err(e) = self.gateway.enqueue(jobs).await {
-            warn!(error = %e, jobs = n, "push outbox write failed; these pushes are lost");
-            self.metrics.push_enqueue_failures.inc_by(n as u64);
+        match self.gateway.enqueue(jobs).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(error = %e, jobs = n, "push outbox write failed; these pushes are lost");
+                self.metrics.push_enqueue_failures.inc_by(n as u64);
+                Err(e.to_string())
+            }
         }
     }
 
@@ -219,7 +237,8 @@ impl Push {
             self.timers.spawn(async move {
                 let job =
                     NewPushJob::for_device(&device, notification, channel.as_str(), offset.get());
-                this.enqueue(vec![job]).await;
+                // A failure is logged and counted there; nobody waits for it.
+                let _ = this.enqueue(vec![job]).await;
             });
             return;
         }
@@ -239,7 +258,8 @@ impl Push {
                 return;
             }
             let job = NewPushJob::for_device(&device, notification, channel.as_str(), offset.get());
-            this.enqueue(vec![job]).await;
+            // A failure is logged and counted there; nobody waits for it.
+            let _ = this.enqueue(vec![job]).await;
         });
     }
 
@@ -250,7 +270,8 @@ impl Push {
             c.channel.as_str(),
             c.offset.get(),
         );
-        self.enqueue(vec![job]).await;
+        // A failure is logged and counted there; nobody waits for it.
+        let _ = self.enqueue(vec![job]).await;
     }
 
     /// Cluster mode: until `shutdown`, takes the shared ack checks that are
@@ -330,5 +351,134 @@ pub async fn count_events(mut events: mpsc::Receiver<GatewayEvent>, metrics: Met
                     .inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_push_gateway::{
+        Backend, Claimed, DeviceRegistry, GatewayConfig, PushQueue, QueueError, QueueFuture,
+        RegistryError, RegistryFuture, Settlement, Store,
+    };
+
+    /// A queue whose disk is gone: every write fails.
+    struct BrokenQueue;
+
+    impl PushQueue for BrokenQueue {
+        fn enqueue(&self, _: Vec<NewPushJob>, _: u64) -> QueueFuture<'_, Vec<u64>> {
+            Box::pin(async { Err(QueueError::Unavailable("disk gone".into())) })
+        }
+        fn claim(&self, _: Platform, _: u64, _: usize) -> QueueFuture<'_, Claimed> {
+            Box::pin(async { Ok(Claimed::default()) })
+        }
+        fn settle(&self, _: Vec<Settlement>) -> QueueFuture<'_, usize> {
+            Box::pin(async { Ok(0) })
+        }
+        fn depth(&self) -> QueueFuture<'_, u64> {
+            Box::pin(async { Ok(0) })
+        }
+    }
+
+    /// A registry that cannot be read.
+    struct BrokenRegistry;
+
+    impl DeviceRegistry for BrokenRegistry {
+        fn put_device(&self, _: Device) -> RegistryFuture<'_, Device> {
+            Box::pin(async { Err(RegistryError::Unavailable("gone".into())) })
+        }
+        fn delete_device<'a>(&'a self, _: &'a str) -> RegistryFuture<'a, bool> {
+            Box::pin(async { Err(RegistryError::Unavailable("gone".into())) })
+        }
+        fn remove_dead<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a tether_push_gateway::types::DeviceToken,
+        ) -> RegistryFuture<'a, bool> {
+            Box::pin(async { Err(RegistryError::Unavailable("gone".into())) })
+        }
+        fn get_device<'a>(&'a self, _: &'a str) -> RegistryFuture<'a, Option<Device>> {
+            Box::pin(async { Err(RegistryError::Unavailable("gone".into())) })
+        }
+        fn devices_for_user<'a>(&'a self, _: &'a str) -> RegistryFuture<'a, Vec<Device>> {
+            Box::pin(async { Err(RegistryError::Unavailable("gone".into())) })
+        }
+    }
+
+    fn push_over(queue: Arc<dyn PushQueue>, devices: Arc<dyn DeviceRegistry>) -> Push {
+        let shutdown = CancellationToken::new();
+        let (events, _) = mpsc::channel(16);
+        let gateway = Gateway::start(
+            Backend {
+                queue,
+                devices: devices.clone(),
+            },
+            None,
+            None,
+            GatewayConfig::default(),
+            events,
+            shutdown.clone(),
+        );
+        let mut registry = prometheus_client::registry::Registry::default();
+        Push::new(
+            gateway,
+            devices,
+            Arc::new(crate::cluster::memory::MemoryPresence::new(
+                Duration::from_secs(60),
+            )),
+            None,
+            None,
+            [true, true, false],
+            Metrics::new(&mut registry),
+            shutdown,
+        )
+    }
+
+    fn alert() -> Notification {
+        Notification {
+            title: Some("hi".into()),
+            ..Notification::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_that_cannot_be_queued_or_looked_up_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store
+            .put_device(Device {
+                device_id: "phone".into(),
+                user: "alice".into(),
+                platform: Platform::Fcm,
+                token: tether_push_gateway::types::DeviceToken::Text("fcm-token".into()),
+                topic: None,
+                sandbox: false,
+                updated_at: 0,
+            })
+            .await
+            .expect("registered");
+        let channel = ChannelName::new("user:alice").expect("channel");
+
+        // The user's device is offline and the outbox cannot be written.
+        let push = push_over(Arc::new(BrokenQueue), Arc::new(store.clone()));
+        let e = push
+            .on_publish("alice", &channel, Offset(1), alert())
+            .await
+            .expect_err("not queued");
+        assert!(e.to_string().contains("outbox"), "{e}");
+
+        // The devices cannot be read.
+        let push = push_over(Arc::new(store.clone()), Arc::new(BrokenRegistry));
+        let e = push
+            .on_publish("alice", &channel, Offset(1), alert())
+            .await
+            .expect_err("devices unreadable");
+        assert!(e.to_string().contains("devices"), "{e}");
+
+        // Both working: the push is queued.
+        let push = push_over(Arc::new(store.clone()), Arc::new(store));
+        push.on_publish("alice", &channel, Offset(1), alert())
+            .await
+            .expect("queued");
     }
 }

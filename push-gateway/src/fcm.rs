@@ -176,10 +176,12 @@ impl FcmClient {
             ("--fcm-endpoint", endpoint.as_str()),
             (SA_SETTING, account.token_uri.as_str()),
         ] {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
+            if !crate::validate::provider_url_allowed(url) {
                 return Err(ConfigError::Invalid {
                     setting,
-                    message: format!("{url:?} is not an http:// or https:// URL"),
+                    message: format!(
+                        "{url:?} is not an https:// URL (http:// only to a loopback host)"
+                    ),
                 });
             }
         }

@@ -43,4 +43,4 @@ pub use store::{FailedJob, Store, StoreError};
 pub use types::{
     Device, NewPushJob, Notification, Platform, Priority, PushJob, PushMode, unix_now,
 };
-pub use validate::DeviceError;
+pub use validate::{DeviceError, NotificationError};

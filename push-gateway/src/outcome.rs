@@ -161,10 +161,13 @@ pub fn classify_fcm(status: u16, error: &FcmError, retry_after: Option<Duration>
 }
 
 /// Parses a `Retry-After` header given in seconds (the form APNs and FCM
-/// use); an HTTP date or garbage gives `None`. Capped at one day.
+/// use); an HTTP date or garbage gives `None`, and so does `0`: "now" from
+/// a provider that is refusing us means the usual backoff, not a tight
+/// retry loop (an immediate retry is kept for a credential refresh).
+/// Capped at one day.
 pub fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
     let secs: u64 = value?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(86_400)))
+    (secs > 0).then(|| Duration::from_secs(secs.min(86_400)))
 }
 
 #[cfg(test)]
@@ -305,6 +308,8 @@ mod tests {
         assert_eq!(parse_retry_after(Some("1")), secs(1));
         assert_eq!(parse_retry_after(Some(" 30 ")), secs(30));
         assert_eq!(parse_retry_after(Some("999999999")), secs(86_400));
+        // "Now" from a provider refusing us: the usual backoff, not a tight loop.
+        assert_eq!(parse_retry_after(Some("0")), None);
         assert_eq!(
             parse_retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
             None

@@ -10,7 +10,43 @@ use tether_protocol::names::NameError;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::types::{Device, DeviceToken, Platform, WebPushSubscription};
+use crate::types::{Device, DeviceToken, Notification, Platform, WebPushSubscription};
+
+/// Most bytes the `push` object of a publication may take as JSON: what
+/// APNs accepts for a whole payload and FCM for a message (4 KiB). The
+/// provider's envelope comes on top, so a push near the limit can still be
+/// refused there (counted as `failed`, reason `PayloadTooLarge`).
+pub const MAX_NOTIFICATION_BYTES: usize = 4096;
+/// Longest `collapse_key` (APNs `apns-collapse-id`: 64 bytes).
+pub const MAX_COLLAPSE_KEY_LEN: usize = 64;
+
+/// Why a publication's `push` object was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotificationError {
+    #[error(
+        "push is {0} bytes as JSON, over the {MAX_NOTIFICATION_BYTES} bytes APNs and FCM accept"
+    )]
+    TooLarge(usize),
+    #[error("push.collapse_key must be 1 to {MAX_COLLAPSE_KEY_LEN} bytes")]
+    BadCollapseKey,
+}
+
+impl Notification {
+    /// Checks what the providers would refuse later, so that the publisher
+    /// hears of it now rather than the push failing after a 200.
+    pub fn validate(&self) -> Result<(), NotificationError> {
+        if let Some(k) = &self.collapse_key
+            && (k.is_empty() || k.len() > MAX_COLLAPSE_KEY_LEN)
+        {
+            return Err(NotificationError::BadCollapseKey);
+        }
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if size > MAX_NOTIFICATION_BYTES {
+            return Err(NotificationError::TooLarge(size));
+        }
+        Ok(())
+    }
+}
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 255;
@@ -126,16 +162,26 @@ pub fn validate_token(platform: Platform, token: &DeviceToken) -> Result<(), Dev
     Ok(())
 }
 
+/// Whether `url` may be used to reach a provider: `https://`, or
+/// `http://` (no TLS: the test fakes, a local relay) to a loopback host only
+/// — `127.0.0.0/8`, `[::1]` or `localhost` — so that a push never crosses a
+/// network in clear.
+pub fn provider_url_allowed(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    match (u.scheme(), u.host()) {
+        ("https", Some(_)) => true,
+        ("http", Some(url::Host::Ipv4(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Ipv6(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Domain(d))) => d.eq_ignore_ascii_case("localhost"),
+        _ => false,
+    }
+}
+
 fn validate_subscription(s: &WebPushSubscription) -> Result<(), DeviceError> {
     let e = &s.endpoint;
-    let loopback = [
-        "http://127.",
-        "http://localhost:",
-        "http://localhost/",
-        "http://[::1]",
-    ];
-    let scheme_ok = (e.starts_with("https://") && e.len() > "https://".len())
-        || loopback.iter().any(|p| e.starts_with(p));
+    let scheme_ok = provider_url_allowed(e);
     if !scheme_ok || e.len() > MAX_ENDPOINT_LEN || e.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(DeviceError::BadEndpoint);
     }
@@ -194,6 +240,54 @@ mod tests {
                 auth: URL_SAFE_NO_PAD.encode(auth),
             },
         })
+    }
+
+    #[test]
+    fn plaintext_provider_urls_only_on_loopback() {
+        for ok in [
+            "https://api.push.apple.com",
+            "http://127.0.0.1:8900",
+            "http://127.1.2.3/x",
+            "http://[::1]:80/",
+            "http://localhost:9000/v1",
+        ] {
+            assert!(provider_url_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.5:8900",
+            "http://127.evil.example/",
+            "http://localhost.evil.example/",
+            "http://[::ffff:10.0.0.1]/",
+            "ftp://127.0.0.1/",
+            "https://",
+            "not a url",
+        ] {
+            assert!(!provider_url_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn notifications_are_bounded_to_what_the_providers_accept() {
+        let n = |title: &str, data: serde_json::Value| Notification {
+            title: Some(title.to_owned()),
+            data: Some(data),
+            ..Notification::default()
+        };
+        assert_eq!(n("hi", serde_json::json!({"k": 1})).validate(), Ok(()));
+        let big = n(&"t".repeat(4000), serde_json::json!({"k": "v".repeat(200)}));
+        assert!(matches!(big.validate(), Err(NotificationError::TooLarge(s)) if s > 4096));
+        let huge_data = n("hi", serde_json::json!("d".repeat(8 << 20)));
+        assert!(matches!(
+            huge_data.validate(),
+            Err(NotificationError::TooLarge(_))
+        ));
+        for key in [String::new(), "k".repeat(65)] {
+            let bad = Notification {
+                collapse_key: Some(key),
+                ..Notification::default()
+            };
+            assert_eq!(bad.validate(), Err(NotificationError::BadCollapseKey));
+        }
     }
 
     #[test]

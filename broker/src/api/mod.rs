@@ -31,6 +31,9 @@ const MAX_BATCH: usize = 1000;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// A publication that went through although the request failed (its
+    /// push could not be arranged): `error.published` in the answer.
+    pub published: Option<PublishAnswer>,
 }
 
 impl ApiError {
@@ -38,11 +41,16 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            published: None,
         }
     }
 
     fn body(&self) -> Value {
-        json!({"error": {"code": self.code, "message": self.message}})
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(p) = &self.published {
+            error["published"] = serde_json::to_value(p).unwrap_or(Value::Null);
+        }
+        json!({ "error": error })
     }
 }
 
@@ -197,8 +205,14 @@ fn bearer(value: &str) -> Option<&str> {
 /// taken says nothing of the key's bytes, nor of its length.
 fn same_key(given: &str, key: &str) -> bool {
     use sha2::{Digest, Sha256};
-    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(key.as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -263,9 +277,12 @@ struct Accepted {
 }
 
 impl Accepted {
-    async fn finish(self, state: &AppState) -> PublishAnswer {
-        if let Some((user, notification)) = self.push {
-            state
+    /// Arranges the push, if any: the answer, or 503 `unavailable` naming
+    /// the publication (which went through: stored, delivered to live
+    /// sessions) when its push could not be arranged.
+    async fn finish(self, state: &AppState) -> Result<PublishAnswer, ApiError> {
+        if let Some((user, notification)) = self.push
+            && let Err(e) = state
                 .push
                 .on_publish(
                     &user,
@@ -273,9 +290,19 @@ impl Accepted {
                     self.answer.offset,
                     notification,
                 )
-                .await;
+                .await
+        {
+            let mut err = ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "published (offset {}) and delivered to connected sessions, but the push to offline devices could not be arranged: {e}",
+                    self.answer.offset.get()
+                ),
+            );
+            err.published = Some(self.answer);
+            return Err(err);
         }
-        self.answer
+        Ok(self.answer)
     }
 }
 
@@ -354,11 +381,73 @@ fn validate(state: &AppState, body: Value) -> Result<Valid, ApiError> {
             "idempotency_key must be 1 to 256 bytes",
         ));
     }
+    if let Some(push) = &body.push {
+        push.validate().map_err(|e| {
+            let code = match e {
+                tether_push_gateway::NotificationError::TooLarge(_) => ErrorCode::TooLarge,
+                tether_push_gateway::NotificationError::BadCollapseKey => ErrorCode::BadRequest,
+            };
+            ApiError::new(code, e.to_string())
+        })?;
+    }
     Ok(Valid { channel, body, raw })
 }
 
+/// The `messages` of a batch body, each kept as its JSON text: the array is
+/// refused as soon as it has more than [`MAX_BATCH`] elements, before any
+/// of them is parsed into a value (a body of millions of tiny elements
+/// costs its bytes, not gigabytes of values).
+fn parse_batch(body: &[u8]) -> Result<Vec<Box<serde_json::value::RawValue>>, ApiError> {
+    #[derive(Deserialize)]
+    struct Batch {
+        #[serde(deserialize_with = "at_most_a_batch")]
+        messages: Vec<Box<serde_json::value::RawValue>>,
+    }
+    fn at_most_a_batch<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<Box<serde_json::value::RawValue>>, D::Error> {
+        struct Bounded;
+        impl<'de> serde::de::Visitor<'de> for Bounded {
+            type Value = Vec<Box<serde_json::value::RawValue>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an array of at most {MAX_BATCH} publications")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(m) = seq.next_element()? {
+                    if out.len() == MAX_BATCH {
+                        return Err(serde::de::Error::custom(TOO_MANY));
+                    }
+                    out.push(m);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Bounded)
+    }
+    const TOO_MANY: &str = "too many publications";
+    serde_json::from_slice::<Batch>(body)
+        .map(|b| b.messages)
+        .map_err(|e| {
+            if e.to_string().starts_with(TOO_MANY) {
+                ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!("at most {MAX_BATCH} publications per batch"),
+                )
+            } else {
+                ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("body must be {{\"messages\": [...]}}: {e}"),
+                )
+            }
+        })
+}
+
 /// Parses a JSON request body with the nesting limit of §2.
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     match tether_protocol::codec::decode_value(body, Encoding::Json, MAX_BODY) {
         Ok(v) => Ok(v),
         Err(tether_protocol::DecodeError::TooDeep) => Err(ApiError::new(
@@ -378,28 +467,18 @@ async fn publish(
 ) -> Result<Json<PublishAnswer>, ApiError> {
     let body = parse_body(&body?)?;
     let accepted = publish_one(&state, body).await?;
-    Ok(Json(accepted.finish(&state).await))
+    Ok(Json(accepted.finish(&state).await?))
 }
 
 async fn publish_batch(State(state): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
-    let body = parse_body(&body?)?;
-    let Some(Value::Array(messages)) = body.get("messages").cloned() else {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "body must be {\"messages\": [...]}",
-        ));
-    };
-    if messages.len() > MAX_BATCH {
-        return Err(ApiError::new(
-            ErrorCode::TooLarge,
-            format!("at most {MAX_BATCH} publications per batch"),
-        ));
-    }
+    let messages = parse_batch(&body?)?;
     // Every valid publication goes to the broker in one call, in order: a
     // cluster node sends them to Redis in pipelines, not one round trip
     // each.
-    let checked: Vec<Result<Valid, ApiError>> =
-        messages.into_iter().map(|m| validate(&state, m)).collect();
+    let checked: Vec<Result<Valid, ApiError>> = messages
+        .iter()
+        .map(|m| parse_body(m.get().as_bytes()).and_then(|m| validate(&state, m)))
+        .collect();
     let publishes = checked.iter().flatten().map(Valid::publish).collect();
     let mut published = state.broker.publish_many(publishes).await.into_iter();
     let mut results: Vec<Value> = Vec::with_capacity(checked.len());
@@ -411,7 +490,10 @@ async fn publish_batch(State(state): State<AppState>, body: Body) -> Result<Json
             Ok(valid.accepted(&state, p))
         });
         results.push(match answer {
-            Ok(a) => serde_json::to_value(a.finish(&state).await).unwrap_or(Value::Null),
+            Ok(a) => match a.finish(&state).await {
+                Ok(answer) => serde_json::to_value(answer).unwrap_or(Value::Null),
+                Err(e) => e.body(),
+            },
             Err(e) => e.body(),
         });
     }

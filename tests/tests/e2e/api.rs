@@ -297,3 +297,108 @@ async fn what_the_framework_refuses_is_answered_in_the_api_error_shape() {
     let file: Value = serde_json::from_str(include_str!("../../../docs/openapi.json")).unwrap();
     assert_eq!(doc, file);
 }
+
+/// The broker's resident memory (VmRSS), bytes.
+fn rss(broker: &TestBroker) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test]
+async fn batches_and_push_fields_are_bounded_before_they_are_taken() {
+    let broker = TestBroker::start(&[]).unwrap();
+
+    // 1,001 publications: refused, naming the limit.
+    let messages: Vec<Value> = (0..1001)
+        .map(|i| json!({"channel": "b", "data": i}))
+        .collect();
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish/batch",
+        &json!({ "messages": messages }).to_string(),
+    )
+    .await;
+    assert_eq!(s, 413, "{v}");
+    assert_eq!(v["error"]["code"], "too_large");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("1000"),
+        "{v}"
+    );
+
+    // Nearly 16 MiB of tiny elements: refused at the 1,001st, without the
+    // broker's memory growing by the values it never builds.
+    let before = rss(&broker);
+    let body = format!("{{\"messages\":[{}0]}}", "0,".repeat(8_000_000));
+    let (s, v) = post_raw(&broker, "/v1/publish/batch", &body).await;
+    assert_eq!(s, 413, "{v}");
+    let grown = rss(&broker).saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "RSS grew by {grown} bytes for a refused batch"
+    );
+    // Nothing of either batch was published.
+    let (_, history) = get(&broker, "/v1/channels/b/history").await;
+    let history: Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history["offset"], 0, "{history}");
+
+    // A push larger than APNs and FCM accept is refused at the API, not
+    // accepted and failed later; so is a collapse key APNs would refuse.
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish",
+        &json!({"channel": "user:a", "data": 1, "push": {"title": "t", "body": "b".repeat(8 << 20)}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(s, 413, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("4096"),
+        "{v}"
+    );
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish",
+        &json!({"channel": "user:a", "data": 1, "push": {"title": "t", "collapse_key": "k".repeat(65)}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    // At the limit it goes through.
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish",
+        &json!({"channel": "user:a", "data": 1, "push": {"title": "t", "body": "b".repeat(3000)}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn a_plaintext_provider_endpoint_off_loopback_is_refused_at_start() {
+    let out = std::process::Command::new(broker_bin().unwrap())
+        .args([
+            "--client-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--quic-addr",
+            "off",
+            "--fcm-endpoint",
+            "http://10.1.2.3:8443",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fcm-endpoint") && err.contains("loopback"),
+        "{err}"
+    );
+}

@@ -87,7 +87,10 @@ async fn nbf_audience_and_issuer_are_checked() {
         ("no audience", without("aud")),
         ("wrong issuer", with("iss", json!("https://evil.example"))),
         ("no issuer", without("iss")),
-        ("not valid for a minute", with("nbf", json!(unix_now() + 60))),
+        (
+            "not valid for a minute",
+            with("nbf", json!(unix_now() + 60)),
+        ),
     ] {
         let mut c = connect_with(&broker, Some(&t)).await;
         assert_eq!(c.expect_close().await.unwrap().code, Some(4003), "{what}");
@@ -139,8 +142,14 @@ async fn a_short_hs256_secret_is_refused_at_start() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("jwt-secret") && err.contains("32 bytes"), "{err}");
-    assert!(!err.contains("only-31-bytes"), "the secret is echoed: {err}");
+    assert!(
+        err.contains("jwt-secret") && err.contains("32 bytes"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("only-31-bytes"),
+        "the secret is echoed: {err}"
+    );
 }
 
 #[tokio::test]
