@@ -67,6 +67,7 @@ pub struct Metrics {
     pub resumes: Family<OutcomeLabel, Counter>,
     pub recoveries: Family<RecoveredLabel, Counter>,
     pub replayed: Counter,
+    pub replays_too_large: Counter,
     pub quic_handshakes: Family<ReasonLabel, Counter>,
     pub quic_migrations: Counter,
     pub history_bytes: Gauge,
@@ -104,6 +105,7 @@ impl Metrics {
             resumes: Family::default(),
             recoveries: Family::default(),
             replayed: Counter::default(),
+            replays_too_large: Counter::default(),
             quic_handshakes: Family::default(),
             quic_migrations: Counter::default(),
             history_bytes: Gauge::default(),
@@ -193,6 +195,11 @@ impl Metrics {
             "replayed_messages",
             "Messages replayed from history by recoveries",
             m.replayed.clone(),
+        );
+        r.register(
+            "replays_too_large",
+            "Recoveries answered recovered: false because the replay did not fit in the client's outbox (--max-outbox-bytes / --max-outbox-messages)",
+            m.replays_too_large.clone(),
         );
         r.register(
             "quic_handshakes",

@@ -222,6 +222,19 @@ impl Outbox {
         self.inner.lock().idle = false;
     }
 
+    /// What can still be queued before the slow-consumer limit: bytes and
+    /// frames (nothing once closed).
+    pub fn room(&self) -> (usize, usize) {
+        let inner = self.inner.lock();
+        if inner.closed.is_some() {
+            return (0, 0);
+        }
+        (
+            self.max_bytes.saturating_sub(inner.bytes),
+            self.max_messages.saturating_sub(inner.queue.len()),
+        )
+    }
+
     /// Queues a frame without waiting, or writes it through when the session
     /// is idle and the connection takes it now.
     pub fn push(&self, frame: Frame) -> Result<(), PushError> {

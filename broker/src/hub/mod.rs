@@ -373,7 +373,7 @@ impl Hub {
                 subscriber.outbox.close_slow();
                 return Err(SubscribeError::Outbox(PushError::Full));
             }
-            let plan = match merge::plan(
+            let mut plan = match merge::plan(
                 since,
                 &page,
                 &st.pending[i].buffer,
@@ -382,6 +382,21 @@ impl Hub {
                 Verdict::Ready(plan) => plan,
                 Verdict::Retry => continue,
             };
+            if plan.recovered
+                && !replay_fits(
+                    channel,
+                    &subscriber.outbox,
+                    &page.messages,
+                    &st.pending[i].buffer,
+                )
+            {
+                // A replay the outbox cannot hold would close the session
+                // as a slow consumer before it began (and the client would
+                // resume into the same wall): it is told `recovered: false`
+                // and reads the history API at its own pace instead.
+                plan.recovered = false;
+                self.metrics.replays_too_large.inc();
+            }
             let pending = st.pending.swap_remove(i);
             guard.armed = false;
             let replay = if plan.recovered {
@@ -442,6 +457,32 @@ impl Hub {
     pub fn channels(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
+}
+
+/// Bytes a replayed message takes in the outbox beyond its data: the
+/// envelope (type, channel, epoch, offset, ts) and the WebSocket header,
+/// rounded up (an epoch is at most 64 bytes).
+const REPLAY_ENVELOPE: usize = 160;
+
+/// Whether the replay of `messages` and the deliveries buffered meanwhile
+/// fit in what `outbox` has left, as the slow-consumer limit counts.
+fn replay_fits(
+    channel: &ChannelName,
+    outbox: &Outbox,
+    messages: &[HistoryEntry],
+    buffered: &[Buffered],
+) -> bool {
+    let (bytes_left, messages_left) = outbox.room();
+    let each = channel.as_str().len() + REPLAY_ENVELOPE;
+    let bytes = messages
+        .iter()
+        .map(|e| e.data.get().len() + each)
+        .chain(buffered.iter().map(|b| b.bytes.len()))
+        .sum::<usize>()
+        // The `subscribed` reply.
+        .saturating_add(each);
+    let count = messages.len() + buffered.len() + 1;
+    bytes <= bytes_left && count <= messages_left
 }
 
 /// Queues what a joining subscriber is owed, in order: `subscribed` (from

@@ -421,3 +421,69 @@ async fn a_restart_changes_the_epoch() {
     assert!(!s.recovered, "offsets of another epoch are not comparable");
     c.expect_nothing_pending().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_replay_larger_than_the_outbox_is_declared_not_recovered_instead_of_closing() {
+    // Defaults: 100 messages of history, a 1 MiB outbox per client. 100 ×
+    // 16 KiB missed do not fit: before, the resume was closed with 4008
+    // (slow consumer) before `connected`, again at every attempt.
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    let connected = c.handshake(None).await.unwrap();
+    let big = c.subscribe("big").await.unwrap();
+    c.subscribe("small").await.unwrap();
+    c.abort();
+    let pad = "x".repeat(16 * 1024);
+    for i in 1..=100u64 {
+        let (s, _) = broker
+            .publish(json!({"channel": "big", "data": {"i": i, "pad": pad}}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+    }
+    publish_n(&broker, "small", 1..=3).await;
+
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    let mut have = BTreeMap::new();
+    have.insert(chan("big"), Offset(0));
+    have.insert(chan("small"), Offset(0));
+    let resumed = c
+        .resume(None, &connected.resume_token, Some(have))
+        .await
+        .unwrap();
+    assert!(resumed.resumed);
+    let channels = resumed.channels.expect("channels");
+    assert!(!channels[&chan("big")].recovered, "{channels:?}");
+    assert_eq!(channels[&chan("big")].offset, Offset(100));
+    // The small replay still fits, and comes.
+    assert!(channels[&chan("small")].recovered, "{channels:?}");
+    for i in 1..=3 {
+        assert_eq!(c.recv_publication().await.unwrap().offset, Offset(i));
+    }
+    // The session lives on: the next publication arrives live.
+    publish_n(&broker, "big", 101..=101).await;
+    let m = c.recv_publication().await.unwrap();
+    assert_eq!((m.channel.as_str(), m.offset), ("big", Offset(101)));
+
+    // The same for a subscribe with `since` on a fresh session.
+    let mut d = WsClient::connect(&broker.ws_url()).await.unwrap();
+    d.handshake(None).await.unwrap();
+    let s = d
+        .subscribe_since(
+            "big",
+            StreamPosition {
+                epoch: big.epoch.clone(),
+                offset: Offset(1),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!s.recovered);
+    assert_eq!(s.offset, Offset(101));
+    publish_n(&broker, "big", 102..=102).await;
+    assert_eq!(d.recv_publication().await.unwrap().offset, Offset(102));
+    broker
+        .wait_for_metric("tether_replays_too_large_total 2")
+        .await
+        .unwrap();
+}
