@@ -301,7 +301,6 @@ async fn run_inner<T: Transport>(shared: Arc<Shared>, mut transport: T, conn_id:
 
     // From here the session writes its last frames itself.
     outbox.detach_direct();
-    Box::pin(s.finish()).await;
     match end {
         End::Close(code, retry_after_ms) => {
             metrics
@@ -309,19 +308,33 @@ async fn run_inner<T: Transport>(shared: Arc<Shared>, mut transport: T, conn_id:
                 .get_or_create(&CodeLabel { code: code.code() })
                 .inc();
             debug!(code = code.code(), reason = code.reason(), "closing");
+            if code != CloseCode::SlowConsumer {
+                // Flush what is owed (shutdown: everything queued before
+                // it), counting what goes out as delivered: the session's
+                // record, written next, must not have a resume replay it.
+                let (sent, subs) = (&s.sent, &mut s.subs);
+                let flush = poll_fn(|cx| {
+                    transport.poll_write(cx, &mut pending, &mut |f: Frame| {
+                        sent.count(&f);
+                        if let Some(d) = f.delivery {
+                            subs.delivered(d);
+                        }
+                    })
+                });
+                let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(flush)).await;
+            }
+            Box::pin(s.finish()).await;
             let mut d = Disconnect::from(code);
             d.retry_after_ms = retry_after_ms;
             let last = encode_server(&ServerMessage::Disconnect(d), s.encoding);
-            let close = async {
-                if code != CloseCode::SlowConsumer {
-                    // Flush what is owed (shutdown: everything queued before it).
-                    let _ = poll_fn(|cx| transport.poll_write(cx, &mut pending, &mut |_| {})).await;
-                }
-                transport.close(code, Some(last)).await;
-            };
-            let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(close)).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(transport.close(code, Some(last))))
+                .await;
         }
-        End::Gone => debug!("connection closed by peer"),
+        End::Gone => {
+            debug!("connection closed by peer");
+            Box::pin(s.finish()).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(transport.answer_close())).await;
+        }
     }
     drop(s);
 }

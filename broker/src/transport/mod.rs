@@ -81,4 +81,12 @@ pub trait Transport: Send + 'static {
     /// take it, then closes with `code`. Best effort; callers bound it with a
     /// timeout.
     fn close(&mut self, code: CloseCode, last: Option<Bytes>) -> impl Future<Output = ()> + Send;
+
+    /// The peer closed the connection ([`Inbound::Closed`]): completes the
+    /// closing handshake where the transport has one (WebSocket answers a
+    /// Close frame with a Close frame, RFC 6455 §5.5.1). Best effort;
+    /// callers bound it with a timeout.
+    fn answer_close(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }

@@ -132,6 +132,7 @@ pub async fn accept(
         encoding: chosen,
         partial: None,
         flushing: false,
+        peer_closed: None,
     })
 }
 
@@ -185,6 +186,21 @@ fn rest_of(frame: &Frame, header: &[u8], written: usize) -> Bytes {
 }
 
 /// A close frame with `code` and its reason.
+/// The Close frame answering a client's: its status code echoed (RFC 6455
+/// §5.5.1), or an empty body when it gave none.
+fn close_reply(code: Option<u16>) -> Bytes {
+    match code {
+        Some(c) => {
+            let (h, hl) = frame_header(OPCODE_CLOSE, 2);
+            let mut b = BytesMut::with_capacity(hl + 2);
+            b.extend_from_slice(&h[..hl]);
+            b.extend_from_slice(&c.to_be_bytes());
+            b.freeze()
+        }
+        None => Bytes::from_static(&[0x88, 0x00]),
+    }
+}
+
 fn close_frame(code: CloseCode) -> Bytes {
     let reason = code.reason().as_bytes();
     // Control frame payloads are at most 125 bytes.
@@ -259,6 +275,9 @@ pub struct WsTransport {
     partial: Option<Bytes>,
     /// Bytes went into a TLS stream and a flush is owed.
     flushing: bool,
+    /// The client's Close frame arrived, with this code (if it gave one):
+    /// it is owed a Close frame back.
+    peer_closed: Option<Option<u16>>,
 }
 
 fn read_error(e: WsError) -> TransportError {
@@ -433,7 +452,10 @@ impl Transport for WsTransport {
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                 Ok(Inbound::Activity)
             }
-            Some(Ok(Message::Close(_))) => Ok(Inbound::Closed),
+            Some(Ok(Message::Close(frame))) => {
+                self.peer_closed = Some(frame.map(|f| u16::from(f.code)));
+                Ok(Inbound::Closed)
+            }
         })
     }
 
@@ -473,6 +495,19 @@ impl Transport for WsTransport {
             let _ = poll_fn(|cx| self.stream().poll_shutdown(cx)).await;
         }
     }
+
+    async fn answer_close(&mut self) {
+        let Some(code) = self.peer_closed.take() else {
+            return; // the connection just ended: nobody to answer
+        };
+        let mut frames = VecDeque::from([Frame::raw(close_reply(code))]);
+        if poll_fn(|cx| self.poll_write(cx, &mut frames, &mut |_| {}))
+            .await
+            .is_ok()
+        {
+            let _ = poll_fn(|cx| self.stream().poll_shutdown(cx)).await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -502,6 +537,12 @@ mod tests {
         let rest = rest_of(&f, &h[..hl], 10);
         assert_eq!(rest.len(), 294);
         assert!(rest_of(&Frame::raw(Bytes::from_static(b"abc")), &[], 1) == "bc");
+    }
+
+    #[test]
+    fn a_client_close_is_answered_with_its_code() {
+        assert_eq!(&close_reply(Some(1000))[..], &[0x88, 2, 0x03, 0xe8]);
+        assert_eq!(&close_reply(None)[..], &[0x88, 0]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use serde_json::json;
 use tether_protocol::*;
 use tether_tests::*;
+use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn a_message_published_over_http_reaches_a_json_subscriber() {
@@ -283,4 +284,25 @@ async fn large_messages_to_a_reader_that_pauses_arrive_whole_and_in_order() {
     // Still a working session afterwards.
     j.send(&ClientMessage::Ping).await.unwrap();
     assert_eq!(j.recv_skip_pings().await.unwrap(), ServerMessage::Pong);
+}
+
+#[tokio::test]
+async fn a_client_close_frame_is_answered_with_a_close_frame() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.send_message(Message::Close(Some(CloseFrame {
+        code: WsCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    // RFC 6455 §5.5.1: the server sends a Close frame back, echoing the code
+    // (before, the connection was dropped without one).
+    match c.recv_frame().await.unwrap() {
+        Message::Close(Some(f)) => assert_eq!(f.code, WsCode::Normal),
+        other => panic!("expected a Close frame back, got {other:?}"),
+    }
+    broker.wait_for_no_connections().await.unwrap();
 }
