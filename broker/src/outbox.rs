@@ -162,6 +162,8 @@ struct Inner {
     queue: VecDeque<Frame>,
     bytes: usize,
     closed: Option<CloseCode>,
+    /// The close is to happen before anything queued is written.
+    urgent: bool,
     /// The delay the close advises the client to wait before reconnecting.
     retry_after_ms: Option<u64>,
     /// The session has written all it took and waits for more: a push may
@@ -189,6 +191,7 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 closed: None,
+                urgent: false,
                 retry_after_ms: None,
                 idle: false,
                 direct: None,
@@ -362,14 +365,39 @@ impl Outbox {
         self.inner.lock().closed.is_some()
     }
 
+    /// Closes the session with `code` at once, dropping what is queued and
+    /// overriding a close asked before: a takeover, whose new connection
+    /// must not wait for this one's stalled socket. Nothing is lost: only
+    /// frames written count as delivered, and the session's record (what a
+    /// resume replays) is written from those.
+    pub fn close_now(&self, code: CloseCode) {
+        {
+            let mut inner = self.inner.lock();
+            inner.closed = Some(code);
+            inner.urgent = true;
+            inner.queue = VecDeque::new();
+            inner.bytes = 0;
+        }
+        self.waker.wake();
+    }
+
     /// A close that must happen now, before what is queued is written: the
-    /// slow-consumer close, whose queue was dropped.
+    /// slow-consumer close and [`Outbox::close_now`], whose queues were
+    /// dropped. Looked at first, before any write.
     pub fn urgent_close(&self, cx: &mut Context<'_>) -> Option<CloseCode> {
         self.waker.register(cx.waker());
-        match self.inner.lock().closed {
+        let inner = self.inner.lock();
+        match inner.closed {
             Some(CloseCode::SlowConsumer) => Some(CloseCode::SlowConsumer),
+            Some(code) if inner.urgent => Some(code),
             _ => None,
         }
+    }
+
+    /// Whether the close is urgent (nothing more is flushed before it).
+    pub fn is_urgent(&self) -> bool {
+        let inner = self.inner.lock();
+        inner.urgent || inner.closed == Some(CloseCode::SlowConsumer)
     }
 
     /// Moves up to `max` queued frames into `out`, or reports the close.

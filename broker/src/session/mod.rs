@@ -308,7 +308,7 @@ async fn run_inner<T: Transport>(shared: Arc<Shared>, mut transport: T, conn_id:
                 .get_or_create(&CodeLabel { code: code.code() })
                 .inc();
             debug!(code = code.code(), reason = code.reason(), "closing");
-            if code != CloseCode::SlowConsumer {
+            if !outbox.is_urgent() {
                 // Flush what is owed (shutdown: everything queued before
                 // it), counting what goes out as delivered: the session's
                 // record, written next, must not have a resume replay it.

@@ -70,6 +70,19 @@ impl SessionTable {
         }
     }
 
+    /// Closes one session with `code` at once, whatever it has queued
+    /// ([`Outbox::close_now`]); `false` if it is not here.
+    pub fn close_now(&self, id: u64, code: CloseCode) -> bool {
+        let outbox = self.shard(id).lock().get(&id).cloned();
+        match outbox {
+            Some(o) => {
+                o.close_now(code);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Asks every session to close with `code`, advising each to wait a
     /// random delay below `spread_ms` before it reconnects (0: no advice),
     /// so that they do not all come back at once.
@@ -91,7 +104,9 @@ impl ControlSink for SessionTable {
     fn on_control(&self, message: ControlMessage) {
         match message {
             ControlMessage::TakeOver { conn_id } => {
-                if !self.close(conn_id, CloseCode::Normal) {
+                // At once: the new connection waits for this one's record,
+                // and a full socket must not hold it up.
+                if !self.close_now(conn_id, CloseCode::Normal) {
                     tracing::debug!(conn_id, "takeover of a session that has ended");
                 }
             }

@@ -487,3 +487,71 @@ async fn a_replay_larger_than_the_outbox_is_declared_not_recovered_instead_of_cl
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_takeover_does_not_wait_for_the_old_connections_full_socket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // A big outbox, so that the stalled client is not closed as a slow
+    // consumer: its socket is full and frames wait behind it.
+    let broker =
+        TestBroker::start(&["--max-outbox-bytes", "67108864", "--history-size", "200"]).unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(broker.client_addr).await.unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        broker.ws_url(),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "tether.v1.json".parse().unwrap());
+    let (mut old, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    let next_json = async |ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>| loop {
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["type"] != "ping" {
+                return v;
+            }
+        }
+    };
+    old.send(Message::Text(r#"{"type":"connect","id":1}"#.into()))
+        .await
+        .unwrap();
+    let connected = next_json(&mut old).await;
+    assert_eq!(connected["type"], "connected", "{connected}");
+    let token = connected["resume_token"].as_str().unwrap().to_owned();
+    old.send(Message::Text(
+        r#"{"type":"subscribe","id":2,"channel":"stall"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut old).await["type"], "subscribed");
+
+    // ~10 MB the client never reads: more than the sockets hold.
+    let pad = "x".repeat(60_000);
+    for i in 1..=160u64 {
+        let (s, _) = broker
+            .publish(json!({"channel": "stall", "data": {"i": i, "pad": pad}}))
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+    }
+
+    // The phone comes back on a new connection: the old one is closed at
+    // once (before, its close waited behind the full socket, the takeover
+    // gave up after 3 s and the client got a fresh session).
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    let resumed = c.resume(None, &token, None).await.unwrap();
+    assert!(resumed.resumed, "{resumed:?}");
+    // And what the old connection's socket never took is replayed, through
+    // to the last one, without a gap.
+    let channels = resumed.channels.expect("channels");
+    assert!(channels[&chan("stall")].recovered, "{channels:?}");
+    let mut next = c.recv_publication().await.unwrap().offset.get();
+    while next < 160 {
+        let m = c.recv_publication().await.unwrap();
+        assert_eq!(m.offset.get(), next + 1);
+        next += 1;
+    }
+    drop(old);
+}

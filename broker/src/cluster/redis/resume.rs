@@ -272,15 +272,18 @@ impl ResumeStore for RedisResumeStore {
             // Polled (a blocking pop would hold up the shared connection);
             // a takeover is rare and usually answered within milliseconds.
             while Instant::now() < deadline {
-                let handed: Option<String> = timed(
+                let handed: Result<Option<String>, _> = timed(
                     redis::cmd("LPOP")
                         .arg(handoff_key(session))
                         .query_async(&mut conn),
                 )
-                .await
-                .map_err(resume_error)?;
-                if let Some(record) = handed {
-                    return Ok(Some(decode_record(&record)));
+                .await;
+                match handed {
+                    Ok(Some(record)) => return Ok(Some(decode_record(&record))),
+                    Ok(None) => {}
+                    // Not a reason to leave the claim behind (the token
+                    // would read as used): poll on, and abandon below.
+                    Err(e) => tracing::debug!(error = %e, "polling for a takeover's handoff"),
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
