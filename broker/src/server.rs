@@ -330,10 +330,7 @@ impl Server {
             });
             let stop = tokens.api.clone();
             async move {
-                let serve = axum::serve(api, app).with_graceful_shutdown(stop.cancelled_owned());
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "api server failed");
-                }
+                crate::api::serve::serve(api, app, stop, crate::api::serve::MAX_CONNECTIONS).await;
             }
         });
         tasks.spawn(maintain(

@@ -2,6 +2,7 @@
 //! (single, batch, idempotent), channel history, health, readiness and
 //! Prometheus metrics. JSON in and out; errors are `{error: {code, message}}`.
 
+pub mod serve;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,6 +169,7 @@ pub fn router(handles: Handles) -> Router {
             r
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(serve::request_timeout))
         .with_state(state)
 }
 

@@ -402,3 +402,34 @@ async fn a_plaintext_provider_endpoint_off_loopback_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_request_head_sent_too_slowly_loses_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = TestBroker::start(&[]).unwrap();
+    // Half a request head, then silence (slowloris): the API closes the
+    // connection once its header timeout (10 s) passes, instead of keeping
+    // it, and its task, forever.
+    let mut slow = tokio::net::TcpStream::connect(broker.api_addr)
+        .await
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        slow.read_to_end(&mut buf),
+    )
+    .await
+    .expect("the connection is still open after 60 s");
+    // Closed (hyper may answer 408 first, or just close).
+    assert!(read.is_ok() || buf.is_empty(), "{read:?}");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    // Meanwhile, and after, the API serves others.
+    assert_eq!(get(&broker, "/healthz").await.0, 200);
+}

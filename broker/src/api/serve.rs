@@ -1,0 +1,106 @@
+//! The backend API's listener: HTTP/1.1 served by hyper with a timer, so
+//! that a client cannot hold a connection open by sending slowly.
+//!
+//! `axum::serve` builds hyper without a timer, which leaves hyper's header
+//! timeout unarmed: a request head sent one byte a minute kept its
+//! connection (and task) forever. Here:
+//!
+//! - a request head must arrive within [`HEADER_TIMEOUT`] (hyper closes the
+//!   connection otherwise; the same timer bounds an idle keep-alive
+//!   connection waiting for its next request);
+//! - a whole request, body and answer, within [`REQUEST_TIMEOUT`] (408);
+//! - at most `max_connections` connections at once: past that, accepting
+//!   pauses until one ends (the kernel's backlog holds the rest), so a
+//!   flood costs queued SYNs, not tasks and buffers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::ApiError;
+use tether_protocol::ErrorCode;
+
+/// Time for a request head (method, path, headers) to arrive.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a whole request: its body read and its answer made.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// API connections open at once (backends pool theirs; 1,024 is plenty).
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Answers 408 when a request (its body included) takes longer than
+/// [`REQUEST_TIMEOUT`].
+pub async fn request_timeout(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = ApiError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "request not completed within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            )
+            .into_response();
+            *r.status_mut() = axum::http::StatusCode::REQUEST_TIMEOUT;
+            r
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop`, then lets the requests in
+/// flight finish (the caller bounds the whole with its shutdown timeout).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    stop: CancellationToken,
+    max_connections: usize,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait instead of spinning.
+                    warn!(error = %e, "api accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "api connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
