@@ -14,6 +14,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tether_protocol::{ChannelName, Encoding, Epoch, ErrorCode, MAX_DEPTH, Offset};
 
@@ -263,7 +264,9 @@ pub struct PublishAnswer {
 #[derive(Debug, Deserialize)]
 struct PublishBody {
     channel: String,
-    data: Value,
+    /// As sent: numbers keep every digit (a `Value` would turn
+    /// 123456789012345678901234567890 into a float).
+    data: Box<RawValue>,
     #[serde(default)]
     idempotency_key: Option<String>,
     /// Offline push (§11), for `user:{id}` channels.
@@ -313,14 +316,17 @@ impl Accepted {
 struct Valid {
     channel: ChannelName,
     body: PublishBody,
-    raw: Box<serde_json::value::RawValue>,
+    /// `data` compacted: what history keeps and JSON subscribers receive.
+    raw: Box<RawValue>,
+    /// `data` as a value, for MessagePack subscribers.
+    data: Value,
 }
 
 impl Valid {
     fn publish(&self) -> Publish<'_> {
         Publish {
             channel: &self.channel,
-            data: &self.body.data,
+            data: &self.data,
             raw: self.raw.clone(),
             idempotency_key: self.body.idempotency_key.as_deref(),
         }
@@ -354,19 +360,34 @@ impl Valid {
     }
 }
 
-async fn publish_one(state: &AppState, body: Value) -> Result<Accepted, ApiError> {
+async fn publish_one(state: &AppState, body: &[u8]) -> Result<Accepted, ApiError> {
     let valid = validate(state, body)?;
     let published = state.broker.publish(valid.publish()).await?;
     Ok(valid.accepted(state, published))
 }
 
-fn validate(state: &AppState, body: Value) -> Result<Valid, ApiError> {
-    let mut body: PublishBody = serde_json::from_value(body)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid publication: {e}")))?;
+/// Parses and checks one publication's JSON text.
+fn validate(state: &AppState, body: &[u8]) -> Result<Valid, ApiError> {
+    if json_depth(body) > MAX_DEPTH {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("body nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    let mut body: PublishBody = serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        let what = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => "body is not valid JSON",
+            Category::Data => "invalid publication",
+        };
+        ApiError::new(ErrorCode::BadRequest, format!("{what}: {e}"))
+    })?;
     let channel = ChannelName::new(std::mem::take(&mut body.channel))
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
-    // Encoded once: sized here, stored and fanned out by the broker.
-    let raw = crate::hub::encode_data(&body.data);
+    // Compacted once: sized here, stored and fanned out by the broker.
+    let raw = compact_json(&body.data);
+    let data: Value = serde_json::from_str(raw.get())
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid data: {e}")))?;
     let size = raw.get().len();
     let max = state.config.max_message_size;
     if size > max {
@@ -392,7 +413,71 @@ fn validate(state: &AppState, body: Value) -> Result<Valid, ApiError> {
             ApiError::new(code, e.to_string())
         })?;
     }
-    Ok(Valid { channel, body, raw })
+    Ok(Valid {
+        channel,
+        body,
+        raw,
+        data,
+    })
+}
+
+/// How deeply `json` nests arrays and objects (strings skipped); for text
+/// that is not JSON, a bound all the same.
+fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Valid JSON without the whitespace between its tokens (strings and
+/// numbers kept byte for byte). In valid JSON such whitespace always
+/// borders a structural character, so removing it changes nothing.
+fn compact_json(raw: &RawValue) -> Box<RawValue> {
+    let text = raw.get();
+    if !text
+        .bytes()
+        .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        return raw.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            if c == '"' {
+                in_string = true;
+            }
+            out.push(c);
+        }
+    }
+    RawValue::from_string(out).unwrap_or_else(|_| raw.to_owned())
 }
 
 /// The `messages` of a batch body, each kept as its JSON text: the array is
@@ -467,8 +552,7 @@ async fn publish(
     State(state): State<AppState>,
     body: Body,
 ) -> Result<Json<PublishAnswer>, ApiError> {
-    let body = parse_body(&body?)?;
-    let accepted = publish_one(&state, body).await?;
+    let accepted = publish_one(&state, &body?).await?;
     Ok(Json(accepted.finish(&state).await?))
 }
 
@@ -479,7 +563,7 @@ async fn publish_batch(State(state): State<AppState>, body: Body) -> Result<Json
     // each.
     let checked: Vec<Result<Valid, ApiError>> = messages
         .iter()
-        .map(|m| parse_body(m.get().as_bytes()).and_then(|m| validate(&state, m)))
+        .map(|m| validate(&state, m.get().as_bytes()))
         .collect();
     let publishes = checked.iter().flatten().map(Valid::publish).collect();
     let mut published = state.broker.publish_many(publishes).await.into_iter();
@@ -512,7 +596,7 @@ async fn history(
     State(state): State<AppState>,
     channel: PathArg,
     q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (Path(channel), Query(q)) = (channel?, q?);
     let channel = ChannelName::new(channel)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
@@ -548,20 +632,37 @@ async fn history(
             },
         )
         .await?;
-    let messages: Vec<Value> = page
-        .messages
-        .iter()
-        .map(|m| {
-            let data: Value = serde_json::from_str(m.data.get()).unwrap_or(Value::Null);
-            json!({"offset": m.offset, "data": data, "ts": m.ts})
-        })
-        .collect();
-    Ok(Json(json!({
-        "epoch": page.position.epoch,
-        "offset": page.position.offset,
-        "recovered": page.recovered,
-        "messages": messages,
-    })))
+    /// One message, its data as stored (every digit of its numbers kept).
+    #[derive(Serialize)]
+    struct Message<'a> {
+        offset: Offset,
+        data: &'a RawValue,
+        ts: u64,
+    }
+    #[derive(Serialize)]
+    struct Page<'a> {
+        epoch: &'a Epoch,
+        offset: Offset,
+        recovered: bool,
+        messages: Vec<Message<'a>>,
+    }
+    let body = Page {
+        epoch: &page.position.epoch,
+        offset: page.position.offset,
+        recovered: page.recovered,
+        messages: page
+            .messages
+            .iter()
+            .map(|m| Message {
+                offset: m.offset,
+                data: &m.data,
+                ts: m.ts,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&body)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("history encoding: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
 #[derive(Debug, Deserialize)]

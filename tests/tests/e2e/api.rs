@@ -433,3 +433,33 @@ async fn a_request_head_sent_too_slowly_loses_its_connection() {
     // Meanwhile, and after, the API serves others.
     assert_eq!(get(&broker, "/healthz").await.0, 200);
 }
+
+#[tokio::test]
+async fn numbers_in_data_pass_through_digit_for_digit() {
+    use tokio_tungstenite::tungstenite::Message;
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("n").await.unwrap();
+    // Bigger than any integer a double holds exactly, and a decimal whose
+    // spelling a float would change.
+    let body =
+        r#"{ "channel": "n", "data": { "big": 123456789012345678901234567890, "x": 1.10 } }"#;
+    let (s, v) = post_raw(&broker, "/v1/publish", body).await;
+    assert_eq!(s, 200, "{v}");
+    let text = loop {
+        match c.recv_frame().await.unwrap() {
+            Message::Text(t) if t.contains("\"message\"") => break t.to_string(),
+            _ => {}
+        }
+    };
+    assert!(
+        text.contains(r#""data":{"big":123456789012345678901234567890,"x":1.10}"#),
+        "{text}"
+    );
+    // History gives the same digits.
+    let (_, history) = get(&broker, "/v1/channels/n/history").await;
+    assert!(
+        history.contains("123456789012345678901234567890"),
+        "{history}"
+    );
+}
