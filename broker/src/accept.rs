@@ -1,11 +1,20 @@
 //! The accept loops of the client listeners, WebSocket (TCP) and QUIC: the
 //! one place where a transport meets a session.
 //!
-//! Both loops take a connection permit (`--max-connections`) per client
-//! and run the handshake — TLS and WebSocket upgrade, or QUIC handshake and
-//! session stream — in the connection's own task under `--connect-timeout`,
-//! never in the loop: one slow client stalls nobody. Then the task becomes
-//! the session (`session::run`).
+//! Both loops take a connection permit per client from one pool shared by
+//! WebSocket and QUIC (`--max-connections`, lowered at start to what the
+//! file-descriptor limit allows) and a handshake permit ([`MAX_HANDSHAKES`]
+//! in flight at once), and run the handshake — TLS and WebSocket upgrade,
+//! or QUIC handshake and session stream — in the connection's own task
+//! under `--connect-timeout`, never in the loop: one slow client stalls
+//! nobody. Then the task becomes the session (`session::run`).
+//!
+//! Over either limit a client is turned away at once rather than queued: a
+//! plain WebSocket client gets `503` with a jittered `Retry-After`, a `wss`
+//! client a closed connection (a TLS handshake is what the broker has no
+//! room for), a QUIC client a refusal. In a reconnect storm the clients
+//! come back spread over the next seconds instead of piling up in the
+//! backlog and timing out together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,19 +31,32 @@ use crate::session::{self, Shared};
 use crate::transport::quic::QuicTransport;
 use crate::transport::ws;
 
-/// The limits the accept loops apply.
+/// Handshakes (TLS, WebSocket upgrade, QUIC) in flight at once, over both
+/// listeners: past it new clients are turned away (503) until some finish.
+pub const MAX_HANDSHAKES: usize = 1024;
+
+/// `Retry-After` of a turned-away WebSocket client: 1 to this many seconds,
+/// at random, so that a storm comes back spread out.
+pub const RETRY_AFTER_MAX_SECS: u64 = 5;
+
+/// The limits the accept loops apply. Clones share the pools.
 #[derive(Debug, Clone)]
 pub struct AcceptConfig {
-    pub max_connections: usize,
+    /// Client connections, WebSocket and QUIC together.
+    pub connections: Arc<Semaphore>,
+    /// Handshakes in flight, both listeners together.
+    pub handshakes: Arc<Semaphore>,
     pub connect_timeout: Duration,
     pub max_message_size: usize,
     pub ws_read_buffer: usize,
 }
 
 impl AcceptConfig {
-    pub fn from_config(c: &crate::config::Config) -> Self {
+    /// The limits of `c`, with at most `max_connections` clients.
+    pub fn from_config(c: &crate::config::Config, max_connections: usize) -> Self {
         Self {
-            max_connections: c.max_connections,
+            connections: Arc::new(Semaphore::new(max_connections)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             connect_timeout: c.connect_timeout,
             max_message_size: c.max_message_size,
             ws_read_buffer: c.ws_read_buffer,
@@ -59,19 +81,9 @@ pub async fn websocket(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(limits.max_connections));
     let ws_config = ws::ws_config(limits.max_message_size, limits.ws_read_buffer);
     let tls = wss.map(Arc::new);
     loop {
-        // The connection limit is taken before accept: over it, clients wait
-        // in the kernel's backlog rather than costing us memory.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stop.cancelled() => break,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.cancelled() => break,
@@ -86,6 +98,22 @@ pub async fn websocket(
             }
         };
         let _ = stream.set_nodelay(true);
+        let permits = (
+            limits.connections.clone().try_acquire_owned(),
+            limits.handshakes.clone().try_acquire_owned(),
+        );
+        let (Ok(permit), Ok(handshake)) = permits else {
+            let reason = match permits.0 {
+                Err(_) => "limit",
+                Ok(_) => "busy",
+            };
+            refused(&shared.metrics, reason);
+            if tls.is_none() {
+                tracker.spawn(turn_away(stream));
+            }
+            // wss: dropped, closing the connection.
+            continue;
+        };
         let shared = shared.clone();
         let timeout = limits.connect_timeout;
         let tls = tls.clone();
@@ -94,7 +122,10 @@ pub async fn websocket(
             let conn_id = shared.table.next_conn_id();
             match tokio::time::timeout(timeout, ws::accept(stream, tls.as_deref(), ws_config)).await
             {
-                Ok(Ok(transport)) => session::run(shared, transport, conn_id).await,
+                Ok(Ok(transport)) => {
+                    drop(handshake);
+                    session::run(shared, transport, conn_id).await
+                }
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "websocket upgrade refused");
                     refused(&shared.metrics, "handshake");
@@ -109,6 +140,22 @@ pub async fn websocket(
     debug!("accept loop stopped; client listener closed");
 }
 
+/// Answers a WebSocket client the broker has no room for: `503` with a
+/// `Retry-After` of 1 to [`RETRY_AFTER_MAX_SECS`] seconds, then closes.
+/// Bounded: a client that does not read gets a second, then the close.
+async fn turn_away(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let secs = 1 + rand::random::<u64>() % RETRY_AFTER_MAX_SECS;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {secs}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let write = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
 /// Accepts QUIC connections until `stop`; each runs its handshake and its
 /// session in its own task.
 pub async fn quic(
@@ -118,7 +165,6 @@ pub async fn quic(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i {
@@ -127,8 +173,13 @@ pub async fn quic(
             },
             _ = stop.cancelled() => break,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
             refused(&shared.metrics, "limit");
+            incoming.refuse();
+            continue;
+        };
+        let Ok(handshake) = limits.handshakes.clone().try_acquire_owned() else {
+            refused(&shared.metrics, "busy");
             incoming.refuse();
             continue;
         };
@@ -140,7 +191,9 @@ pub async fn quic(
         let limits = limits.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            if let Some(transport) = quic_handshake(&shared.metrics, &limits, incoming).await {
+            let shaken = quic_handshake(&shared.metrics, &limits, incoming).await;
+            drop(handshake);
+            if let Some(transport) = shaken {
                 let conn_id = shared.table.next_conn_id();
                 session::run(shared, transport, conn_id).await;
             }

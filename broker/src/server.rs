@@ -293,7 +293,7 @@ impl Server {
             tasks,
         } = self;
         let connections = TaskTracker::new();
-        let limits = AcceptConfig::from_config(&config);
+        let limits = AcceptConfig::from_config(&config, connection_cap(config.max_connections));
 
         tasks.spawn(
             accept::websocket(
@@ -568,6 +568,34 @@ fn start_push(
     // (its own and those of nodes that died).
     tasks.spawn(push.clone().run_shared_checks());
     Ok(push)
+}
+
+/// Descriptors kept for what is not a client: the API's connections, Redis,
+/// push providers, files, the listeners.
+const FD_RESERVE: u64 = crate::api::serve::MAX_CONNECTIONS as u64 + 512;
+
+/// Raises the file-descriptor limit to the hard limit (every client is a
+/// descriptor) and returns the client connections it allows: `asked`, or
+/// fewer, with a warning, when the limit cannot hold them and the reserve.
+fn connection_cap(asked: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "could not read or raise the file-descriptor limit");
+            return asked;
+        }
+    };
+    let room = usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if asked > room {
+        warn!(
+            max_connections = asked,
+            fd_limit = limit,
+            cap = room.max(1),
+            "max-connections is more than the file-descriptor limit allows (keeping {FD_RESERVE} for the API, Redis and providers): clients are capped lower; raise the hard limit (ulimit -Hn, LimitNOFILE=) for more"
+        );
+        return room.max(1);
+    }
+    asked
 }
 
 /// Every few seconds: expired history and idle channels, expired resume

@@ -327,3 +327,42 @@ async fn a_returning_client_resumes_its_tls_session() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn one_connection_cap_covers_websocket_and_quic_and_the_excess_is_told_when_to_retry() {
+    let broker =
+        TestBroker::start(&["--quic-addr", "127.0.0.1:0", "--max-connections", "2"]).unwrap();
+    let mut q = broker.quic_client().await.unwrap();
+    handshake(&mut q).await;
+    let mut w = connected_client(&broker).await.unwrap();
+    w.expect_nothing_pending().await.unwrap();
+
+    // Full, over both transports together: a third WebSocket client is
+    // answered 503 with a Retry-After of 1 to 5 s, not left in the backlog.
+    let refused = tokio_tungstenite::connect_async(broker.ws_url()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status().as_u16(), 503);
+            let secs: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=5).contains(&secs), "Retry-After: {secs}");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    broker
+        .wait_for_metric("tether_connections_refused_total{reason=\"limit\"} 1")
+        .await
+        .unwrap();
+
+    // One leaves: the next one is let in.
+    drop(w);
+    broker
+        .wait_for_metric("tether_connections{transport=\"ws\"} 0")
+        .await
+        .unwrap();
+    let mut again = connected_client(&broker).await.unwrap();
+    again.expect_nothing_pending().await.unwrap();
+}
