@@ -169,6 +169,9 @@ pub struct Settings {
     /// Most client connections at once; more are refused at accept [default: 100000]
     #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most channels a single node keeps state for; past it, a publish or subscribe to a new channel answers `unavailable` [default: 1000000]
+    #[arg(long, env = "TETHER_MAX_CHANNELS")]
+    pub max_channels: Option<usize>,
     /// WebSocket read buffer per connection, bytes [default: 2048]
     #[arg(long, env = "TETHER_WS_READ_BUFFER")]
     pub ws_read_buffer: Option<usize>,
@@ -300,6 +303,7 @@ pub struct Config {
     pub max_outbox_messages: usize,
     pub max_subscriptions: usize,
     pub max_connections: usize,
+    pub max_channels: usize,
     pub ws_read_buffer: usize,
     pub shutdown_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
@@ -399,6 +403,7 @@ impl Settings {
             max_outbox_messages,
             max_subscriptions,
             max_connections,
+            max_channels,
             ws_read_buffer,
             shutdown_timeout,
             tls_cert,
@@ -519,6 +524,10 @@ impl Settings {
         let max_connections = self.max_connections.unwrap_or(100_000);
         if max_connections == 0 {
             return Err(invalid("max-connections", "must be at least 1"));
+        }
+        let max_channels = self.max_channels.unwrap_or(1_000_000);
+        if max_channels == 0 {
+            return Err(invalid("max-channels", "must be at least 1"));
         }
         let ws_read_buffer = self.ws_read_buffer.unwrap_or(2048);
         if !(512..=1024 * 1024).contains(&ws_read_buffer) {
@@ -671,6 +680,7 @@ impl Settings {
             max_outbox_messages,
             max_subscriptions,
             max_connections,
+            max_channels,
             ws_read_buffer,
             shutdown_timeout,
             tls_cert: self.tls_cert,

@@ -63,6 +63,7 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     pub outbox_drops: Counter,
     pub channels: Gauge,
+    pub channels_refused: Counter,
     pub subscriptions: Gauge,
     pub resumes: Family<OutcomeLabel, Counter>,
     pub recoveries: Family<RecoveredLabel, Counter>,
@@ -101,6 +102,7 @@ impl Metrics {
             ),
             outbox_drops: Counter::default(),
             channels: Gauge::default(),
+            channels_refused: Counter::default(),
             subscriptions: Gauge::default(),
             resumes: Family::default(),
             recoveries: Family::default(),
@@ -175,6 +177,11 @@ impl Metrics {
             "channels",
             "Channels with state on this node",
             m.channels.clone(),
+        );
+        r.register(
+            "channels_refused",
+            "Publishes and subscribes to a new channel refused because the node held --max-channels",
+            m.channels_refused.clone(),
         );
         r.register(
             "subscriptions",

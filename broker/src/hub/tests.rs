@@ -15,6 +15,7 @@ fn config(history: usize) -> MemoryBrokerConfig {
         history_ttl: Duration::from_secs(60),
         idle_channel_ttl: Duration::from_secs(60),
         idempotency_keys: 100,
+        max_channels: 1_000_000,
     }
 }
 

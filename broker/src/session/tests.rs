@@ -181,6 +181,7 @@ fn shared(config: SessionConfig, auth: ClientAuth) -> Arc<Shared> {
                     history_ttl: Duration::from_secs(300),
                     idle_channel_ttl: Duration::from_secs(600),
                     idempotency_keys: 100,
+                    max_channels: 1_000_000,
                 },
                 m,
                 sink,

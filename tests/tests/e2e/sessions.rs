@@ -306,3 +306,41 @@ async fn a_client_close_frame_is_answered_with_a_close_frame() {
     }
     broker.wait_for_no_connections().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_node_at_its_channel_limit_refuses_new_channels_and_keeps_serving() {
+    let broker = TestBroker::start(&["--max-channels", "2"]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.subscribe("one").await.unwrap();
+    c.subscribe("two").await.unwrap();
+    let id = c.id();
+    c.send(&ClientMessage::Subscribe(Subscribe {
+        id,
+        channel: ChannelName::new("three").unwrap(),
+        since: None,
+    }))
+    .await
+    .unwrap();
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+            assert!(e.message.contains("--max-channels"), "{e:?}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    let (s, v) = broker
+        .publish(json!({"channel": "four", "data": 1}))
+        .await
+        .unwrap();
+    assert_eq!(s, 503, "{v}");
+    // The channels it has go on.
+    broker
+        .publish(json!({"channel": "two", "data": "still"}))
+        .await
+        .unwrap();
+    assert_eq!(c.recv_publication().await.unwrap().data, json!("still"));
+    broker
+        .wait_for_metric("tether_channels_refused_total 2")
+        .await
+        .unwrap();
+}

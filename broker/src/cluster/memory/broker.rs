@@ -40,6 +40,9 @@ pub struct MemoryBrokerConfig {
     pub idle_channel_ttl: Duration,
     /// Idempotency keys remembered (for `history_ttl` each).
     pub idempotency_keys: usize,
+    /// Channels kept at most (`--max-channels`): past it, a new channel is
+    /// refused (`unavailable`) until the sweeper forgets idle ones.
+    pub max_channels: usize,
 }
 
 impl MemoryBrokerConfig {
@@ -50,6 +53,7 @@ impl MemoryBrokerConfig {
             history_ttl: c.history_ttl,
             idle_channel_ttl: c.history_ttl + c.resume_window + Duration::from_secs(60),
             idempotency_keys: idempotency::DEFAULT_CAPACITY,
+            max_channels: c.max_channels,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct MemoryBroker {
     sink: Weak<dyn Deliver>,
     idempotency: IdempotencyCache,
     started: Instant,
+    /// Channels in the shards.
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -122,6 +128,7 @@ impl MemoryBroker {
             metrics,
             sink,
             started: Instant::now(),
+            count: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -139,12 +146,27 @@ impl MemoryBroker {
         self.shard(name).read().get(name).cloned()
     }
 
-    fn get_or_create(&self, name: &ChannelName) -> Arc<Mutex<ChannelState>> {
+    /// The channel, created if needed; refused when the node already holds
+    /// `max_channels` (a client looping subscribe/unsubscribe over new
+    /// names must not grow memory without bound).
+    fn get_or_create(&self, name: &ChannelName) -> Result<Arc<Mutex<ChannelState>>, BrokerError> {
+        use std::sync::atomic::Ordering;
         if let Some(c) = self.lookup(name) {
-            return c;
+            return Ok(c);
         }
         let mut shard = self.shard(name).write();
-        shard
+        if let Some(c) = shard.get(name) {
+            return Ok(c.clone());
+        }
+        if self.count.load(Ordering::Relaxed) >= self.config.max_channels {
+            self.metrics.channels_refused.inc();
+            return Err(BrokerError::Unavailable(format!(
+                "this node holds its limit of {} channels (--max-channels); try again later",
+                self.config.max_channels
+            )));
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Ok(shard
             .entry(name.clone())
             .or_insert_with(|| {
                 self.metrics.channels.inc();
@@ -157,19 +179,23 @@ impl MemoryBroker {
                     removed: false,
                 }))
             })
-            .clone()
+            .clone())
     }
 
     /// Runs `f` on the live state of `name`, creating the channel if needed.
-    fn with_channel<R>(&self, name: &ChannelName, f: impl FnOnce(&mut ChannelState) -> R) -> R {
+    fn with_channel<R>(
+        &self,
+        name: &ChannelName,
+        f: impl FnOnce(&mut ChannelState) -> R,
+    ) -> Result<R, BrokerError> {
         loop {
-            let channel = self.get_or_create(name);
+            let channel = self.get_or_create(name)?;
             let mut state = channel.lock();
             if state.removed {
                 // Lost a race with the sweeper; the next lookup creates it anew.
                 continue;
             }
-            return f(&mut state);
+            return Ok(f(&mut state));
         }
     }
 
@@ -195,7 +221,12 @@ impl MemoryBroker {
     }
 
     /// Assigns the next offset, delivers, appends to history.
-    fn publish_now(&self, channel: &ChannelName, data: &Value, raw: Box<RawValue>) -> Position {
+    fn publish_now(
+        &self,
+        channel: &ChannelName,
+        data: &Value,
+        raw: Box<RawValue>,
+    ) -> Result<Position, BrokerError> {
         let ts = unix_millis();
         let published_at = Instant::now();
         let cfg = &self.config;
@@ -281,14 +312,14 @@ impl Broker for MemoryBroker {
         Box::pin(async move {
             match p.idempotency_key {
                 None => Ok(Published {
-                    position: self.publish_now(p.channel, p.data, p.raw),
+                    position: self.publish_now(p.channel, p.data, p.raw)?,
                     fresh: true,
                 }),
                 Some(key) => {
                     let (position, fresh) = self
                         .idempotency
                         .get_or_publish(p.channel, key, || {
-                            Ok::<_, BrokerError>(self.publish_now(p.channel, p.data, p.raw))
+                            self.publish_now(p.channel, p.data, p.raw)
                         })
                         .await?;
                     Ok(Published { position, fresh })
@@ -307,11 +338,11 @@ impl Broker for MemoryBroker {
     }
 
     fn watch<'a>(&'a self, channel: &'a ChannelName) -> BoxFuture<'a, Result<(), BrokerError>> {
-        self.with_channel(channel, |st| {
+        let watched = self.with_channel(channel, |st| {
             st.watchers += 1;
             st.last_activity = self.now_secs();
         });
-        Box::pin(async { Ok(()) })
+        Box::pin(async { watched })
     }
 
     fn unwatch(&self, channel: &ChannelName) {
@@ -340,6 +371,8 @@ impl Broker for MemoryBroker {
                 if idle {
                     st.removed = true;
                     self.metrics.channels.dec();
+                    self.count
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 !idle
             });
@@ -373,6 +406,7 @@ mod tests {
                 history_ttl: ttl,
                 idle_channel_ttl: idle,
                 idempotency_keys: 100,
+                max_channels: 1_000_000,
             },
             Metrics::new(&mut Registry::default()),
             Arc::downgrade(&sink),
@@ -514,5 +548,44 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         b.sweep();
         assert!(b.lookup(&ch("watched")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_node_at_its_channel_limit_refuses_new_channels_until_idle_ones_go() {
+        let record = Arc::new(Record::default());
+        let sink: Arc<dyn Deliver> = record.clone();
+        let b = MemoryBroker::new(
+            MemoryBrokerConfig {
+                history_size: 10,
+                history_ttl: Duration::from_millis(1),
+                idle_channel_ttl: Duration::ZERO,
+                idempotency_keys: 100,
+                max_channels: 2,
+            },
+            Metrics::new(&mut Registry::default()),
+            Arc::downgrade(&sink),
+        );
+        b.watch(&ch("a")).await.expect("first");
+        b.watch(&ch("b")).await.expect("second");
+        // The limit: a third channel is refused, by watch and by publish…
+        let e = b.watch(&ch("c")).await.expect_err("full");
+        assert!(e.to_string().contains("--max-channels"), "{e}");
+        let v = serde_json::json!(1);
+        let refused = b
+            .publish(Publish {
+                channel: &ch("c"),
+                data: &v,
+                raw: crate::hub::encode_data(&v),
+                idempotency_key: None,
+            })
+            .await;
+        assert!(matches!(refused, Err(BrokerError::Unavailable(_))));
+        // …while the known ones go on.
+        b.watch(&ch("a")).await.expect("known channel");
+        // Once one is unwatched and forgotten, there is room again.
+        b.unwatch(&ch("b"));
+        std::thread::sleep(Duration::from_millis(2));
+        b.sweep();
+        b.watch(&ch("c")).await.expect("room again");
     }
 }
