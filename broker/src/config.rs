@@ -119,10 +119,10 @@ pub struct Settings {
     #[arg(long, env = "TETHER_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
     /// Redis URL for cluster mode, redis:// or rediss:// (TLS) [default: none, single node]
-    #[arg(long, env = "TETHER_REDIS_URL")]
+    #[arg(long, env = "TETHER_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Redis Cluster seed nodes for cluster mode, comma separated redis:// or rediss:// URLs [default: none]
-    #[arg(long, env = "TETHER_REDIS_CLUSTER")]
+    #[arg(long, env = "TETHER_REDIS_CLUSTER", hide_env_values = true)]
     pub redis_cluster: Option<String>,
     /// This node's name [default: host name + random suffix]
     #[arg(long, env = "TETHER_NODE_ID")]
@@ -143,7 +143,7 @@ pub struct Settings {
     #[arg(long, env = "TETHER_RESUME_WINDOW")]
     pub resume_window: Option<u64>,
     /// Secret that signs resume tokens; share it across a cluster [default: random per start]
-    #[arg(long, env = "TETHER_RESUME_SECRET")]
+    #[arg(long, env = "TETHER_RESUME_SECRET", hide_env_values = true)]
     pub resume_secret: Option<Secret<String>>,
     /// Seconds before an unacked personal message also goes to push [default: off]
     #[arg(long, env = "TETHER_ACK_TIMEOUT")]
@@ -212,7 +212,7 @@ pub struct Settings {
     #[arg(long, env = "TETHER_QUIC_KEEP_ALIVE")]
     pub quic_keep_alive: Option<u64>,
     /// 64 hex characters: the key sealing TLS session tickets, shared by the nodes of a cluster [default: random per start]
-    #[arg(long, env = "TETHER_QUIC_TICKET_KEY")]
+    #[arg(long, env = "TETHER_QUIC_TICKET_KEY", hide_env_values = true)]
     pub quic_ticket_key: Option<Secret<String>>,
     /// Log format: `text` or `json` [default: text]
     #[arg(long, env = "TETHER_LOG_FORMAT")]
@@ -258,13 +258,40 @@ pub struct FcmSettings {
     pub endpoint: Option<String>,
 }
 
-/// The Redis a cluster shares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The Redis a cluster shares. Its `Debug` leaves out the URLs'
+/// passwords (it is logged at start).
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisTarget {
     /// One Redis (`--redis-url`).
     Single(String),
     /// A Redis Cluster, found through these seed nodes (`--redis-cluster`).
     Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisTarget::Single(url) => f.debug_tuple("Single").field(&redact_url(url)).finish(),
+            RedisTarget::Cluster(urls) => f
+                .debug_tuple("Cluster")
+                .field(&urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
+/// `redis://user:secret@host:6379/0` → `redis://user:…@host:6379/0`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:…@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Log output format.
@@ -821,6 +848,18 @@ mod tests {
             config.api_key.as_ref().map(|k| k.expose().as_str()),
             Some("api-key-SEKRIT")
         );
+    }
+
+    #[test]
+    fn redis_passwords_are_not_shown() {
+        let t = RedisTarget::Single("redis://app:hunter2@10.0.0.7:6379/0".into());
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("10.0.0.7:6379"), "{shown}");
+        let t = RedisTarget::Cluster(vec!["rediss://:pw@a:1".into(), "redis://b:2".into()]);
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("pw@"), "{shown}");
+        assert!(shown.contains("redis://b:2"), "{shown}");
     }
 
     #[test]
