@@ -33,7 +33,9 @@ pub struct Position {
 #[derive(Debug)]
 pub struct Publish<'a> {
     pub channel: &'a ChannelName,
-    pub data: &'a Value,
+    /// `data` as a value, when the publisher has one; `None`: parsed from
+    /// `raw` only where needed (for MessagePack subscribers).
+    pub data: Option<&'a Value>,
     /// `data` as compact JSON (`hub::encode_data`): what history keeps and
     /// what JSON subscribers receive.
     pub raw: Box<RawValue>,

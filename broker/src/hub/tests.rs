@@ -59,7 +59,7 @@ fn publish_to(broker: &dyn Broker, channel: &ChannelName, v: Value) -> Position 
     now(broker.publish(Publish {
         channel,
         raw: encode_data(&v),
-        data: &v,
+        data: Some(&v),
         idempotency_key: None,
     }))
     .expect("published")

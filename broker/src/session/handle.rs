@@ -225,7 +225,7 @@ impl Session {
             .broker
             .publish(Publish {
                 channel: &p.channel,
-                data: &p.data,
+                data: Some(&p.data),
                 raw: crate::hub::encode_data(&p.data),
                 idempotency_key: None,
             })

@@ -235,7 +235,7 @@ async fn publish(shared: &Shared, channel: &str, data: serde_json::Value) -> Off
         .publish(Publish {
             channel: &c,
             raw: crate::hub::encode_data(&data),
-            data: &data,
+            data: Some(&data),
             idempotency_key: None,
         })
         .await

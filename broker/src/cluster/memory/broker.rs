@@ -224,7 +224,7 @@ impl MemoryBroker {
     fn publish_now(
         &self,
         channel: &ChannelName,
-        data: &Value,
+        data: Option<&Value>,
         raw: Box<RawValue>,
     ) -> Result<Position, BrokerError> {
         let ts = unix_millis();
@@ -242,7 +242,7 @@ impl MemoryBroker {
                         offset: st.offset,
                         ts,
                         raw: &raw,
-                        data: Some(data),
+                        data,
                         published_at: Some(published_at),
                     },
                 );
@@ -422,7 +422,7 @@ mod tests {
     async fn publish(b: &MemoryBroker, c: &str, v: Value, key: Option<&str>) -> Published {
         b.publish(Publish {
             channel: &ch(c),
-            data: &v,
+            data: Some(&v),
             raw: crate::hub::encode_data(&v),
             idempotency_key: key,
         })
@@ -574,7 +574,7 @@ mod tests {
         let refused = b
             .publish(Publish {
                 channel: &ch("c"),
-                data: &v,
+                data: Some(&v),
                 raw: crate::hub::encode_data(&v),
                 idempotency_key: None,
             })
