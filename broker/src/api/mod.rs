@@ -400,6 +400,27 @@ fn check_publication(max: usize, body: &[u8]) -> Result<Valid, ApiError> {
     })?;
     let channel = ChannelName::new(std::mem::take(&mut body.channel))
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    if !numbers_in_range(body.data.get()) {
+        // Valid JSON text, but no JSON parser of a subscriber (nor ours,
+        // for MessagePack subscribers) could read it as a number.
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "data holds a number beyond the range of a 64-bit float (e.g. 1e400)",
+        ));
+    }
+    // `\u` escapes are taken as text by the raw capture, lone surrogates
+    // (`"\ud9d5"`) included, which strict parsers (serde_json: our Rust
+    // client, the MessagePack conversion) refuse: checked by a full parse,
+    // only when there is an escape to check.
+    if body.data.get().contains("\\u")
+        && let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(body.data.get())
+            .and_then(|_| serde_json::from_str::<Value>(body.data.get()))
+    {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("data is not valid JSON: {e}"),
+        ));
+    }
     // Compacted once: sized here, stored and fanned out by the broker.
     let raw = compact_json(&body.data);
     let size = raw.get().len();
@@ -427,6 +448,51 @@ fn check_publication(max: usize, body: &[u8]) -> Result<Valid, ApiError> {
         })?;
     }
     Ok(Valid { channel, body, raw })
+}
+
+/// Whether every number in the JSON text `json` is within the range of a
+/// 64-bit float (its digits are kept as sent; a float is what most JSON
+/// parsers read, and `1e400` is infinite to them, an error to serde_json).
+/// Only numbers that could be out of range are parsed: long ones, or ones
+/// with an exponent.
+fn numbers_in_range(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let (mut i, mut in_string, mut escaped) = (0, false, false);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            while i < bytes.len()
+                && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+            {
+                i += 1;
+            }
+            let token = &json[start..i];
+            if (token.len() > 15 || token.bytes().any(|c| c == b'e' || c == b'E'))
+                && !token.parse::<f64>().is_ok_and(f64::is_finite)
+            {
+                return false;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// How deeply `json` nests arrays and objects (strings skipped); for text

@@ -463,3 +463,53 @@ async fn numbers_in_data_pass_through_digit_for_digit() {
         "{history}"
     );
 }
+
+#[tokio::test]
+async fn a_number_no_float_can_hold_is_refused() {
+    // Found by the api_publication fuzz target: valid JSON text, but
+    // infinite to a subscriber's JSON parser (and an error to serde_json).
+    let broker = TestBroker::start(&[]).unwrap();
+    for data in [
+        "1e400",
+        "-18e491",
+        &format!("1{}", "0".repeat(400)),
+        "[1, {\"x\": 2E+999}]",
+    ] {
+        let body = format!(r#"{{"channel":"n","data":{data}}}"#);
+        let (s, v) = post_raw(&broker, "/v1/publish", &body).await;
+        assert_eq!(s, 400, "{data}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("range"),
+            "{v}"
+        );
+    }
+    // Also found by it: a lone surrogate escape, which strict JSON parsers
+    // (serde_json, so our Rust client and the MessagePack conversion) refuse.
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish",
+        r#"{"channel":"n","data":{"k":"\uD9D5x"}}"#,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish",
+        r#"{"channel":"n","data":"\uD83D\uDE00 \u00e9"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "a surrogate pair is fine: {v}");
+    // Big but finite ones pass, digit for digit.
+    let (s, v) = post_raw(
+        &broker,
+        "/v1/publish",
+        r#"{"channel":"n","data":[1e300,123456789012345678901234567890]}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, history) = get(&broker, "/v1/channels/n/history").await;
+    assert!(
+        history.contains("[1e300,123456789012345678901234567890]"),
+        "{history}"
+    );
+}
