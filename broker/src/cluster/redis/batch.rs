@@ -21,7 +21,9 @@
 //!   when its deadline passed is answered `unavailable` without being sent:
 //!   not published, so a retry cannot duplicate it.
 //! - **Script cache**: after a Redis restart the script is gone (`NOSCRIPT`);
-//!   the task loads it and sends those calls again, once.
+//!   the task loads it and sends those calls again, once. Each pipeline is
+//!   one `MULTI`/`EXEC`, so a round fails `NOSCRIPT` whole or not at all
+//!   and the resent calls keep their place.
 
 use std::collections::HashMap;
 
@@ -204,10 +206,15 @@ async fn send_round(
         .collect()
 }
 
-/// Sends the calls at `slots` as one pipeline.
+/// Sends the calls at `slots` as one pipeline, in one transaction
+/// (`MULTI`/`EXEC`): nothing of another client runs between its calls, so
+/// after a lost script cache either every call of the round answers
+/// `NOSCRIPT` or none does. Without it, another node's `SCRIPT LOAD` could
+/// land mid-pipeline: the calls before it failed, those after it were
+/// published, and the retry put the first ones after them, out of order.
 async fn send(conn: &mut Conn, jobs: &[Job], slots: Vec<Slot>) -> Vec<(Slot, Reply)> {
     let mut pipe = redis::pipe();
-    pipe.ignore_errors();
+    pipe.atomic().ignore_errors();
     for &(j, c) in &slots {
         pipe.add_command(jobs[j].calls[c].1.clone());
     }
