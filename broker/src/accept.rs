@@ -35,6 +35,11 @@ use crate::transport::ws;
 /// listeners: past it new clients are turned away (503) until some finish.
 pub const MAX_HANDSHAKES: usize = 1024;
 
+/// Turned-away WebSocket clients being answered at once (each holds its
+/// socket for up to a second): past it, a client is just closed, so that a
+/// flood cannot spend the descriptors kept for the API and Redis.
+pub const MAX_TURNING_AWAY: usize = 256;
+
 /// `Retry-After` of a turned-away WebSocket client: 1 to this many seconds,
 /// at random, so that a storm comes back spread out.
 pub const RETRY_AFTER_MAX_SECS: u64 = 5;
@@ -83,6 +88,7 @@ pub async fn websocket(
 ) {
     let ws_config = ws::ws_config(limits.max_message_size, limits.ws_read_buffer);
     let tls = wss.map(Arc::new);
+    let turning_away = Arc::new(Semaphore::new(MAX_TURNING_AWAY));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -108,10 +114,15 @@ pub async fn websocket(
                 Ok(_) => "busy",
             };
             refused(&shared.metrics, reason);
-            if tls.is_none() {
-                tracker.spawn(turn_away(stream));
+            if tls.is_none()
+                && let Ok(answering) = turning_away.clone().try_acquire_owned()
+            {
+                tracker.spawn(async move {
+                    turn_away(stream).await;
+                    drop(answering);
+                });
             }
-            // wss: dropped, closing the connection.
+            // Otherwise (wss, or too many being answered): dropped, closed.
             continue;
         };
         let shared = shared.clone();

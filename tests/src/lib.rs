@@ -563,6 +563,25 @@ impl TestBroker {
     }
 }
 
+/// Starts the broker with `args` on ephemeral loopback ports (QUIC off),
+/// expects it to refuse to start, and returns what it printed on stderr.
+pub fn broker_refuses(args: &[&str]) -> String {
+    let out = Command::new(broker_bin().expect("broker binary"))
+        .args([
+            "--client-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--quic-addr",
+            "off",
+        ])
+        .args(args)
+        .output()
+        .expect("broker runs");
+    assert!(!out.status.success(), "the broker started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A connected, handshaken client.
 pub async fn connected_client(broker: &TestBroker) -> Result<WsClient> {
     let mut c = WsClient::connect(&broker.ws_url()).await?;

@@ -382,21 +382,7 @@ async fn batches_and_push_fields_are_bounded_before_they_are_taken() {
 
 #[tokio::test]
 async fn a_plaintext_provider_endpoint_off_loopback_is_refused_at_start() {
-    let out = std::process::Command::new(broker_bin().unwrap())
-        .args([
-            "--client-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--quic-addr",
-            "off",
-            "--fcm-endpoint",
-            "http://10.1.2.3:8443",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = broker_refuses(&["--fcm-endpoint", "http://10.1.2.3:8443"]);
     assert!(
         err.contains("fcm-endpoint") && err.contains("loopback"),
         "{err}"

@@ -127,21 +127,7 @@ async fn a_token_accepted_inside_the_leeway_is_not_closed_at_once() {
 
 #[tokio::test]
 async fn a_short_hs256_secret_is_refused_at_start() {
-    let out = std::process::Command::new(broker_bin().unwrap())
-        .args([
-            "--jwt-secret",
-            "only-31-bytes-long-0123456789ab",
-            "--client-addr",
-            "127.0.0.1:0",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--quic-addr",
-            "off",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = broker_refuses(&["--jwt-secret", "only-31-bytes-long-0123456789ab"]);
     assert!(
         err.contains("jwt-secret") && err.contains("32 bytes"),
         "{err}"
