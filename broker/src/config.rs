@@ -205,6 +205,15 @@ pub struct Settings {
     /// FCM base URL
     #[arg(long, env = "TETHER_FCM_ENDPOINT")]
     pub fcm_endpoint: Option<String>,
+    /// Web Push VAPID private key: PEM (P-256) or the base64url key
+    #[arg(long, env = "TETHER_VAPID_PRIVATE_KEY", value_name = "FILE")]
+    pub vapid_private_key: Option<PathBuf>,
+    /// Web Push VAPID contact: a mailto: or https: URL
+    #[arg(long, env = "TETHER_VAPID_SUBJECT")]
+    pub vapid_subject: Option<String>,
+    /// Seconds within which an offline device gets at most one push per collapse key (the rest summed up in one later push with their count); 0 = every publication pushed [default: 0]
+    #[arg(long, env = "TETHER_PUSH_COALESCE_WINDOW")]
+    pub push_coalesce_window: Option<u64>,
     /// Seconds without any packet before a QUIC connection is dropped [default: 60]
     #[arg(long, env = "TETHER_QUIC_IDLE_TIMEOUT")]
     pub quic_idle_timeout: Option<u64>,
@@ -256,6 +265,13 @@ pub struct ApnsSettings {
 pub struct FcmSettings {
     pub service_account: PathBuf,
     pub endpoint: Option<String>,
+}
+
+/// Web Push (VAPID) settings: both given, or none.
+#[derive(Debug, Clone)]
+pub struct WebPushSettings {
+    pub vapid_private_key: PathBuf,
+    pub vapid_subject: String,
 }
 
 /// The Redis a cluster shares. Its `Debug` leaves out the URLs'
@@ -337,6 +353,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     pub apns: Option<ApnsSettings>,
     pub fcm: Option<FcmSettings>,
+    pub webpush: Option<WebPushSettings>,
+    /// Push coalescing window; `None`: off.
+    pub push_coalesce_window: Option<Duration>,
     pub quic_idle_timeout: Duration,
     pub quic_keep_alive: Option<Duration>,
     pub quic_ticket_key: Option<Secret<[u8; 32]>>,
@@ -442,6 +461,9 @@ impl Settings {
             apns_endpoint,
             fcm_service_account,
             fcm_endpoint,
+            vapid_private_key,
+            vapid_subject,
+            push_coalesce_window,
             quic_idle_timeout,
             quic_keep_alive,
             quic_ticket_key,
@@ -645,6 +667,43 @@ impl Settings {
                 ));
             }
         }
+        let webpush = match (self.vapid_private_key, self.vapid_subject) {
+            (None, None) => None,
+            (Some(vapid_private_key), Some(vapid_subject)) => {
+                if !(vapid_subject.starts_with("mailto:") || vapid_subject.starts_with("https:")) {
+                    return Err(invalid(
+                        "vapid-subject",
+                        "must be a mailto: or https: URL (push services use it to reach the operator)",
+                    ));
+                }
+                Some(WebPushSettings {
+                    vapid_private_key,
+                    vapid_subject,
+                })
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "vapid-subject",
+                    "Web Push needs vapid-private-key and vapid-subject together",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "vapid-private-key",
+                    "Web Push needs vapid-private-key and vapid-subject together",
+                ));
+            }
+        };
+        let push_coalesce_window = match self.push_coalesce_window.unwrap_or(0) {
+            0 => None,
+            s if s > 86_400 => {
+                return Err(invalid(
+                    "push-coalesce-window",
+                    "must be at most 86400 seconds",
+                ));
+            }
+            s => Some(Duration::from_secs(s)),
+        };
         if apns.iter().any(|b| *b) && !apns.iter().all(|b| *b) {
             return Err(invalid(
                 "apns-key-file",
@@ -731,6 +790,8 @@ impl Settings {
                 service_account,
                 endpoint: self.fcm_endpoint,
             }),
+            webpush,
+            push_coalesce_window,
             quic_idle_timeout,
             quic_keep_alive,
             quic_ticket_key,

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub history_messages: Gauge,
     pub pushes: Family<PushLabel, Counter>,
     pub push_devices_removed: Family<ProviderLabel, Counter>,
+    pub pushes_coalesced: Family<ProviderLabel, Counter>,
     pub push_enqueue_failures: Counter,
     pub push_outbox_depth: Gauge,
     pub push_token_refreshes: Family<ProviderLabel, Gauge>,
@@ -114,6 +115,7 @@ impl Metrics {
             history_messages: Gauge::default(),
             pushes: Family::default(),
             push_devices_removed: Family::default(),
+            pushes_coalesced: Family::default(),
             push_enqueue_failures: Counter::default(),
             push_outbox_depth: Gauge::default(),
             push_token_refreshes: Family::default(),
@@ -237,6 +239,11 @@ impl Metrics {
             "push_devices_removed",
             "Devices removed because the provider said their token is dead",
             m.push_devices_removed.clone(),
+        );
+        r.register(
+            "pushes_coalesced",
+            "Pushes held back by coalescing (summed up in one later push per device, collapse key and window)",
+            m.pushes_coalesced.clone(),
         );
         r.register(
             "push_enqueue_failures",

@@ -350,6 +350,14 @@ pub async fn count_events(mut events: mpsc::Receiver<GatewayEvent>, metrics: Met
                     })
                     .inc();
             }
+            GatewayEvent::Coalesced { platform } => {
+                metrics
+                    .pushes_coalesced
+                    .get_or_create(&crate::metrics::ProviderLabel {
+                        provider: platform.as_str(),
+                    })
+                    .inc();
+            }
         }
     }
 }
@@ -413,8 +421,7 @@ mod tests {
                 queue,
                 devices: devices.clone(),
             },
-            None,
-            None,
+            Vec::new(),
             GatewayConfig::default(),
             events,
             shutdown.clone(),

@@ -520,6 +520,21 @@ fn start_push(
         }
         None => None,
     };
+    let webpush = match &config.webpush {
+        Some(w) => {
+            let c = tether_push_gateway::WebPushConfig::from_key_file(
+                &w.vapid_private_key,
+                &w.vapid_subject,
+            )?;
+            let client = tether_push_gateway::WebPushClient::new(c)?;
+            info!(
+                vapid_public_key = client.public_key(),
+                "Web Push on: web apps subscribe with this applicationServerKey"
+            );
+            Some(Arc::new(client))
+        }
+        None => None,
+    };
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
     tasks.spawn(crate::push::count_events(events_rx, metrics.clone()));
     tasks.spawn(count_token_refreshes(
@@ -530,26 +545,35 @@ fn start_push(
     ));
     // One node: devices and jobs in its redb store. A cluster: in Redis,
     // where every node's gateway takes jobs from the shared queue.
+    let gateway_defaults = tether_push_gateway::GatewayConfig {
+        coalesce_window: config.push_coalesce_window,
+        ..tether_push_gateway::GatewayConfig::default()
+    };
     let (backend, gateway_config) = match shared {
-        None => (
-            tether_push_gateway::Backend::from(store),
-            tether_push_gateway::GatewayConfig::default(),
-        ),
+        None => (tether_push_gateway::Backend::from(store), gateway_defaults),
         Some(b) => (
             b,
             tether_push_gateway::GatewayConfig {
                 max_idle: Duration::from_secs(2),
-                ..tether_push_gateway::GatewayConfig::default()
+                ..gateway_defaults
             },
         ),
     };
     let devices = backend.devices.clone();
-    let gateway = tether_push_gateway::Gateway::start(
-        backend,
+    let configured = [apns.is_some(), fcm.is_some(), webpush.is_some()];
+    let providers: Vec<Arc<dyn tether_push_gateway::Provider>> = [
         apns.clone()
             .map(|a| a as Arc<dyn tether_push_gateway::Provider>),
         fcm.clone()
             .map(|f| f as Arc<dyn tether_push_gateway::Provider>),
+        webpush.map(|w| w as Arc<dyn tether_push_gateway::Provider>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let gateway = tether_push_gateway::Gateway::start(
+        backend,
+        providers,
         gateway_config,
         events_tx,
         tokens.push.clone(),
@@ -560,7 +584,7 @@ fn start_push(
         presence,
         config.ack_timeout,
         ack_checks,
-        [apns.is_some(), fcm.is_some(), false],
+        configured,
         metrics.clone(),
         tokens.push.clone(),
     );

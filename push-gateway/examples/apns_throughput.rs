@@ -81,6 +81,7 @@ async fn main() -> Result<()> {
                         channel: "user:bench".into(),
                         offset: i as u64,
                         created_at: 0,
+                        count: 0,
                     },
                 }
             })
@@ -131,8 +132,7 @@ async fn main() -> Result<()> {
     let shutdown = CancellationToken::new();
     let gateway = Gateway::start(
         store,
-        Some(client.clone() as Arc<dyn Provider>),
-        None,
+        vec![client.clone() as Arc<dyn Provider>],
         GatewayConfig {
             max_concurrency_per_provider: c,
             ..GatewayConfig::default()

@@ -386,7 +386,8 @@ fn request_headers(
 }
 
 /// The JSON payload for a job: `aps` (an alert, or `content-available` for a
-/// background push), the custom data's fields, and `channel` and `offset`.
+/// background push), the custom data's fields, `channel` and `offset`, and
+/// `count` when the push stands for several publications.
 pub fn payload(job: &PushJob) -> Value {
     let n = &job.spec.notification;
     let aps = if n.is_alert() {
@@ -420,6 +421,9 @@ pub fn payload(job: &PushJob) -> Value {
     root.insert("aps".into(), aps);
     root.insert("channel".into(), Value::String(job.spec.channel.clone()));
     root.insert("offset".into(), Value::from(job.spec.offset));
+    if let Some(count) = job.spec.coalesced_count() {
+        root.insert("count".into(), Value::from(count));
+    }
     Value::Object(root)
 }
 
@@ -441,6 +445,7 @@ mod tests {
             channel: "user:u".into(),
             offset: 42,
             created_at: 0,
+            count: 0,
         }
         .with_id(9)
     }

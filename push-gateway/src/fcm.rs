@@ -414,7 +414,8 @@ fn reserved_data_key(k: &str) -> bool {
 
 /// The HTTP v1 request body for a job. Every `data` value is a string
 /// (non-string JSON values are sent as their JSON text); `channel` and
-/// `offset` are added; keys FCM reserves are left out.
+/// `offset` are added (and `count` when the push stands for several
+/// publications); keys FCM reserves are left out.
 pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
     let n = &job.spec.notification;
     let mut data = Map::new();
@@ -435,6 +436,9 @@ pub fn message(job: &PushJob, ttl_left: Option<u64>) -> Value {
     }
     data.insert("channel".into(), Value::String(job.spec.channel.clone()));
     data.insert("offset".into(), Value::String(job.spec.offset.to_string()));
+    if let Some(count) = job.spec.coalesced_count() {
+        data.insert("count".into(), Value::String(count.to_string()));
+    }
 
     let mut android = Map::new();
     let priority = match n.effective_priority() {
@@ -487,6 +491,7 @@ mod tests {
             channel: "user:u".into(),
             offset: 5,
             created_at: 0,
+            count: 0,
         }
         .with_id(1)
     }

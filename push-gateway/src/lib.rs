@@ -1,5 +1,6 @@
 //! Tether's push gateway: delivers notifications to offline devices through
-//! APNs and FCM, durably, with retries and dead-token pruning.
+//! APNs, FCM and Web Push, durably, with retries, dead-token pruning and
+//! coalescing of bursts.
 //!
 //! The broker registers devices and *enqueues* [`NewPushJob`]s; everything
 //! after that happens here:
@@ -12,8 +13,11 @@
 //! - [`gateway`]: the delivery task — bounded concurrency per provider,
 //!   jittered exponential backoff honouring `Retry-After`, removal of
 //!   devices whose token is dead, events for metrics, bounded shutdown.
-//! - [`apns`] and [`fcm`]: the two [`Provider`]s, written by hand on
-//!   reqwest (HTTP/2, rustls with aws-lc-rs).
+//! - [`apns`], [`fcm`] and [`webpush`]: the three [`Provider`]s, written
+//!   by hand on reqwest (HTTP/2, rustls with aws-lc-rs); Web Push encrypts
+//!   (RFC 8291) and signs (VAPID, RFC 8292) with aws-lc-rs.
+//! - [`coalesce`]: at most one push per device and collapse key within a
+//!   window, the rest summed up in one later push with their `count`.
 //! - [`outcome`]: what a provider's answer means ([`Outcome`]).
 //! - [`validate`]: checks for device registrations (typed errors for
 //!   HTTP 400).
@@ -22,6 +26,7 @@
 
 pub mod apns;
 pub mod backoff;
+pub mod coalesce;
 pub mod devices;
 pub mod fcm;
 pub mod gateway;
@@ -31,6 +36,7 @@ pub mod queue;
 pub mod store;
 pub mod types;
 pub mod validate;
+pub mod webpush;
 
 pub use apns::{ApnsClient, ApnsConfig};
 pub use devices::{DeviceRegistry, RegistryError, RegistryFuture};
@@ -44,3 +50,4 @@ pub use types::{
     Device, NewPushJob, Notification, Platform, Priority, PushJob, PushMode, unix_now,
 };
 pub use validate::{DeviceError, NotificationError};
+pub use webpush::{WebPushClient, WebPushConfig};

@@ -165,6 +165,29 @@ pub fn classify_fcm(status: u16, error: &FcmError, retry_after: Option<Duration>
 /// a provider that is refusing us means the usual backoff, not a tight
 /// retry loop (an immediate retry is kept for a credential refresh).
 /// Capped at one day.
+/// Classifies a push service's answer to a Web Push message (RFC 8030).
+///
+/// 200–202 → delivered (201 Created is the standard answer); 404 and 410 →
+/// the subscription is gone; 429 and 5xx → retry (honouring
+/// `Retry-After`); 413 → `PayloadTooLarge`; 401/403 → `VapidRejected` (the
+/// subscription was made for another application-server key); any other
+/// answer → failed.
+pub fn classify_webpush(status: u16, retry_after: Option<Duration>) -> Outcome {
+    match status {
+        200..=202 => Outcome::Delivered,
+        404 | 410 => Outcome::DeadToken {
+            reason: http_reason(status),
+        },
+        429 | 500..=599 => Outcome::Retry {
+            after: retry_after,
+            reason: http_reason(status),
+        },
+        413 => Outcome::failed("PayloadTooLarge"),
+        401 | 403 => Outcome::failed("VapidRejected"),
+        _ => Outcome::failed(http_reason(status)),
+    }
+}
+
 pub fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
     let secs: u64 = value?.trim().parse().ok()?;
     (secs > 0).then(|| Duration::from_secs(secs.min(86_400)))
@@ -176,6 +199,27 @@ mod tests {
 
     fn secs(n: u64) -> Option<Duration> {
         Some(Duration::from_secs(n))
+    }
+
+    #[test]
+    fn web_push_answers() {
+        assert_eq!(classify_webpush(201, None), Outcome::Delivered);
+        assert_eq!(classify_webpush(410, None).label(), "dead_token");
+        assert_eq!(classify_webpush(404, None).label(), "dead_token");
+        assert_eq!(
+            classify_webpush(429, secs(30)),
+            Outcome::Retry {
+                after: secs(30),
+                reason: "http_429".into()
+            }
+        );
+        assert_eq!(classify_webpush(503, None).label(), "retry");
+        assert_eq!(
+            classify_webpush(413, None).reason(),
+            Some("PayloadTooLarge")
+        );
+        assert_eq!(classify_webpush(403, None).reason(), Some("VapidRejected"));
+        assert_eq!(classify_webpush(400, None).label(), "failed");
     }
 
     #[test]

@@ -230,6 +230,15 @@ pub struct NewPushJob {
     /// from here. 0 means "unknown" (the ttl then counts from each send).
     #[serde(default)]
     pub created_at: u64,
+    /// Publications this push stands for: more than 1 when coalescing held
+    /// some back and this one (the latest) is sent for all of them; the
+    /// payload then carries `count`. 0 and 1 mean just this publication.
+    #[serde(default, skip_serializing_if = "is_single")]
+    pub count: u32,
+}
+
+fn is_single(count: &u32) -> bool {
+    *count <= 1
 }
 
 impl NewPushJob {
@@ -252,7 +261,13 @@ impl NewPushJob {
             channel: channel.into(),
             offset,
             created_at: unix_now(),
+            count: 0,
         }
+    }
+
+    /// `count` when the push stands for several publications, for payloads.
+    pub fn coalesced_count(&self) -> Option<u32> {
+        (self.count > 1).then_some(self.count)
     }
 
     /// The job as stored, with the id its queue gave it.
@@ -415,6 +430,7 @@ mod tests {
                 channel: "user:u".into(),
                 offset: 1,
                 created_at: 0,
+                count: 0,
             }
             .with_id(id)
         };
@@ -446,6 +462,7 @@ mod tests {
             channel: "c".into(),
             offset: 1,
             created_at: 1000,
+            count: 0,
         }
         .with_id(1);
         assert_eq!(j.ttl_left(1010), Some(50));

@@ -35,6 +35,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use parking_lot::Mutex;
+
+use crate::coalesce::Coalescer;
 use crate::devices::DeviceRegistry;
 use crate::provider::Provider;
 use crate::queue::{PushQueue, QueueError};
@@ -64,6 +67,12 @@ pub struct GatewayConfig {
     /// gateway (jobs enqueued on this node wake it; a queue shared by
     /// several nodes wants a short one).
     pub max_idle: Duration,
+    /// Push coalescing ([`crate::coalesce`]): at most one push per device
+    /// and collapse key per window. `None`: every publication is pushed.
+    pub coalesce_window: Option<Duration>,
+    /// Coalescing windows open at once, at most; past that, jobs for new
+    /// keys are pushed uncoalesced.
+    pub coalesce_max_keys: usize,
 }
 
 impl Default for GatewayConfig {
@@ -76,6 +85,8 @@ impl Default for GatewayConfig {
             send_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             max_idle: Duration::from_secs(60),
+            coalesce_window: None,
+            coalesce_max_keys: crate::coalesce::DEFAULT_MAX_KEYS,
         }
     }
 }
@@ -98,6 +109,9 @@ pub enum GatewayEvent {
         device_id: String,
         platform: Platform,
     },
+    /// A push was held back by coalescing (it goes out, summed up with the
+    /// others of its window, when the window closes).
+    Coalesced { platform: Platform },
 }
 
 /// What the gateway reads and writes: the job queue, and the device
@@ -135,7 +149,19 @@ struct Shared {
     clock: Clock,
     wake: Notify,
     stopped: CancellationToken,
+    events: mpsc::Sender<GatewayEvent>,
     events_dropped: AtomicU64,
+    /// Open coalescing windows, when coalescing is on. Never held across
+    /// an `.await`.
+    coalescer: Option<Mutex<Coalescer>>,
+}
+
+impl Shared {
+    fn emit(&self, event: GatewayEvent) {
+        if self.events.try_send(event).is_err() && !self.events.is_closed() {
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Unix milliseconds measured on tokio's monotonic clock from a wall-clock
@@ -166,38 +192,44 @@ impl Clock {
 }
 
 impl Gateway {
-    /// Starts the delivery task on the current tokio runtime. A provider
-    /// left `None` is off: its jobs are recorded as failed
-    /// (`ProviderNotConfigured`). The task ends when `shutdown` is
-    /// cancelled; see [`Gateway::stopped`].
+    /// Starts the delivery task on the current tokio runtime with the
+    /// given providers (one per platform; a second for the same platform is
+    /// ignored). A platform without a provider is off: its jobs are
+    /// recorded as failed (`ProviderNotConfigured`). The task ends when
+    /// `shutdown` is cancelled; see [`Gateway::stopped`].
     pub fn start(
         backend: impl Into<Backend>,
-        apns: Option<Arc<dyn Provider>>,
-        fcm: Option<Arc<dyn Provider>>,
+        providers: Vec<Arc<dyn Provider>>,
         config: GatewayConfig,
         events: mpsc::Sender<GatewayEvent>,
         shutdown: CancellationToken,
     ) -> Gateway {
+        let coalescer = config.coalesce_window.map(|w| {
+            let ms = u64::try_from(w.as_millis()).unwrap_or(u64::MAX);
+            Mutex::new(Coalescer::new(ms, config.coalesce_max_keys))
+        });
         let shared = Arc::new(Shared {
             backend: backend.into(),
             clock: Clock::new(),
             wake: Notify::new(),
             stopped: CancellationToken::new(),
+            events,
             events_dropped: AtomicU64::new(0),
+            coalescer,
         });
-        // No Web Push provider yet: its jobs fail as not configured.
-        for (slot, provider) in [(Platform::Apns, &apns), (Platform::Fcm, &fcm)] {
-            if let Some(p) = provider
-                && p.platform() != slot
-            {
-                tracing::warn!(slot = %slot, provider = %p.platform(), "provider in the wrong slot");
+        let mut slots: [Option<Arc<dyn Provider>>; 3] = [None, None, None];
+        for p in providers {
+            let slot = &mut slots[p.platform().index()];
+            if slot.is_some() {
+                tracing::warn!(platform = %p.platform(), "a second provider for one platform is ignored");
+                continue;
             }
+            *slot = Some(p);
         }
         let runner = Runner {
             shared: shared.clone(),
-            providers: [apns, fcm, None],
+            providers: slots,
             config,
-            events,
             shutdown,
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
@@ -208,10 +240,40 @@ impl Gateway {
     }
 
     /// Adds jobs to the durable queue and wakes the delivery task. Returns
-    /// the job ids. Accepted during shutdown too: the jobs are sent on the
-    /// next start.
+    /// the ids of the jobs queued now: with coalescing on, a job held back
+    /// has none yet (its window's summary is queued when the window
+    /// closes). Accepted during shutdown too: the jobs are sent on the next
+    /// start.
     pub async fn enqueue(&self, jobs: Vec<NewPushJob>) -> Result<Vec<u64>, QueueError> {
         let now = self.shared.clock.now_ms();
+        let jobs = match &self.shared.coalescer {
+            None => jobs,
+            Some(coalescer) => {
+                let mut held = Vec::new();
+                let out = {
+                    let mut c = coalescer.lock();
+                    // Summaries already due go first, so order holds.
+                    let mut out = c.due(now);
+                    for job in jobs {
+                        let platform = job.platform;
+                        match c.offer(job, now) {
+                            Some(j) => out.push(j),
+                            None => held.push(platform),
+                        }
+                    }
+                    out
+                };
+                for platform in held {
+                    self.shared.emit(GatewayEvent::Coalesced { platform });
+                }
+                out
+            }
+        };
+        if jobs.is_empty() {
+            // Held: the delivery task learns when the window closes.
+            self.shared.wake.notify_one();
+            return Ok(Vec::new());
+        }
         let ids = self.shared.backend.queue.enqueue(jobs, now).await?;
         self.shared.wake.notify_one();
         Ok(ids)

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::SeedableRng;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +35,6 @@ pub(super) struct Runner {
     pub(super) shared: Arc<Shared>,
     pub(super) providers: [Option<Arc<dyn Provider>>; 3],
     pub(super) config: GatewayConfig,
-    pub(super) events: mpsc::Sender<GatewayEvent>,
     pub(super) shutdown: CancellationToken,
     pub(super) tasks: JoinSet<Outcome>,
     /// The job each send task carries.
@@ -61,12 +59,15 @@ impl Runner {
             if shutdown.is_cancelled() {
                 break;
             }
+            let summaries_due = self.queue_summaries().await;
             let deadline = match self.dispatch().await {
                 Ok(round) => {
                     let idle = Instant::now() + self.config.max_idle;
-                    round
-                        .next_at
-                        .map_or(idle, |at| self.shared.clock.instant_at(at).min(idle))
+                    let next_at = match (round.next_at, summaries_due) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    next_at.map_or(idle, |at| self.shared.clock.instant_at(at).min(idle))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "push queue unreadable");
@@ -83,8 +84,45 @@ impl Runner {
                 () = tokio::time::sleep_until(deadline) => {}
             }
         }
+        // What coalescing holds goes to the durable outbox: sent on the
+        // next start (or by another node of a cluster).
+        let held = match &self.shared.coalescer {
+            Some(c) => c.lock().drain(),
+            None => Vec::new(),
+        };
+        if !held.is_empty() {
+            let n = held.len();
+            let now = self.shared.clock.now_ms();
+            match self.shared.backend.queue.enqueue(held, now).await {
+                Ok(_) => tracing::info!(pushes = n, "coalesced pushes held at shutdown are queued"),
+                Err(e) => {
+                    tracing::error!(error = %e, pushes = n, "coalesced pushes held at shutdown are lost")
+                }
+            }
+        }
         self.drain().await;
         tracing::debug!("push gateway stopped");
+    }
+
+    /// Queues the coalescing summaries whose window has closed; returns
+    /// when the next window closes.
+    async fn queue_summaries(&mut self) -> Option<u64> {
+        let coalescer = self.shared.coalescer.as_ref()?;
+        let now = self.shared.clock.now_ms();
+        let (due, next) = {
+            let mut c = coalescer.lock();
+            let due = c.due(now);
+            (due, c.next_due())
+        };
+        if !due.is_empty() {
+            let n = due.len();
+            if let Err(e) = self.shared.backend.queue.enqueue(due, now).await {
+                // Nothing to hand them back to: the publications are in
+                // their channels' history, only the summary push is lost.
+                tracing::error!(error = %e, pushes = n, "coalesced pushes could not be queued");
+            }
+        }
+        next
     }
 
     /// Starts sends for due jobs while providers have room.
@@ -298,10 +336,6 @@ impl Runner {
     }
 
     fn emit(&self, event: GatewayEvent) {
-        if self.events.try_send(event).is_err() && !self.events.is_closed() {
-            self.shared
-                .events_dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.shared.emit(event);
     }
 }

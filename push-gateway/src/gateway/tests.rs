@@ -87,8 +87,13 @@ impl Harness {
         let shutdown = CancellationToken::new();
         let gateway = Gateway::start(
             store.clone(),
-            apns.map(|p| p as Arc<dyn Provider>),
-            fcm.map(|p| p as Arc<dyn Provider>),
+            [
+                apns.map(|p| p as Arc<dyn Provider>),
+                fcm.map(|p| p as Arc<dyn Provider>),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             config,
             tx,
             shutdown.clone(),
@@ -107,7 +112,7 @@ impl Harness {
         while out.len() < n {
             match self.events.recv().await.unwrap() {
                 GatewayEvent::Outcome { outcome, .. } => out.push(outcome),
-                GatewayEvent::DeviceRemoved { .. } => {}
+                GatewayEvent::DeviceRemoved { .. } | GatewayEvent::Coalesced { .. } => {}
             }
         }
         out

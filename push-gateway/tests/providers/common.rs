@@ -148,7 +148,8 @@ pub fn start(
 ) -> Running {
     let (tx, events) = mpsc::channel(4096);
     let shutdown = CancellationToken::new();
-    let gateway = Gateway::start(store, apns, fcm, config, tx, shutdown.clone());
+    let providers = [apns, fcm].into_iter().flatten().collect();
+    let gateway = Gateway::start(store, providers, config, tx, shutdown.clone());
     Running {
         gateway,
         events,

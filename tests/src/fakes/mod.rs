@@ -1,6 +1,7 @@
 //! Fake push providers for tests: [`apns::FakeApns`] and [`fcm::FakeFcm`]
 //! are HTTP/2 cleartext (prior knowledge) servers on 127.0.0.1 with a free
-//! port, started in a tokio task of the caller's runtime and stopped on
+//! port, [`webpush::FakeWebPush`] an HTTP/1.1 one that decrypts what it
+//! gets, started in a tokio task of the caller's runtime and stopped on
 //! `Drop`. They check what Apple and Google check, answer in their formats,
 //! can be told to fail, and record what they accepted. [`keys`] makes the
 //! key material with the `openssl` CLI.
@@ -22,6 +23,8 @@ pub mod fcm;
 pub mod keys;
 pub mod lossy_broker;
 mod server;
+pub mod webpush;
 
 pub use apns::{ApnsFault, FakeApns, FakeApnsConfig};
 pub use fcm::{FakeFcm, FakeFcmConfig, FcmFault};
+pub use webpush::{FakeWebPush, Subscription, WebPushFault};

@@ -1,7 +1,9 @@
-//! The HTTP/2 cleartext (prior knowledge) server under both fakes: binds
-//! 127.0.0.1:0, serves a [`Handler`] in a tokio task, can stop listening
-//! (connection refused, open connections dropped) and listen again on the
-//! same port, and stops on `Drop`.
+//! The HTTP server under the fakes: HTTP/2 cleartext (prior knowledge) for
+//! APNs and FCM, HTTP/1.1 for the Web Push service (what a client speaks to
+//! an `http://` URL without prior knowledge). Binds 127.0.0.1:0, serves a
+//! [`Handler`] in a tokio task, can stop listening (connection refused,
+//! open connections dropped) and listen again on the same port, and stops
+//! on `Drop`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,7 +16,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http2;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -29,7 +31,15 @@ pub(crate) trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
 }
 
+/// The HTTP version a fake speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proto {
+    H2,
+    Http1,
+}
+
 pub(crate) struct H2Server<H> {
+    proto: Proto,
     addr: SocketAddr,
     handler: Arc<H>,
     connections: Arc<AtomicUsize>,
@@ -38,18 +48,27 @@ pub(crate) struct H2Server<H> {
 
 impl<H: Handler> H2Server<H> {
     pub(crate) async fn start(handler: Arc<H>) -> Result<Self> {
+        Self::start_speaking(Proto::H2, handler).await
+    }
+
+    pub(crate) async fn start_speaking(proto: Proto, handler: Arc<H>) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind 127.0.0.1:0")?;
-        Self::start_on(listener, handler)
+        Self::serve_on(proto, listener, handler)
     }
 
     /// Serves on a listener the caller bound (to know the port first).
     pub(crate) fn start_on(listener: TcpListener, handler: Arc<H>) -> Result<Self> {
+        Self::serve_on(Proto::H2, listener, handler)
+    }
+
+    fn serve_on(proto: Proto, listener: TcpListener, handler: Arc<H>) -> Result<Self> {
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(serve(listener, handler.clone(), connections.clone()));
+        let task = tokio::spawn(serve(proto, listener, handler.clone(), connections.clone()));
         Ok(Self {
+            proto,
             addr,
             handler,
             connections,
@@ -83,6 +102,7 @@ impl<H: Handler> H2Server<H> {
             .await
             .with_context(|| format!("rebind {}", self.addr))?;
         let task = tokio::spawn(serve(
+            self.proto,
             listener,
             self.handler.clone(),
             self.connections.clone(),
@@ -102,7 +122,12 @@ impl<H> Drop for H2Server<H> {
     }
 }
 
-async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, connections: Arc<AtomicUsize>) {
+async fn serve<H: Handler>(
+    proto: Proto,
+    listener: TcpListener,
+    handler: Arc<H>,
+    connections: Arc<AtomicUsize>,
+) {
     // Dropping this set (when the task is aborted) closes every connection.
     let mut conns = JoinSet::new();
     loop {
@@ -117,10 +142,14 @@ async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, connections: 
                         let handler = handler.clone();
                         async move { Ok::<_, Infallible>(handler.handle(req).await) }
                     });
-                    let _ = http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(1000)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let io = TokioIo::new(stream);
+                    let _ = match proto {
+                        Proto::H2 => http2::Builder::new(TokioExecutor::new())
+                            .max_concurrent_streams(1000)
+                            .serve_connection(io, service)
+                            .await,
+                        Proto::Http1 => http1::Builder::new().serve_connection(io, service).await,
+                    };
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}

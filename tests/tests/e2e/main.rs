@@ -13,3 +13,4 @@ mod quic;
 mod resume;
 mod sessions;
 mod tls;
+mod webpush;

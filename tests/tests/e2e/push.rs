@@ -528,3 +528,191 @@ async fn fcm_devices_get_string_data_and_unregistered_ones_are_removed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The FCM fake and a service-account file for it, kept alive together.
+struct Fcm {
+    fake: FakeFcm,
+    _dir: tempfile::TempDir,
+    account: String,
+}
+
+impl Fcm {
+    async fn start() -> Fcm {
+        let pair = keys::rsa_pair().unwrap();
+        let fake = FakeFcm::start(FakeFcmConfig::new(pair.public_pem.clone()))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let account = dir.path().join("service-account.json");
+        std::fs::write(&account, fake.service_account_json(&pair.private_pem)).unwrap();
+        Fcm {
+            account: account.to_str().unwrap().to_owned(),
+            fake,
+            _dir: dir,
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--fcm-service-account".into(),
+            self.account.clone(),
+            "--fcm-endpoint".into(),
+            self.fake.url(),
+        ]
+    }
+}
+
+#[tokio::test]
+async fn a_wake_push_has_no_content_on_any_platform() {
+    use crate::webpush::{VapidKey, register_webpush};
+    let apns = Apns::start().await;
+    let fcm = Fcm::start().await;
+    let vapid = VapidKey::fresh();
+    let web = tether_tests::fakes::FakeWebPush::start(Some(vapid.public.clone()))
+        .await
+        .unwrap();
+    let args = [apns.args(), fcm.args(), vapid.args()].concat();
+    let broker = start(&args, &[]);
+    register_apns(&broker, "phone-a", "wes", &apns_token(0x5a)).await;
+    let (s, _) = put_device(
+        &broker,
+        "phone-f",
+        json!({"user": "wes", "platform": "fcm", "token": "tok-wes"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let sub = web.subscribe().unwrap();
+    register_webpush(&broker, "browser-w", "wes", sub.json()).await;
+    let (s, a) = broker
+        .publish(json!({
+            "channel": "user:wes",
+            "data": {"text": "the content stays here"},
+            "push": {"mode": "wake", "title": "not sent", "body": "nor this", "data": {"secret": 1}},
+        }))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{a}");
+    let offset = a["offset"].as_u64().unwrap();
+    let n = apns.fake.wait_accepted(1, WAIT).await.unwrap();
+    assert_eq!(n[0].headers["apns-push-type"], "background");
+    assert_eq!(n[0].headers["apns-priority"], "5");
+    assert_eq!(
+        n[0].payload,
+        json!({"aps": {"content-available": 1}, "channel": "user:wes", "offset": offset})
+    );
+    let m = fcm.fake.wait_accepted(1, WAIT).await.unwrap();
+    let message = &m[0].message;
+    assert!(message.get("notification").is_none(), "{message}");
+    assert_eq!(
+        message["data"],
+        json!({"channel": "user:wes", "offset": offset.to_string()})
+    );
+    let w = web.wait_accepted(1, WAIT).await.unwrap();
+    assert_eq!(
+        w[0].payload,
+        json!({"mode": "wake", "channel": "user:wes", "offset": offset})
+    );
+    assert_eq!(w[0].headers["urgency"], "normal");
+}
+
+#[tokio::test]
+async fn a_burst_to_an_offline_user_is_one_push_per_window_with_the_count() {
+    use crate::webpush::{VapidKey, register_webpush};
+    let apns = Apns::start().await;
+    let vapid = VapidKey::fresh();
+    let web = tether_tests::fakes::FakeWebPush::start(Some(vapid.public.clone()))
+        .await
+        .unwrap();
+    let args = [apns.args(), vapid.args()].concat();
+    let broker = start(&args, &["--push-coalesce-window", "3"]);
+    register_apns(&broker, "phone-c", "cora", &apns_token(0xc0)).await;
+    let sub = web.subscribe().unwrap();
+    register_webpush(&broker, "browser-c", "cora", sub.json()).await;
+    let messages: Vec<Value> = (1..=50)
+        .map(|i| {
+            json!({"channel": "user:cora", "data": {"n": i},
+                   "push": {"title": format!("message {i}"), "body": "b"}})
+        })
+        .collect();
+    let r = broker
+        .http()
+        .post(broker.api_url("/v1/publish/batch"))
+        .json(&json!({ "messages": messages }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answers: Value = r.json().await.unwrap();
+    let offsets: Vec<u64> = answers["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets.len(), 50);
+    let (first, last) = (offsets[0], offsets[49]);
+
+    // Each device: the first at once, then one summary when the window
+    // closes, carrying the latest message and the count it stands for.
+    let n = apns.fake.wait_accepted(2, WAIT).await.unwrap();
+    assert_eq!(n[0].payload["offset"], first);
+    assert!(n[0].payload.get("count").is_none(), "{}", n[0].payload);
+    assert_eq!(n[1].payload["offset"], last);
+    assert_eq!(n[1].payload["aps"]["alert"]["title"], "message 50");
+    assert_eq!(n[1].payload["count"], 49);
+    let w = web.wait_accepted(2, WAIT).await.unwrap();
+    assert_eq!(w[0].payload["offset"], first);
+    assert!(w[0].payload.get("count").is_none(), "{}", w[0].payload);
+    assert_eq!(w[1].payload["offset"], last);
+    assert_eq!(w[1].payload["title"], "message 50");
+    assert_eq!(w[1].payload["count"], 49);
+
+    // Barrier: a publication under another collapse key is pushed at once;
+    // once it has arrived, nothing else of the burst is on its way.
+    let (s, b) = broker
+        .publish(json!({"channel": "user:cora", "data": "barrier",
+                        "push": {"title": "barrier", "collapse_key": "other"}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let n = apns.fake.wait_accepted(3, WAIT).await.unwrap();
+    let w = web.wait_accepted(3, WAIT).await.unwrap();
+    assert_eq!(n.len(), 3, "APNs got more than one push per window");
+    assert_eq!(w.len(), 3, "Web Push got more than one push per window");
+    assert_eq!(n[2].payload["offset"], b["offset"]);
+    assert_eq!(w[2].payload["offset"], b["offset"]);
+    for provider in ["apns", "webpush"] {
+        broker
+            .wait_for_metric(&format!(
+                "tether_pushes_coalesced_total{{provider=\"{provider}\"}} 49"
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn pushes_held_by_coalescing_at_shutdown_are_sent_after_the_restart() {
+    let apns = Apns::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let broker_args = [apns.args()].concat();
+    let mut broker = start_in(dir.path(), &broker_args, &["--push-coalesce-window", "600"]);
+    register_apns(&broker, "phone-s", "sam", &apns_token(0x55)).await;
+    let mut offsets = Vec::new();
+    for i in 0..3 {
+        offsets.push(publish_push(&broker, "sam", &format!("m{i}")).await);
+    }
+    let n = apns.fake.wait_accepted(1, WAIT).await.unwrap();
+    assert_eq!(n[0].payload["offset"], offsets[0]);
+    broker
+        .wait_for_metric("tether_pushes_coalesced_total{provider=\"apns\"} 2")
+        .await
+        .unwrap();
+    // A clean stop writes what the window holds to the durable outbox…
+    assert!(broker.terminate(WAIT).unwrap().success());
+    let _broker = start_in(dir.path(), &broker_args, &["--push-coalesce-window", "600"]);
+    // …and the next start sends it, long before the window would close.
+    let n = apns.fake.wait_accepted(2, WAIT).await.unwrap();
+    assert_eq!(n[1].payload["offset"], offsets[2]);
+    assert_eq!(n[1].payload["count"], 2);
+}
