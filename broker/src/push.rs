@@ -11,10 +11,12 @@
 //! Exactly one push per device per message: the two cases are decided once,
 //! when the message is published.
 //!
-//! The ack-timeout wait is a timer of this node on a single node; in a
-//! cluster it is kept in Redis ([`AckChecks`]) and decided by whichever node
-//! takes it when due ([`Push::run_shared_checks`]), so that it survives the
-//! node that published.
+//! The ack-timeout wait is kept where it outlives the process
+//! ([`AckChecks`]): a single node's redb store
+//! (`cluster::memory::StoredAckChecks`), or Redis in a cluster, where
+//! whichever node takes it when due decides it
+//! ([`Push::run_shared_checks`]), so that it survives the node that
+//! published. Without such a store (unit tests) it is a timer of this node.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +55,8 @@ pub struct Push {
     devices: Arc<dyn DeviceRegistry>,
     presence: Arc<dyn Presence>,
     ack_timeout: Option<Duration>,
-    /// Cluster mode: where ack-timeout checks wait (else: timers here).
+    /// Where ack-timeout checks wait (the node's store or Redis; `None`:
+    /// timers here).
     shared_checks: Option<Arc<dyn AckChecks>>,
     configured: [bool; 3],
     metrics: Metrics,

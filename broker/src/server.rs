@@ -401,7 +401,8 @@ struct Seams {
     /// The shared device registry and push queue (cluster mode); `None`:
     /// the node's own redb store.
     push_backend: Option<tether_push_gateway::Backend>,
-    /// Where ack-timeout checks wait (cluster mode); `None`: timers here.
+    /// Where ack-timeout checks wait (cluster mode); `None`: the node's own
+    /// redb store.
     ack_checks: Option<Arc<dyn crate::cluster::ack::AckChecks>>,
 }
 
@@ -497,6 +498,14 @@ fn start_push(
         source,
     })?;
     let store = tether_push_gateway::Store::open(&config.data_dir)?;
+    // A single node keeps its ack-timeout checks in its store too, so that
+    // they outlive a crash.
+    let ack_checks = ack_checks.or_else(|| {
+        Some(
+            Arc::new(crate::cluster::memory::StoredAckChecks::new(store.clone()))
+                as Arc<dyn crate::cluster::ack::AckChecks>,
+        )
+    });
     let apns = match &config.apns {
         Some(a) => {
             let mut c =

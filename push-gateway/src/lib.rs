@@ -47,7 +47,7 @@ pub use provider::{ConfigError, Provider, SendFuture};
 pub use queue::{Claimed, OutboxEntry, PushQueue, QueueError, QueueFuture, Settlement};
 pub use store::{FailedJob, Store, StoreError};
 pub use types::{
-    Device, NewPushJob, Notification, Platform, Priority, PushJob, PushMode, unix_now,
+    Device, NewPushJob, Notification, Platform, Priority, PushJob, PushMode, unix_now, unix_now_ms,
 };
 pub use validate::{DeviceError, NotificationError};
 pub use webpush::{WebPushClient, WebPushConfig};

@@ -356,7 +356,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Current unix time in milliseconds (0 if the clock is before 1970).
-pub(crate) fn unix_now_ms() -> u64 {
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

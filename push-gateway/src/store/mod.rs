@@ -15,6 +15,8 @@
 //!   provider never hides the other's due jobs);
 //! - `failed`: job id → [`FailedJob`], the last [`FAILED_KEEP`] permanent
 //!   failures (older ones are dropped; `failed_total` keeps counting);
+//! - `timers`: `(due_ms, id)` → opaque bytes: records kept until a time
+//!   ([`timers`]; the broker's ack-timeout checks), at most [`MAX_TIMERS`];
 //! - `meta`: counters (`next_job_id`, `failed_total`).
 //!
 //! Every write is one transaction committed with `Durability::Immediate`
@@ -29,10 +31,12 @@
 
 pub mod devices;
 pub mod outbox;
+pub mod timers;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use parking_lot::Mutex;
 use rand::Rng;
@@ -58,6 +62,11 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const OUTBOX_DUE: TableDefinition<(u8, u64, u64), ()> = TableDefinition::new("outbox_due");
 const FAILED: TableDefinition<u64, &[u8]> = TableDefinition::new("failed");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TIMERS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("timers");
+
+/// Most records in the `timers` table; past that [`Store::schedule_timer`]
+/// refuses (its caller acts at once instead of later).
+pub const MAX_TIMERS: u64 = 1_000_000;
 
 const NEXT_JOB_ID: &str = "next_job_id";
 const FAILED_TOTAL: &str = "failed_total";
@@ -150,6 +159,10 @@ struct Inner {
     /// Enqueues waiting for the next group commit (see `outbox`): at most
     /// one commit runs and one waits to take what piled up meanwhile.
     pending: Mutex<Vec<outbox::PendingEnqueue>>,
+    /// Timers taken and not settled yet: id → due time (their key).
+    claimed_timers: Mutex<HashMap<u64, u64>>,
+    /// Rows in `timers` (kept in step with the table).
+    timers_len: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -189,6 +202,7 @@ impl Store {
             txn.open_table(OUTBOX)?;
             txn.open_table(OUTBOX_DUE)?;
             txn.open_table(FAILED)?;
+            txn.open_table(TIMERS)?;
             let mut meta = txn.open_table(META)?;
             if meta.get(NEXT_JOB_ID)?.is_none() {
                 // A random start makes job ids (and the apns-ids derived
@@ -198,12 +212,18 @@ impl Store {
             }
         }
         txn.commit()?;
+        let timers_len = {
+            use redb::ReadableTableMetadata;
+            db.begin_read()?.open_table(TIMERS)?.len()?
+        };
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 path,
                 claimed: Mutex::new(HashSet::new()),
                 pending: Mutex::new(Vec::new()),
+                claimed_timers: Mutex::new(HashMap::new()),
+                timers_len: AtomicU64::new(timers_len),
             }),
         })
     }

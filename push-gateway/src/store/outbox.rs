@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
-use super::{FAILED, FAILED_KEEP, FAILED_TOTAL, FailedJob, META, NEXT_JOB_ID, OUTBOX, OUTBOX_DUE};
+use super::{
+    FAILED, FAILED_KEEP, FAILED_TOTAL, FailedJob, META, NEXT_JOB_ID, OUTBOX, OUTBOX_DUE, TIMERS,
+};
 use super::{Store, StoreError, platform_code};
 use crate::queue::{Claimed, OutboxEntry, PushQueue, QueueFuture, Settlement};
 use crate::types::{NewPushJob, Platform, unix_now, unix_now_ms};
@@ -20,9 +22,12 @@ fn due_key(entry: &OutboxEntry) -> (u8, u64, u64) {
 
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<u64>, StoreError>>;
 
-/// One caller's jobs waiting for a group commit, and where its ids go.
+/// One caller's jobs or timers waiting for a group commit, and where their
+/// ids go (in order).
 pub(crate) struct PendingEnqueue {
     jobs: Vec<NewPushJob>,
+    /// `(due_ms, value)` rows for the `timers` table.
+    timers: Vec<(u64, Vec<u8>)>,
     now_ms: u64,
     reply: Reply,
 }
@@ -49,11 +54,23 @@ impl Store {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        self.commit_grouped(jobs, Vec::new(), now_ms).await
+    }
+
+    /// Joins (or starts) the next group commit with these jobs or timers;
+    /// their ids once the commit is durable.
+    pub(super) async fn commit_grouped(
+        &self,
+        jobs: Vec<NewPushJob>,
+        timers: Vec<(u64, Vec<u8>)>,
+        now_ms: u64,
+    ) -> Result<Vec<u64>, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let lead = {
             let mut pending = self.inner.pending.lock();
             pending.push(PendingEnqueue {
                 jobs,
+                timers,
                 now_ms,
                 reply: tx,
             });
@@ -91,15 +108,23 @@ impl Store {
         // Taken only now that the write lock is ours: what arrived while the
         // previous transaction committed joins this one.
         let mut batch = std::mem::take(&mut *self.inner.pending.lock());
+        let new_timers: u64 = batch.iter().map(|p| p.timers.len() as u64).sum();
         let result = (|| {
             let mut all_ids = Vec::with_capacity(batch.len());
             {
                 let mut meta = txn.open_table(META)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
                 let mut due = txn.open_table(OUTBOX_DUE)?;
+                let mut timers = txn.open_table(TIMERS)?;
                 let mut next = meta.get(NEXT_JOB_ID)?.map_or(1, |v| v.value());
                 for p in &mut batch {
-                    let mut ids = Vec::with_capacity(p.jobs.len());
+                    let mut ids = Vec::with_capacity(p.jobs.len() + p.timers.len());
+                    for (due_ms, value) in std::mem::take(&mut p.timers) {
+                        let id = next;
+                        next = next.checked_add(1).ok_or(StoreError::IdsExhausted)?;
+                        timers.insert((due_ms, id), value.as_slice())?;
+                        ids.push(id);
+                    }
                     for job in std::mem::take(&mut p.jobs) {
                         let id = next;
                         next = next.checked_add(1).ok_or(StoreError::IdsExhausted)?;
@@ -120,6 +145,11 @@ impl Store {
             txn.commit()?;
             Ok::<_, StoreError>(all_ids)
         })();
+        if result.is_ok() {
+            self.inner
+                .timers_len
+                .fetch_add(new_timers, std::sync::atomic::Ordering::Relaxed);
+        }
         match result {
             Ok(all_ids) => batch
                 .into_iter()
@@ -141,8 +171,10 @@ impl Store {
     pub async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         self.call(move |s| {
             let skip = HashSet::new();
-            let mut all = s.scan_due(Platform::Apns, now_ms, limit, &skip)?.0;
-            all.extend(s.scan_due(Platform::Fcm, now_ms, limit, &skip)?.0);
+            let mut all = Vec::new();
+            for p in Platform::ALL {
+                all.extend(s.scan_due(p, now_ms, limit, &skip)?.0);
+            }
             all.sort_by_key(|e| (e.next_attempt_ms, e.job.id));
             all.truncate(limit);
             Ok(all)

@@ -716,3 +716,26 @@ async fn pushes_held_by_coalescing_at_shutdown_are_sent_after_the_restart() {
     assert_eq!(n[1].payload["offset"], offsets[2]);
     assert_eq!(n[1].payload["count"], 2);
 }
+
+#[tokio::test]
+async fn an_ack_timeout_check_outlives_a_killed_broker() {
+    let apns = Apns::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = apns.args();
+    let broker = start_in(dir.path(), &args, &["--ack-timeout", "3"]);
+    register_apns(&broker, "iphone-r", "rex", &apns_token(0x4e)).await;
+    let mut live = live_session(&broker, "rex", "iphone-r").await;
+    let offset = publish_push(&broker, "rex", "unacked").await;
+    // Delivered live and never acked; the node dies before the timeout.
+    assert_eq!(
+        live.recv_publication().await.unwrap().offset,
+        Offset(offset)
+    );
+    assert!(apns.fake.requests().is_empty(), "pushed before the timeout");
+    drop(broker); // SIGKILL
+    // The next start still knows the check, and pushes when it is due.
+    let _broker = start_in(dir.path(), &args, &["--ack-timeout", "3"]);
+    let got = apns.fake.wait_accepted(1, WAIT).await.unwrap();
+    assert_eq!(got[0].token, apns_token(0x4e));
+    assert_eq!(got[0].payload["offset"], offset);
+}
