@@ -172,6 +172,9 @@ pub struct Settings {
     /// Most channels a single node keeps state for; past it, a publish or subscribe to a new channel answers `unavailable` [default: 1000000]
     #[arg(long, env = "TETHER_MAX_CHANNELS")]
     pub max_channels: Option<usize>,
+    /// Bytes a single node keeps for the records of ended sessions that may still resume; past it the oldest are forgotten (they start afresh) [default: 268435456]
+    #[arg(long, env = "TETHER_MAX_RESUME_BYTES")]
+    pub max_resume_bytes: Option<usize>,
     /// WebSocket read buffer per connection, bytes [default: 2048]
     #[arg(long, env = "TETHER_WS_READ_BUFFER")]
     pub ws_read_buffer: Option<usize>,
@@ -347,6 +350,7 @@ pub struct Config {
     pub max_subscriptions: usize,
     pub max_connections: usize,
     pub max_channels: usize,
+    pub max_resume_bytes: usize,
     pub ws_read_buffer: usize,
     pub shutdown_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
@@ -450,6 +454,7 @@ impl Settings {
             max_subscriptions,
             max_connections,
             max_channels,
+            max_resume_bytes,
             ws_read_buffer,
             shutdown_timeout,
             tls_cert,
@@ -577,6 +582,12 @@ impl Settings {
         let max_channels = self.max_channels.unwrap_or(1_000_000);
         if max_channels == 0 {
             return Err(invalid("max-channels", "must be at least 1"));
+        }
+        let max_resume_bytes = self
+            .max_resume_bytes
+            .unwrap_or(crate::cluster::memory::resume::DEFAULT_RESUME_BYTES);
+        if max_resume_bytes < 64 * 1024 {
+            return Err(invalid("max-resume-bytes", "must be at least 65536"));
         }
         let ws_read_buffer = self.ws_read_buffer.unwrap_or(2048);
         if !(512..=1024 * 1024).contains(&ws_read_buffer) {
@@ -767,6 +778,7 @@ impl Settings {
             max_subscriptions,
             max_connections,
             max_channels,
+            max_resume_bytes,
             ws_read_buffer,
             shutdown_timeout,
             tls_cert: self.tls_cert,

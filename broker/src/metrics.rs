@@ -64,6 +64,7 @@ pub struct Metrics {
     pub outbox_drops: Counter,
     pub channels: Gauge,
     pub channels_refused: Counter,
+    pub resume_records_evicted: Counter,
     pub subscriptions: Gauge,
     pub resumes: Family<OutcomeLabel, Counter>,
     pub recoveries: Family<RecoveredLabel, Counter>,
@@ -104,6 +105,7 @@ impl Metrics {
             outbox_drops: Counter::default(),
             channels: Gauge::default(),
             channels_refused: Counter::default(),
+            resume_records_evicted: Counter::default(),
             subscriptions: Gauge::default(),
             resumes: Family::default(),
             recoveries: Family::default(),
@@ -184,6 +186,11 @@ impl Metrics {
             "channels_refused",
             "Publishes and subscribes to a new channel refused because the node held --max-channels",
             m.channels_refused.clone(),
+        );
+        r.register(
+            "resume_records_evicted",
+            "Records of ended sessions forgotten before their resume window because the node held --max-resume-bytes of them (those sessions start afresh)",
+            m.resume_records_evicted.clone(),
         );
         r.register(
             "subscriptions",

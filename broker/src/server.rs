@@ -428,7 +428,11 @@ async fn seams(
             hub: Hub::with_broker(hub_config, metrics.clone(), |sink| {
                 MemoryBroker::new(broker_config, broker_metrics, sink)
             }),
-            resumes: Arc::new(MemoryResumeStore::new(config.node_id.clone())),
+            resumes: Arc::new(MemoryResumeStore::with_budget(
+                config.node_id.clone(),
+                config.max_resume_bytes,
+                metrics.resume_records_evicted.clone(),
+            )),
             bus: Arc::new(LocalBus::new(config.node_id.clone(), control)),
             presence: Arc::new(MemoryPresence::new(presence_ttl)),
             push_backend: None,

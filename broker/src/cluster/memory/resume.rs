@@ -4,12 +4,20 @@
 //! One map under one mutex, never held across an await: a claim is one
 //! lock, so at most one claim per nonce wins. A takeover's handoff is a slot
 //! the claimant waits on (a `Notify`), filled by the old session's detach.
+//!
+//! Detached records are bounded by bytes (`--max-resume-bytes`, an estimate
+//! of what each record holds): past the budget the oldest detached records
+//! are forgotten first — their sessions can no longer resume and start
+//! afresh, as after the resume window — and counted
+//! (`tether_resume_records_evicted_total`). Live entries are bounded by the
+//! connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::cluster::{
@@ -37,40 +45,100 @@ enum Entry {
         nonce: u64,
         record: SessionRecord,
         expires: Instant,
+        /// What the record is counted as against the budget.
+        bytes: usize,
     },
 }
 
-/// Resumable sessions of one node.
+/// Default budget for detached records (`--max-resume-bytes`).
+pub const DEFAULT_RESUME_BYTES: usize = 256 * 1024 * 1024;
+
+/// What a detached record is counted as: its channel names and epochs and
+/// a fixed overhead per subscription and per record.
+fn record_bytes(session: &str, record: &SessionRecord) -> usize {
+    let subs: usize = record
+        .subs
+        .iter()
+        .map(|s| s.channel.as_str().len() + s.epoch.as_str().len() + 64)
+        .sum();
+    session.len() + subs + 128
+}
+
 #[derive(Debug, Default)]
+struct Sessions {
+    map: HashMap<String, Entry>,
+    /// Detached sessions in the order they detached, with their nonce
+    /// (entries whose record was claimed or swept since are skipped, and
+    /// dropped by `sweep`).
+    order: VecDeque<(String, u64)>,
+    /// Bytes of the detached records.
+    bytes: usize,
+}
+
+impl Sessions {
+    /// Removes `session` if it is detached with `nonce`; its bytes leave
+    /// the budget.
+    fn remove_detached(&mut self, session: &str, nonce: u64) -> Option<Entry> {
+        match self.map.get(session) {
+            Some(Entry::Detached { nonce: n, .. }) if *n == nonce => {}
+            _ => return None,
+        }
+        let entry = self.map.remove(session)?;
+        if let Entry::Detached { bytes, .. } = &entry {
+            self.bytes = self.bytes.saturating_sub(*bytes);
+        }
+        Some(entry)
+    }
+}
+
+/// Resumable sessions of one node.
+#[derive(Debug)]
 pub struct MemoryResumeStore {
     /// This node: every live session is here.
     node: String,
-    sessions: Mutex<HashMap<String, Entry>>,
+    sessions: Mutex<Sessions>,
     /// Handoffs by (session, nonce) until the claimant has taken them.
     handoffs: Mutex<HashMap<(String, u64), Arc<Handoff>>>,
+    budget: usize,
+    evicted: Counter,
 }
 
 impl MemoryResumeStore {
-    /// The store of node `node`.
+    /// The store of node `node`, with the default budget.
     pub fn new(node: impl Into<String>) -> Self {
+        Self::with_budget(node, DEFAULT_RESUME_BYTES, Counter::default())
+    }
+
+    /// The store of node `node`: detached records within `budget` bytes,
+    /// the oldest forgotten first (counted in `evicted`).
+    pub fn with_budget(node: impl Into<String>, budget: usize, evicted: Counter) -> Self {
         Self {
             node: node.into(),
-            ..Self::default()
+            sessions: Mutex::new(Sessions::default()),
+            handoffs: Mutex::new(HashMap::new()),
+            budget,
+            evicted,
         }
+    }
+
+    /// Bytes the detached records are counted as.
+    pub fn detached_bytes(&self) -> usize {
+        self.sessions.lock().bytes
     }
 
     /// Number of detached (resumable) sessions.
     pub fn detached(&self) -> usize {
         self.sessions
             .lock()
+            .map
             .values()
             .filter(|e| matches!(e, Entry::Detached { .. }))
             .count()
     }
 
     fn claim_now(&self, session: &str, nonce: u64) -> Claim {
-        let mut map = self.sessions.lock();
-        let Some(entry) = map.get_mut(session) else {
+        let mut sessions = self.sessions.lock();
+        let Some(entry) = sessions.map.get_mut(session) else {
             return Claim::Refused(Refusal::Expired);
         };
         match entry {
@@ -81,7 +149,7 @@ impl MemoryResumeStore {
                     return Claim::Refused(Refusal::Used);
                 }
                 let expired = Instant::now() > *expires;
-                match map.remove(session) {
+                match sessions.remove_detached(session, nonce) {
                     Some(Entry::Detached { record, .. }) if !expired => Claim::Ready(record),
                     _ => Claim::Refused(Refusal::Expired),
                 }
@@ -108,15 +176,15 @@ impl MemoryResumeStore {
     }
 
     fn detach_now(&self, session: &str, conn_id: u64, record: SessionRecord, window: Duration) {
-        let mut map = self.sessions.lock();
-        let Some(Entry::Live { conn_id: live, .. }) = map.get(session) else {
+        let mut sessions = self.sessions.lock();
+        let Some(Entry::Live { conn_id: live, .. }) = sessions.map.get(session) else {
             return;
         };
         if *live != conn_id {
             // Already taken over and registered by a newer connection.
             return;
         }
-        match map.remove(session) {
+        match sessions.map.remove(session) {
             Some(Entry::Live {
                 takeover: Some(handoff),
                 ..
@@ -125,14 +193,27 @@ impl MemoryResumeStore {
                 handoff.arrived.notify_one();
             }
             Some(Entry::Live { nonce, .. }) => {
-                map.insert(
+                let bytes = record_bytes(session, &record);
+                sessions.bytes += bytes;
+                sessions.order.push_back((session.to_owned(), nonce));
+                sessions.map.insert(
                     session.to_owned(),
                     Entry::Detached {
                         nonce,
                         record,
                         expires: Instant::now() + window,
+                        bytes,
                     },
                 );
+                // Over budget: the oldest detached records go first.
+                while sessions.bytes > self.budget {
+                    let Some((old, old_nonce)) = sessions.order.pop_front() else {
+                        break;
+                    };
+                    if sessions.remove_detached(&old, old_nonce).is_some() {
+                        self.evicted.inc();
+                    }
+                }
             }
             _ => {}
         }
@@ -144,7 +225,7 @@ impl MemoryResumeStore {
         self.handoffs.lock().remove(&(session.to_owned(), nonce));
         if let Some(Entry::Live {
             nonce: n, takeover, ..
-        }) = self.sessions.lock().get_mut(session)
+        }) = self.sessions.lock().map.get_mut(session)
             && *n == nonce
         {
             *takeover = None;
@@ -160,7 +241,12 @@ impl ResumeStore for MemoryResumeStore {
         nonce: u64,
     ) -> BoxFuture<'a, Result<(), ResumeError>> {
         debug_assert_eq!(live.node, self.node, "a single node holds every session");
-        self.sessions.lock().insert(
+        let mut sessions = self.sessions.lock();
+        if let Some(Entry::Detached { bytes, .. }) = sessions.map.get(session) {
+            let bytes = *bytes;
+            sessions.bytes = sessions.bytes.saturating_sub(bytes);
+        }
+        sessions.map.insert(
             session.to_owned(),
             Entry::Live {
                 conn_id: live.conn_id,
@@ -225,9 +311,20 @@ impl ResumeStore for MemoryResumeStore {
     /// Forgets detached sessions whose window has passed.
     fn sweep(&self) {
         let now = Instant::now();
-        self.sessions
-            .lock()
-            .retain(|_, e| !matches!(e, Entry::Detached { expires, .. } if *expires < now));
+        let mut sessions = self.sessions.lock();
+        let mut freed = 0;
+        sessions.map.retain(|_, e| match e {
+            Entry::Detached { expires, bytes, .. } if *expires < now => {
+                freed += *bytes;
+                false
+            }
+            _ => true,
+        });
+        sessions.bytes = sessions.bytes.saturating_sub(freed);
+        let Sessions { map, order, .. } = &mut *sessions;
+        order.retain(
+            |(s, nonce)| matches!(map.get(s), Some(Entry::Detached { nonce: n, .. }) if n == nonce),
+        );
     }
 }
 
@@ -303,6 +400,58 @@ mod tests {
             now(r.claim("s", 42)),
             Ok(Claim::Refused(Refusal::Expired))
         ));
+    }
+
+    fn record(channels: usize) -> SessionRecord {
+        SessionRecord {
+            subs: (0..channels)
+                .map(|i| crate::cluster::SubRecord {
+                    channel: tether_protocol::ChannelName::new(format!("room:{i:0>200}"))
+                        .expect("a valid name"),
+                    epoch: tether_protocol::Epoch::new("e"),
+                    delivered: tether_protocol::Offset(1),
+                    acked: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn past_the_budget_the_oldest_detached_records_are_forgotten() {
+        let one = record_bytes("s0", &record(10));
+        let evicted = Counter::default();
+        // Room for two records of ten subscriptions, not three.
+        let r = MemoryResumeStore::with_budget("n", 2 * one + one / 2, evicted.clone());
+        for i in 0..3u64 {
+            let s = format!("s{i}");
+            now(r.register_live(&s, live(i), 100 + i)).expect("ok");
+            now(r.detach(&s, i, record(10), Duration::from_secs(60))).expect("ok");
+        }
+        assert_eq!(r.detached(), 2);
+        assert_eq!(evicted.get(), 1);
+        assert_eq!(r.detached_bytes(), 2 * one);
+        // The oldest starts afresh; the others resume with their record.
+        assert!(matches!(
+            now(r.claim("s0", 100)),
+            Ok(Claim::Refused(Refusal::Expired))
+        ));
+        match now(r.claim("s1", 101)) {
+            Ok(Claim::Ready(rec)) => assert_eq!(rec.subs.len(), 10),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.detached_bytes(), one);
+        // Records that left on their own are not evicted again, and the
+        // bytes of a claimed one are free for the next.
+        now(r.register_live("s3", live(3), 103)).expect("ok");
+        now(r.detach("s3", 3, record(10), Duration::from_secs(60))).expect("ok");
+        assert_eq!(evicted.get(), 1);
+        assert_eq!(r.detached(), 2);
+        r.sweep();
+        assert_eq!(
+            r.sessions.lock().order.len(),
+            2,
+            "sweep drops stale order entries"
+        );
     }
 
     #[test]
