@@ -175,6 +175,9 @@ pub struct Settings {
     /// Bytes a single node keeps for the records of ended sessions that may still resume; past it the oldest are forgotten (they start afresh) [default: 268435456]
     #[arg(long, env = "TETHER_MAX_RESUME_BYTES")]
     pub max_resume_bytes: Option<usize>,
+    /// History payload bytes a single node keeps across all channels; past it a publication is delivered but not retained and its channel's history is dropped [default: 1073741824]
+    #[arg(long, env = "TETHER_MAX_HISTORY_BYTES")]
+    pub max_history_bytes: Option<usize>,
     /// WebSocket read buffer per connection, bytes [default: 2048]
     #[arg(long, env = "TETHER_WS_READ_BUFFER")]
     pub ws_read_buffer: Option<usize>,
@@ -351,6 +354,7 @@ pub struct Config {
     pub max_connections: usize,
     pub max_channels: usize,
     pub max_resume_bytes: usize,
+    pub max_history_bytes: usize,
     pub ws_read_buffer: usize,
     pub shutdown_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
@@ -455,6 +459,7 @@ impl Settings {
             max_connections,
             max_channels,
             max_resume_bytes,
+            max_history_bytes,
             ws_read_buffer,
             shutdown_timeout,
             tls_cert,
@@ -588,6 +593,13 @@ impl Settings {
             .unwrap_or(crate::cluster::memory::resume::DEFAULT_RESUME_BYTES);
         if max_resume_bytes < 64 * 1024 {
             return Err(invalid("max-resume-bytes", "must be at least 65536"));
+        }
+        let max_history_bytes = self.max_history_bytes.unwrap_or(1 << 30);
+        if max_history_bytes < max_message_size {
+            return Err(invalid(
+                "max-history-bytes",
+                "must be at least max-message-size",
+            ));
         }
         let ws_read_buffer = self.ws_read_buffer.unwrap_or(2048);
         if !(512..=1024 * 1024).contains(&ws_read_buffer) {
@@ -779,6 +791,7 @@ impl Settings {
             max_connections,
             max_channels,
             max_resume_bytes,
+            max_history_bytes,
             ws_read_buffer,
             shutdown_timeout,
             tls_cert: self.tls_cert,

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub channels: Gauge,
     pub channels_refused: Counter,
     pub resume_records_evicted: Counter,
+    pub history_not_retained: Counter,
     pub subscriptions: Gauge,
     pub resumes: Family<OutcomeLabel, Counter>,
     pub recoveries: Family<RecoveredLabel, Counter>,
@@ -106,6 +107,7 @@ impl Metrics {
             channels: Gauge::default(),
             channels_refused: Counter::default(),
             resume_records_evicted: Counter::default(),
+            history_not_retained: Counter::default(),
             subscriptions: Gauge::default(),
             resumes: Family::default(),
             recoveries: Family::default(),
@@ -186,6 +188,11 @@ impl Metrics {
             "channels_refused",
             "Publishes and subscribes to a new channel refused because the node held --max-channels",
             m.channels_refused.clone(),
+        );
+        r.register(
+            "history_not_retained",
+            "Publications delivered but not kept in history (their channel's history dropped) because the node held --max-history-bytes",
+            m.history_not_retained.clone(),
         );
         r.register(
             "resume_records_evicted",

@@ -16,6 +16,7 @@ fn config(history: usize) -> MemoryBrokerConfig {
         idle_channel_ttl: Duration::from_secs(60),
         idempotency_keys: 100,
         max_channels: 1_000_000,
+        max_history_bytes: usize::MAX,
     }
 }
 

@@ -182,6 +182,7 @@ fn shared(config: SessionConfig, auth: ClientAuth) -> Arc<Shared> {
                     idle_channel_ttl: Duration::from_secs(600),
                     idempotency_keys: 100,
                     max_channels: 1_000_000,
+                    max_history_bytes: usize::MAX,
                 },
                 m,
                 sink,

@@ -43,6 +43,12 @@ pub struct MemoryBrokerConfig {
     /// Channels kept at most (`--max-channels`): past it, a new channel is
     /// refused (`unavailable`) until the sweeper forgets idle ones.
     pub max_channels: usize,
+    /// Payload bytes of history across all channels
+    /// (`--max-history-bytes`): a publication that would go past it is
+    /// delivered but not retained, and its channel's history is dropped
+    /// (a later recovery from before it is declared `recovered: false`,
+    /// never a silent gap).
+    pub max_history_bytes: usize,
 }
 
 impl MemoryBrokerConfig {
@@ -54,6 +60,7 @@ impl MemoryBrokerConfig {
             idle_channel_ttl: c.history_ttl + c.resume_window + Duration::from_secs(60),
             idempotency_keys: idempotency::DEFAULT_CAPACITY,
             max_channels: c.max_channels,
+            max_history_bytes: c.max_history_bytes,
         }
     }
 }
@@ -95,6 +102,8 @@ pub struct MemoryBroker {
     started: Instant,
     /// Channels in the shards.
     count: std::sync::atomic::AtomicUsize,
+    /// Payload bytes retained in every channel's history.
+    history_total: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -129,6 +138,7 @@ impl MemoryBroker {
             sink,
             started: Instant::now(),
             count: std::sync::atomic::AtomicUsize::new(0),
+            history_total: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -206,6 +216,12 @@ impl MemoryBroker {
         let m = &self.metrics;
         m.history_messages.inc_by(h.0 as i64 - before.0 as i64);
         m.history_bytes.inc_by(h.1 as i64 - before.1 as i64);
+        use std::sync::atomic::Ordering::Relaxed;
+        if h.1 >= before.1 {
+            self.history_total.fetch_add(h.1 - before.1, Relaxed);
+        } else {
+            self.history_total.fetch_sub(before.1 - h.1, Relaxed);
+        }
     }
 
     fn expire(&self, st: &mut ChannelState, now_ms: u64) {
@@ -248,6 +264,22 @@ impl MemoryBroker {
                 );
             }
             let offset = st.offset;
+            let total = self
+                .history_total
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if total.saturating_add(raw.get().len()) > cfg.max_history_bytes {
+                // Over the node's history budget: not retained, and the
+                // channel's older history goes too, so that what is kept
+                // never has a hole a recovery could read past.
+                if let Some(h) = st.history.take() {
+                    self.account((h.len(), h.payload_bytes()), &MemoryHistory::new());
+                }
+                self.metrics.history_not_retained.inc();
+                return Position {
+                    epoch,
+                    offset: st.offset,
+                };
+            }
             let h = st.history.get_or_insert_with(Box::default);
             let before = (h.len(), h.payload_bytes());
             h.push(
@@ -407,6 +439,7 @@ mod tests {
                 idle_channel_ttl: idle,
                 idempotency_keys: 100,
                 max_channels: 1_000_000,
+                max_history_bytes: usize::MAX,
             },
             Metrics::new(&mut Registry::default()),
             Arc::downgrade(&sink),
@@ -551,6 +584,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn past_the_history_budget_a_publication_is_delivered_and_its_channel_history_dropped() {
+        let record = Arc::new(Record::default());
+        let sink: Arc<dyn Deliver> = record.clone();
+        let metrics = Metrics::new(&mut Registry::default());
+        let b = MemoryBroker::new(
+            MemoryBrokerConfig {
+                history_size: 100,
+                history_ttl: Duration::from_secs(60),
+                idle_channel_ttl: Duration::from_secs(60),
+                idempotency_keys: 100,
+                max_channels: 100,
+                // Room for three 10-byte payloads.
+                max_history_bytes: 35,
+            },
+            metrics.clone(),
+            Arc::downgrade(&sink),
+        );
+        let ten = serde_json::json!("12345678");
+        for _ in 0..2 {
+            publish(&b, "a", ten.clone(), None).await;
+        }
+        publish(&b, "b", ten.clone(), None).await;
+        let read = |c: &str, since: u64| {
+            b.read(
+                &ch(c),
+                HistoryRead {
+                    since: Some(Offset(since)),
+                    limit: 100,
+                },
+            )
+        };
+        assert_eq!(read("a", 0).messages.len(), 2);
+        // The fourth would pass the budget: delivered, not kept, and `a`'s
+        // older history goes with it — a recovery from before is declared.
+        let p = publish(&b, "a", ten.clone(), None).await;
+        assert_eq!(p.position.offset, Offset(3));
+        assert_eq!(record.0.lock().len(), 4, "every publication is delivered");
+        let page = read("a", 1);
+        assert!(!page.recovered);
+        assert!(page.messages.is_empty());
+        assert!(
+            read("a", 3).recovered,
+            "nothing after the latest is missing"
+        );
+        assert_eq!(read("b", 0).messages.len(), 1, "other channels keep theirs");
+        assert_eq!(metrics.history_not_retained.get(), 1);
+        // With room again, history starts over from the next publication.
+        publish(&b, "a", ten.clone(), None).await;
+        let page = read("a", 3);
+        assert!(page.recovered);
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].offset, Offset(4));
+        assert!(!read("a", 2).recovered);
+    }
+
+    #[tokio::test]
     async fn a_node_at_its_channel_limit_refuses_new_channels_until_idle_ones_go() {
         let record = Arc::new(Record::default());
         let sink: Arc<dyn Deliver> = record.clone();
@@ -561,6 +650,7 @@ mod tests {
                 idle_channel_ttl: Duration::ZERO,
                 idempotency_keys: 100,
                 max_channels: 2,
+                max_history_bytes: usize::MAX,
             },
             Metrics::new(&mut Registry::default()),
             Arc::downgrade(&sink),
