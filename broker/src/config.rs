@@ -154,6 +154,12 @@ pub struct Settings {
     /// Protocol messages per second a client may send, bursts of twice that [default: 100]
     #[arg(long, env = "TETHER_CLIENT_RATE")]
     pub client_rate: Option<u32>,
+    /// Subscribes per second a client may send, bursts of twice that; more get `error` `rate_limited` [default: 50]
+    #[arg(long, env = "TETHER_SUBSCRIBE_RATE")]
+    pub subscribe_rate: Option<u32>,
+    /// Backend API requests per second per API key, bursts of twice that; more get 429 with Retry-After; 0 = no limit [default: 0]
+    #[arg(long, env = "TETHER_API_RATE")]
+    pub api_rate: Option<u32>,
     /// Seconds from connection to `connect` [default: 10]
     #[arg(long, env = "TETHER_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<u64>,
@@ -347,6 +353,9 @@ pub struct Config {
     pub ack_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub client_rate: u32,
+    pub subscribe_rate: u32,
+    /// Requests/s per API key; `None`: no limit.
+    pub api_rate: Option<u32>,
     pub connect_timeout: Duration,
     pub max_outbox_bytes: usize,
     pub max_outbox_messages: usize,
@@ -452,6 +461,8 @@ impl Settings {
             ack_timeout,
             max_message_size,
             client_rate,
+            subscribe_rate,
+            api_rate,
             connect_timeout,
             max_outbox_bytes,
             max_outbox_messages,
@@ -565,6 +576,11 @@ impl Settings {
         if client_rate == 0 {
             return Err(invalid("client-rate", "must be at least 1"));
         }
+        let subscribe_rate = self.subscribe_rate.unwrap_or(50);
+        if subscribe_rate == 0 {
+            return Err(invalid("subscribe-rate", "must be at least 1"));
+        }
+        let api_rate = self.api_rate.filter(|r| *r > 0);
         let max_outbox_bytes = self.max_outbox_bytes.unwrap_or(1024 * 1024);
         if max_outbox_bytes < max_message_size {
             return Err(invalid(
@@ -784,6 +800,8 @@ impl Settings {
             ack_timeout,
             max_message_size,
             client_rate,
+            subscribe_rate,
+            api_rate,
             connect_timeout,
             max_outbox_bytes,
             max_outbox_messages,

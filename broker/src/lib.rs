@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod outbox;
 pub mod push;
+pub(crate) mod rate;
 pub mod server;
 pub mod session;
 pub mod transport;

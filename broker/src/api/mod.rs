@@ -113,6 +113,8 @@ impl From<BrokerError> for ApiError {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub api_key: Option<crate::config::Secret<String>>,
+    /// Requests/s per API key (`--api-rate`); `None`: no limit.
+    pub api_rate: Option<u32>,
     pub max_message_size: usize,
     pub history_size: usize,
 }
@@ -121,6 +123,7 @@ impl ApiConfig {
     pub fn from_config(c: &crate::config::Config) -> Self {
         Self {
             api_key: c.api_key.clone(),
+            api_rate: c.api_rate,
             max_message_size: c.max_message_size,
             history_size: c.history_size,
         }
@@ -155,7 +158,7 @@ pub fn router(handles: Handles) -> Router {
             put(put_device).delete(delete_device),
         )
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
+            (state.clone(), ApiBudget::new(state.config.api_rate)),
             require_api_key,
         ));
     Router::new()
@@ -174,8 +177,46 @@ pub fn router(handles: Handles) -> Router {
         .with_state(state)
 }
 
+/// The API key's request budget (`--api-rate`): one token bucket, as there
+/// is one key (without a key, every caller shares it).
+#[derive(Clone)]
+struct ApiBudget(Option<Arc<parking_lot::Mutex<crate::rate::RateLimit>>>);
+
+impl ApiBudget {
+    fn new(rate: Option<u32>) -> Self {
+        ApiBudget(rate.map(|r| {
+            Arc::new(parking_lot::Mutex::new(crate::rate::RateLimit::new(
+                r,
+                tokio::time::Instant::now(),
+            )))
+        }))
+    }
+
+    /// Spends one request; `Some(response)` when there is none left: 429
+    /// with `Retry-After` (whole seconds, at least 1).
+    fn refusal(&self) -> Option<Response> {
+        let bucket = self.0.as_ref()?;
+        let mut b = bucket.lock();
+        let wait_ms = b.take(tokio::time::Instant::now()).err()?;
+        let rate = b.rate();
+        drop(b);
+        let mut r = ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {rate} requests/s for this API key (bursts of {}); retry later",
+                2 * rate
+            ),
+        )
+        .into_response();
+        let secs = wait_ms.div_ceil(1000).max(1);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        Some(r)
+    }
+}
+
 async fn require_api_key(
-    State(state): State<AppState>,
+    State((state, budget)): State<(AppState, ApiBudget)>,
     headers: HeaderMap,
     req: Request,
     next: Next,
@@ -193,6 +234,10 @@ async fn require_api_key(
             )
             .into_response();
         }
+    }
+    // Counted once the key is right: a wrong key spends nothing.
+    if let Some(refused) = budget.refusal() {
+        return refused;
     }
     next.run(req).await
 }

@@ -118,6 +118,18 @@ impl Session {
     }
 
     async fn on_subscribe(&mut self, sub: tether_protocol::Subscribe) {
+        if let Err(retry_after_ms) = self.subscribe_rate.take(Instant::now()) {
+            let rate = self.subscribe_rate.rate();
+            self.error(
+                Some(sub.id),
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {rate} subscribes/s (bursts of {}); retry in {retry_after_ms} ms",
+                    2 * rate
+                ),
+            );
+            return;
+        }
         let max = self.shared.config.max_subscriptions;
         if self.subs.len() >= max {
             self.error(

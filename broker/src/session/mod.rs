@@ -23,7 +23,6 @@
 
 mod connect;
 mod handle;
-mod rate;
 mod subscriptions;
 pub mod table;
 #[cfg(test)]
@@ -49,8 +48,8 @@ use crate::hub::{Hub, SubscriptionId};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{CodeLabel, Metrics, TransportLabel};
 use crate::outbox::{Direct, Drained, Frame, Outbox, SentMetrics};
+use crate::rate::RateLimit;
 use crate::transport::{Inbound, Transport, TransportError};
-use rate::RateLimit;
 use subscriptions::Subscriptions;
 use table::SessionTable;
 use token::ResumeKeys;
@@ -72,6 +71,7 @@ pub struct SessionConfig {
     pub heartbeat: Duration,
     pub connect_timeout: Duration,
     pub client_rate: u32,
+    pub subscribe_rate: u32,
     pub max_message_size: usize,
     pub max_subscriptions: usize,
     pub max_outbox_bytes: usize,
@@ -86,6 +86,7 @@ impl SessionConfig {
             heartbeat: c.heartbeat,
             connect_timeout: c.connect_timeout,
             client_rate: c.client_rate,
+            subscribe_rate: c.subscribe_rate,
             max_message_size: c.max_message_size,
             max_subscriptions: c.max_subscriptions,
             max_outbox_bytes: c.max_outbox_bytes,
@@ -151,6 +152,9 @@ struct Session {
     session_id: String,
     subs: Subscriptions,
     rate: RateLimit,
+    /// Subscribes (`--subscribe-rate`): each costs a hub entry, maybe a
+    /// replay, and in a cluster a Redis subscription.
+    subscribe_rate: RateLimit,
     last_seen: Instant,
     next_ping: Instant,
     /// The device this session runs on (`connect.device`), for push.
@@ -228,6 +232,7 @@ async fn run_inner<T: Transport>(shared: Arc<Shared>, mut transport: T, conn_id:
         session_id: String::new(),
         subs: Subscriptions::default(),
         rate: RateLimit::new(cfg.client_rate, now),
+        subscribe_rate: RateLimit::new(cfg.subscribe_rate, now),
         last_seen: now,
         next_ping: now,
         device: None,

@@ -155,6 +155,7 @@ fn config() -> SessionConfig {
         node_id: "test-node".into(),
         heartbeat: Duration::from_secs(25),
         connect_timeout: Duration::from_secs(10),
+        subscribe_rate: 1000,
         client_rate: 100,
         max_message_size: 64 * 1024,
         max_subscriptions: 16,

@@ -499,3 +499,36 @@ async fn a_number_no_float_can_hold_is_refused() {
         "{history}"
     );
 }
+
+#[tokio::test]
+async fn the_api_key_past_its_rate_gets_429_with_retry_after() {
+    let broker = TestBroker::start(&["--api-key", "k3y", "--api-rate", "2"]).unwrap();
+    let http = broker.http();
+    let get = |key: &'static str| {
+        http.get(broker.api_url("/v1/channels/room:1/history"))
+            .bearer_auth(key)
+            .send()
+    };
+    // A wrong key is refused without spending the budget…
+    for _ in 0..5 {
+        assert_eq!(get("wrong").await.unwrap().status(), 401);
+    }
+    // …the right one has bursts of twice the rate…
+    for _ in 0..4 {
+        assert_eq!(get("k3y").await.unwrap().status(), 200);
+    }
+    // …and then waits.
+    let r = get("k3y").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // Health and metrics are not part of the key's budget.
+    let h = http.get(broker.api_url("/healthz")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+}

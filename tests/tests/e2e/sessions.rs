@@ -344,3 +344,44 @@ async fn a_node_at_its_channel_limit_refuses_new_channels_and_keeps_serving() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn subscribes_past_the_subscribe_rate_are_refused_and_the_session_goes_on() {
+    let broker = TestBroker::start(&["--subscribe-rate", "5"]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    // A burst of twice the rate passes; the next ones are refused.
+    for i in 0..12u64 {
+        c.send(&ClientMessage::Subscribe(Subscribe {
+            id: 100 + i,
+            channel: ChannelName::new(format!("room:{i}")).unwrap(),
+            since: None,
+        }))
+        .await
+        .unwrap();
+    }
+    let mut subscribed = Vec::new();
+    let mut limited = Vec::new();
+    while subscribed.len() + limited.len() < 12 {
+        match c.recv_skip_pings().await.unwrap() {
+            ServerMessage::Subscribed(s) => subscribed.push(s.id),
+            ServerMessage::Error(e) => {
+                assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+                assert!(e.message.contains("subscribes/s"), "{}", e.message);
+                limited.push(e.id.unwrap());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(subscribed, (100..110).collect::<Vec<_>>());
+    assert_eq!(limited, [110, 111]);
+    // The session goes on: a publication on a channel it got still arrives.
+    let (s, _) = broker
+        .publish(json!({"channel": "room:3", "data": "still here"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(
+        c.recv_publication().await.unwrap().channel.as_str(),
+        "room:3"
+    );
+}

@@ -1,18 +1,19 @@
-//! The client's message budget: a token bucket of `--client-rate` per
-//! second holding twice that (PROTOCOL.md §8, 4029).
+//! Token buckets: a client's message budget (`--client-rate`, PROTOCOL.md
+//! §8, 4029), its subscribes (`--subscribe-rate`), and the backend API's
+//! requests per key (`--api-rate`, 429).
 
 use tokio::time::Instant;
 
 /// A token bucket: `rate` per second, holding up to twice that.
 #[derive(Debug)]
-pub(super) struct RateLimit {
+pub(crate) struct RateLimit {
     tokens: f32,
     rate: f32,
     last: Instant,
 }
 
 impl RateLimit {
-    pub(super) fn new(rate: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: u32, now: Instant) -> Self {
         Self {
             tokens: 2.0 * rate as f32,
             rate: rate as f32,
@@ -20,8 +21,13 @@ impl RateLimit {
         }
     }
 
+    /// The rate, per second.
+    pub(crate) fn rate(&self) -> u32 {
+        self.rate as u32
+    }
+
     /// Takes one token; `Err(ms)` with the wait until the next one.
-    pub(super) fn take(&mut self, now: Instant) -> Result<(), u64> {
+    pub(crate) fn take(&mut self, now: Instant) -> Result<(), u64> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f32();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(2.0 * self.rate);
