@@ -9,16 +9,24 @@
 //! under `--connect-timeout`, never in the loop: one slow client stalls
 //! nobody. Then the task becomes the session (`session::run`).
 //!
-//! Over either limit a client is turned away at once rather than queued: a
+//! Before those, two optional gates: the accept rate (`--accept-rate`, new
+//! connections per second over both listeners, a token bucket holding two
+//! seconds' worth) and the per-IP cap (`--max-connections-per-ip`, counted
+//! per address for as long as its connections live).
+//!
+//! Over any limit a client is turned away at once rather than queued: a
 //! plain WebSocket client gets `503` with a jittered `Retry-After`, a `wss`
 //! client a closed connection (a TLS handshake is what the broker has no
 //! room for), a QUIC client a refusal. In a reconnect storm the clients
 //! come back spread over the next seconds instead of piling up in the
 //! backlog and timing out together.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tether_protocol::CloseCode;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -27,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::metrics::{CodeLabel, Metrics, ReasonLabel};
+use crate::rate::RateLimit;
 use crate::session::{self, Shared};
 use crate::transport::quic::QuicTransport;
 use crate::transport::ws;
@@ -54,6 +63,10 @@ pub struct AcceptConfig {
     pub connect_timeout: Duration,
     pub max_message_size: usize,
     pub ws_read_buffer: usize,
+    /// New connections per second, both listeners (`--accept-rate`).
+    accept_rate: Option<Arc<Mutex<RateLimit>>>,
+    /// Connections per client address (`--max-connections-per-ip`).
+    pub per_ip: Option<Arc<PerIp>>,
 }
 
 impl AcceptConfig {
@@ -65,6 +78,83 @@ impl AcceptConfig {
             connect_timeout: c.connect_timeout,
             max_message_size: c.max_message_size,
             ws_read_buffer: c.ws_read_buffer,
+            accept_rate: c
+                .accept_rate
+                .map(|r| Arc::new(Mutex::new(RateLimit::new(r, tokio::time::Instant::now())))),
+            per_ip: c
+                .max_connections_per_ip
+                .map(|max| Arc::new(PerIp::new(max))),
+        }
+    }
+
+    /// The optional gates, before any permit: `Err(reason)` to turn the
+    /// client away; `Ok(slot)` holds its address's place while it lives.
+    fn gate(&self, ip: IpAddr) -> Result<Option<IpSlot>, &'static str> {
+        if let Some(bucket) = &self.accept_rate
+            && bucket.lock().take(tokio::time::Instant::now()).is_err()
+        {
+            return Err("rate");
+        }
+        match &self.per_ip {
+            None => Ok(None),
+            Some(p) => p.admit(ip).map(Some).ok_or("per_ip"),
+        }
+    }
+}
+
+/// Live connections per client address. An address is in the map only
+/// while it has connections, so the map is bounded by the connections.
+#[derive(Debug)]
+pub struct PerIp {
+    max: u32,
+    counts: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl PerIp {
+    pub fn new(max: u32) -> Self {
+        Self {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one more connection from `ip`, if it has fewer than the
+    /// cap (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let ip = ip.to_canonical();
+        let mut counts = self.counts.lock();
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            owner: self.clone(),
+            ip,
+        })
+    }
+
+    /// Addresses with connections now.
+    pub fn addresses(&self) -> usize {
+        self.counts.lock().len()
+    }
+}
+
+/// One connection's place in its address's count; given back on drop.
+#[derive(Debug)]
+pub struct IpSlot {
+    owner: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock();
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
         }
     }
 }
@@ -104,32 +194,39 @@ pub async fn websocket(
             }
         };
         let _ = stream.set_nodelay(true);
-        let permits = (
-            limits.connections.clone().try_acquire_owned(),
-            limits.handshakes.clone().try_acquire_owned(),
-        );
-        let (Ok(permit), Ok(handshake)) = permits else {
-            let reason = match permits.0 {
-                Err(_) => "limit",
-                Ok(_) => "busy",
-            };
-            refused(&shared.metrics, reason);
-            if tls.is_none()
-                && let Ok(answering) = turning_away.clone().try_acquire_owned()
-            {
-                tracker.spawn(async move {
-                    turn_away(stream).await;
-                    drop(answering);
-                });
+        let admitted = limits.gate(peer.ip()).and_then(|slot| {
+            let permits = (
+                limits.connections.clone().try_acquire_owned(),
+                limits.handshakes.clone().try_acquire_owned(),
+            );
+            match permits {
+                (Ok(p), Ok(h)) => Ok((slot, p, h)),
+                (Err(_), _) => Err("limit"),
+                (Ok(_), Err(_)) => Err("busy"),
             }
-            // Otherwise (wss, or too many being answered): dropped, closed.
-            continue;
+        });
+        let (ip_slot, permit, handshake) = match admitted {
+            Ok(x) => x,
+            Err(reason) => {
+                refused(&shared.metrics, reason);
+                if tls.is_none()
+                    && let Ok(answering) = turning_away.clone().try_acquire_owned()
+                {
+                    tracker.spawn(async move {
+                        turn_away(stream).await;
+                        drop(answering);
+                    });
+                }
+                // Otherwise (wss, or too many being answered): dropped, closed.
+                continue;
+            }
         };
         let shared = shared.clone();
         let timeout = limits.connect_timeout;
         let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _ip_slot = ip_slot;
             let conn_id = shared.table.next_conn_id();
             match tokio::time::timeout(timeout, ws::accept(stream, tls.as_deref(), ws_config)).await
             {
@@ -184,6 +281,14 @@ pub async fn quic(
             },
             _ = stop.cancelled() => break,
         };
+        let ip_slot = match limits.gate(incoming.remote_address().ip()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                refused(&shared.metrics, reason);
+                incoming.refuse();
+                continue;
+            }
+        };
         let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
             refused(&shared.metrics, "limit");
             incoming.refuse();
@@ -202,6 +307,7 @@ pub async fn quic(
         let limits = limits.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _ip_slot = ip_slot;
             let shaken = quic_handshake(&shared.metrics, &limits, incoming).await;
             drop(handshake);
             if let Some(transport) = shaken {

@@ -160,6 +160,12 @@ pub struct Settings {
     /// Backend API requests per second per API key, bursts of twice that; more get 429 with Retry-After; 0 = no limit [default: 0]
     #[arg(long, env = "TETHER_API_RATE")]
     pub api_rate: Option<u32>,
+    /// New client connections per second, WebSocket and QUIC together, bursts of twice that; more are turned away (503 with Retry-After); 0 = no limit [default: 0]
+    #[arg(long, env = "TETHER_ACCEPT_RATE")]
+    pub accept_rate: Option<u32>,
+    /// Client connections from one IP address at once; more are turned away; 0 = no limit [default: 0]
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
     /// Seconds from connection to `connect` [default: 10]
     #[arg(long, env = "TETHER_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<u64>,
@@ -356,6 +362,10 @@ pub struct Config {
     pub subscribe_rate: u32,
     /// Requests/s per API key; `None`: no limit.
     pub api_rate: Option<u32>,
+    /// New connections/s; `None`: no limit.
+    pub accept_rate: Option<u32>,
+    /// Connections per IP; `None`: no limit.
+    pub max_connections_per_ip: Option<u32>,
     pub connect_timeout: Duration,
     pub max_outbox_bytes: usize,
     pub max_outbox_messages: usize,
@@ -463,6 +473,8 @@ impl Settings {
             client_rate,
             subscribe_rate,
             api_rate,
+            accept_rate,
+            max_connections_per_ip,
             connect_timeout,
             max_outbox_bytes,
             max_outbox_messages,
@@ -581,6 +593,8 @@ impl Settings {
             return Err(invalid("subscribe-rate", "must be at least 1"));
         }
         let api_rate = self.api_rate.filter(|r| *r > 0);
+        let accept_rate = self.accept_rate.filter(|r| *r > 0);
+        let max_connections_per_ip = self.max_connections_per_ip.filter(|n| *n > 0);
         let max_outbox_bytes = self.max_outbox_bytes.unwrap_or(1024 * 1024);
         if max_outbox_bytes < max_message_size {
             return Err(invalid(
@@ -802,6 +816,8 @@ impl Settings {
             client_rate,
             subscribe_rate,
             api_rate,
+            accept_rate,
+            max_connections_per_ip,
             connect_timeout,
             max_outbox_bytes,
             max_outbox_messages,

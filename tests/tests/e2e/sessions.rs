@@ -385,3 +385,75 @@ async fn subscribes_past_the_subscribe_rate_are_refused_and_the_session_goes_on(
         "room:3"
     );
 }
+
+/// The status and `Retry-After` of a WebSocket upgrade that was refused.
+async fn refused_upgrade(broker: &TestBroker) -> Option<(u16, u64)> {
+    match tokio_tungstenite::connect_async(broker.ws_url()).await {
+        Ok(_) => None,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let secs = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            Some((r.status().as_u16(), secs))
+        }
+        Err(e) => panic!("neither upgraded nor answered: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn past_the_accept_rate_new_connections_are_told_when_to_retry() {
+    let broker = TestBroker::start(&["--accept-rate", "1"]).unwrap();
+    let start = std::time::Instant::now();
+    // A burst of twice the rate passes…
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        kept.push(connected_client(&broker).await.unwrap());
+    }
+    // …then at most one more per second elapsed.
+    let mut more = 0;
+    let (status, retry) = loop {
+        if let Some(refusal) = refused_upgrade(&broker).await {
+            break refusal;
+        }
+        more += 1;
+        assert!(more < 20, "never refused");
+    };
+    let allowed = start.elapsed().as_secs_f64().ceil() as usize;
+    assert!(
+        more <= allowed,
+        "{more} more admitted in {allowed} s at 1/s"
+    );
+    assert_eq!(status, 503);
+    assert!((1..=5).contains(&retry), "Retry-After {retry}");
+    broker
+        .wait_for_metric("tether_connections_refused_total{reason=\"rate\"} 1")
+        .await
+        .unwrap();
+    // Those let in are served as usual.
+    for c in &mut kept {
+        c.send(&ClientMessage::Ping).await.unwrap();
+        assert_eq!(c.recv().await.unwrap(), ServerMessage::Pong);
+    }
+}
+
+#[tokio::test]
+async fn an_address_past_its_connection_cap_is_refused_until_one_leaves() {
+    let broker = TestBroker::start(&["--max-connections-per-ip", "2"]).unwrap();
+    let a = connected_client(&broker).await.unwrap();
+    let _b = connected_client(&broker).await.unwrap();
+    let (status, _) = refused_upgrade(&broker).await.expect("refused");
+    assert_eq!(status, 503);
+    broker
+        .wait_for_metric("tether_connections_refused_total{reason=\"per_ip\"} 1")
+        .await
+        .unwrap();
+    drop(a);
+    broker
+        .wait_for_metric("tether_connections{transport=\"ws\"} 1")
+        .await
+        .unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    c.expect_nothing_pending().await.unwrap();
+}
