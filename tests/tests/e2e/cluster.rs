@@ -859,3 +859,30 @@ async fn redis_cluster_a_batch_keeps_its_order_through_the_pipeline() {
     })
     .await;
 }
+
+/// Web Push in a cluster: a browser registered through one node gets, from
+/// the shared queue, the push of a publication made on another — encrypted
+/// for it and signed with the key every node shares.
+#[tokio::test]
+async fn a_web_push_registered_on_one_node_is_sent_for_a_publication_on_another() {
+    use super::webpush::{VapidKey, register_webpush};
+    let redis = TestRedis::start().unwrap();
+    let vapid = VapidKey::fresh();
+    let service = tether_tests::fakes::FakeWebPush::start(Some(vapid.public.clone()))
+        .await
+        .unwrap();
+    let args = vapid.args();
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = node("--redis-url", &redis.url(), "wp-a", &extra);
+    let b = node("--redis-url", &redis.url(), "wp-b", &extra);
+    let sub = service.subscribe().unwrap();
+    register_webpush(&a, "web-1", "wanda", sub.json()).await;
+    let (s, answer) = b
+        .publish(json!({"channel": "user:wanda", "data": 1, "push": {"title": "from b"}}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{answer}");
+    let got = service.wait_accepted(1, WAIT).await.unwrap();
+    assert_eq!(got[0].payload["title"], "from b");
+    assert_eq!(got[0].payload["offset"], answer["offset"]);
+}
