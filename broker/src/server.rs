@@ -42,7 +42,7 @@ use crate::session::table::SessionTable;
 use crate::session::token::ResumeKeys;
 use crate::session::{self, SessionConfig};
 use crate::transport::quic;
-use crate::transport::tls::Identity;
+use crate::transport::tls::{CertStore, Identity};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +123,11 @@ pub struct Server {
     registry: Arc<Registry>,
     client: TcpListener,
     api: TcpListener,
-    quic: Option<(quinn::Endpoint, Identity)>,
+    /// The QUIC endpoint, the certificate it serves, and whether that is
+    /// self-signed (made for this run).
+    quic: Option<(quinn::Endpoint, Arc<CertStore>, bool)>,
+    /// The operator's certificate (wss and QUIC), reloaded on SIGHUP.
+    certs: Option<Arc<CertStore>>,
     wss: Option<tokio_rustls::TlsAcceptor>,
     tokens: Tokens,
     tasks: TaskTracker,
@@ -191,12 +195,17 @@ impl Server {
                 addr: config.api_addr,
                 source,
             })?;
-        let wss = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::transport::stream::tls_acceptor(
+        let certs = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(CertStore::new(
                 &Identity::load_or_generate(Some(cert), Some(key))?,
-            )?),
+                Some((cert.clone(), key.clone())),
+            )?)),
             _ => None,
         };
+        let wss = certs
+            .clone()
+            .map(crate::transport::stream::tls_acceptor)
+            .transpose()?;
         let quic = match config.quic_addr {
             Some(addr) => Some(quic::endpoint(
                 &config,
@@ -205,6 +214,7 @@ impl Server {
                     .quic_handshakes
                     .get_or_create(&crate::metrics::ReasonLabel { reason: "resumed" })
                     .clone(),
+                certs.clone(),
             )?),
             None => None,
         };
@@ -216,6 +226,7 @@ impl Server {
             client,
             api,
             quic,
+            certs,
             wss,
             tokens,
             tasks,
@@ -224,7 +235,7 @@ impl Server {
 
     /// The bound QUIC address, when QUIC is on.
     pub fn quic_addr(&self) -> Option<SocketAddr> {
-        self.quic.as_ref().and_then(|(e, _)| e.local_addr().ok())
+        self.quic.as_ref().and_then(|(e, _, _)| e.local_addr().ok())
     }
 
     pub fn client_addr(&self) -> std::io::Result<SocketAddr> {
@@ -244,15 +255,15 @@ impl Server {
         if let Ok(addr) = self.api.local_addr() {
             info!(listener = "api", %addr, "listening on {addr} (backend API)");
         }
-        if let Some((endpoint, identity)) = &self.quic
+        if let Some((endpoint, certs, self_signed)) = &self.quic
             && let Ok(addr) = endpoint.local_addr()
         {
             info!(listener = "quic", %addr, "listening on {addr} (QUIC, ALPN tether/1)");
-            if identity.self_signed {
+            if *self_signed {
+                let fingerprint = certs.fingerprint();
                 info!(
-                    fingerprint = %identity.fingerprint,
-                    "QUIC uses a self-signed certificate; development clients can pin its SHA-256 fingerprint {}",
-                    identity.fingerprint
+                    fingerprint = %fingerprint,
+                    "QUIC uses a self-signed certificate; development clients can pin its SHA-256 fingerprint {fingerprint}"
                 );
             }
         }
@@ -288,10 +299,12 @@ impl Server {
             client,
             api,
             quic,
+            certs,
             wss,
             tokens,
             tasks,
         } = self;
+        tasks.spawn(reload_on_sighup(certs, tokens.root.clone()));
         let connections = TaskTracker::new();
         let limits = AcceptConfig::from_config(&config, connection_cap(config.max_connections));
 
@@ -306,7 +319,7 @@ impl Server {
             )
             .instrument(info_span!("accept", listener = "client")),
         );
-        let quic_endpoint = quic.map(|(endpoint, _)| {
+        let quic_endpoint = quic.map(|(endpoint, _, _)| {
             tasks.spawn(
                 accept::quic(
                     sessions.clone(),
@@ -605,6 +618,39 @@ fn start_push(
     // (its own and those of nodes that died).
     tasks.spawn(push.clone().run_shared_checks());
     Ok(push)
+}
+
+/// On SIGHUP, reads `--tls-cert`/`--tls-key` again and serves them to new
+/// connections (wss and QUIC); open sessions are untouched. A bad file is
+/// logged and the certificate served stays. Without TLS files a SIGHUP is
+/// logged and ignored (it must not end the process).
+async fn reload_on_sighup(certs: Option<Arc<CertStore>>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP: no certificate reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => if got.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+        match &certs {
+            None => info!("SIGHUP: no tls-cert/tls-key configured, nothing to reload"),
+            Some(store) => match store.reload() {
+                Ok(fingerprint) => info!(
+                    %fingerprint,
+                    "SIGHUP: TLS certificate reloaded; new connections get it (fingerprint {fingerprint})"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one is still served")
+                }
+            },
+        }
+    }
 }
 
 /// Descriptors kept for what is not a client: the API's connections, Redis,

@@ -31,7 +31,7 @@ use tether_protocol::{CloseCode, Encoding, QUIC_ALPN};
 use tokio::io::ReadBuf;
 use tracing::debug;
 
-use super::tls::{CountingTickets, Identity, SharedTicketKey, TlsError};
+use super::tls::{CertStore, CountingTickets, Identity, SharedTicketKey, TlsError};
 use super::{Inbound, Transport, TransportError};
 use crate::config::Config;
 use crate::outbox::Frame;
@@ -81,15 +81,24 @@ pub fn endpoint(
     cfg: &Config,
     addr: SocketAddr,
     resumed: Counter,
-) -> Result<(Endpoint, Identity), TlsError> {
-    let identity = Identity::load_or_generate(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?;
+    configured: Option<Arc<CertStore>>,
+) -> Result<(Endpoint, Arc<CertStore>, bool), TlsError> {
+    // The operator's certificate (shared with wss, reloadable), or a
+    // self-signed one for this run.
+    let (identity, certs) = match configured {
+        Some(certs) => (None, certs),
+        None => {
+            let identity = Identity::load_or_generate(None, None)?;
+            let certs = Arc::new(CertStore::new(&identity, None)?);
+            (Some(identity), certs)
+        }
+    };
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_cert_resolver(certs.clone());
     tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
     // No 0-RTT (QUIC allows 0 or u32::MAX): tickets are stateless so that
     // nodes can share them, and rustls accepts early data only with
@@ -116,7 +125,7 @@ pub fn endpoint(
     server.migration(true);
     let endpoint = Endpoint::server(server, addr)
         .map_err(|e| TlsError::Config(format!("cannot bind the QUIC listener on {addr}: {e}")))?;
-    Ok((endpoint, identity))
+    Ok((endpoint, certs, identity.is_some()))
 }
 
 /// One QUIC connection's session stream.

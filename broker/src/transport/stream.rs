@@ -127,15 +127,14 @@ impl AsyncWrite for ClientStream {
 
 /// The wss acceptor for `--tls-cert` / `--tls-key`.
 pub fn tls_acceptor(
-    identity: &super::tls::Identity,
+    certs: std::sync::Arc<super::tls::CertStore>,
 ) -> Result<tokio_rustls::TlsAcceptor, super::tls::TlsError> {
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| super::tls::TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(|e| super::tls::TlsError::Config(e.to_string()))?;
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }

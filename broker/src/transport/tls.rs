@@ -1,17 +1,26 @@
-//! TLS material for the QUIC listener: the configured certificate, or a
-//! self-signed one generated at start (its SHA-256 fingerprint is logged so
-//! that development clients can pin it), and session-ticket keys for fast
-//! reconnects, shareable between the nodes of a cluster.
+//! TLS material for wss and the QUIC listener: the configured certificate,
+//! or a self-signed one generated at start (its SHA-256 fingerprint is
+//! logged so that development clients can pin it), and session-ticket keys
+//! for fast reconnects, shareable between the nodes of a cluster.
+//!
+//! The configured certificate is served through a [`CertStore`], which both
+//! listeners' rustls configurations ask for it on every handshake: on
+//! SIGHUP the broker reads the files again and swaps it in ([`CertStore::reload`]),
+//! so new connections get the new certificate and the sessions already open
+//! carry on untouched.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ProducesTickets;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 
 /// Why TLS material could not be loaded or made.
@@ -100,6 +109,73 @@ impl Identity {
                 })
             }
         }
+    }
+}
+
+/// The certificate both TLS listeners serve, swappable while they run.
+pub struct CertStore {
+    current: RwLock<Arc<CertifiedKey>>,
+    fingerprint: RwLock<String>,
+    /// The files to read again on reload; `None` for a generated identity.
+    files: Option<(PathBuf, PathBuf)>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("fingerprint", &*self.fingerprint.read())
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+fn certified(identity: &Identity) -> Result<Arc<CertifiedKey>, TlsError> {
+    let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&identity.key)
+        .map_err(|e| TlsError::Config(format!("setting `tls-key`: {e}")))?;
+    let ck = CertifiedKey::new(identity.chain.clone(), key);
+    // A key that is not the certificate's would fail every handshake.
+    ck.keys_match().map_err(|e| {
+        TlsError::Config(format!("setting `tls-key` does not match `tls-cert`: {e}"))
+    })?;
+    Ok(Arc::new(ck))
+}
+
+impl CertStore {
+    /// Serves `identity`; `files` (cert, key) are read again by
+    /// [`CertStore::reload`].
+    pub fn new(identity: &Identity, files: Option<(PathBuf, PathBuf)>) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: RwLock::new(certified(identity)?),
+            fingerprint: RwLock::new(identity.fingerprint.clone()),
+            files,
+        })
+    }
+
+    /// The served certificate's fingerprint.
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint.read().clone()
+    }
+
+    /// Reads the certificate and key files again and serves them from the
+    /// next handshake on; returns the new fingerprint. On any error the
+    /// certificate served stays as it was.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        let Some((cert, key)) = &self.files else {
+            return Err(TlsError::Config(
+                "no tls-cert/tls-key configured: nothing to reload".into(),
+            ));
+        };
+        let identity = Identity::load_or_generate(Some(cert), Some(key))?;
+        let ck = certified(&identity)?;
+        *self.current.write() = ck;
+        *self.fingerprint.write() = identity.fingerprint.clone();
+        Ok(identity.fingerprint)
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().clone())
     }
 }
 
