@@ -14,6 +14,11 @@
 //! seconds' worth) and the per-IP cap (`--max-connections-per-ip`, counted
 //! per address for as long as its connections live).
 //!
+//! QUIC clients may first be asked to validate their address (a Retry,
+//! `--quic-retry`: by default while a quarter of the handshake slots are
+//! taken), so that a flood from spoofed addresses costs one stateless
+//! packet each, not a handshake.
+//!
 //! Over any limit a client is turned away at once rather than queued: a
 //! plain WebSocket client gets `503` with a jittered `Retry-After`, a `wss`
 //! client a closed connection (a TLS handshake is what the broker has no
@@ -67,6 +72,8 @@ pub struct AcceptConfig {
     accept_rate: Option<Arc<Mutex<RateLimit>>>,
     /// Connections per client address (`--max-connections-per-ip`).
     pub per_ip: Option<Arc<PerIp>>,
+    /// When QUIC clients must validate their address first.
+    pub quic_retry: crate::config::QuicRetry,
 }
 
 impl AcceptConfig {
@@ -84,6 +91,21 @@ impl AcceptConfig {
             per_ip: c
                 .max_connections_per_ip
                 .map(|max| Arc::new(PerIp::new(max))),
+            quic_retry: c.quic_retry,
+        }
+    }
+
+    /// Whether a QUIC client whose address is not validated yet is sent a
+    /// Retry first: always, never, or while at least a quarter of the
+    /// handshake slots are taken (a flood, maybe from spoofed addresses).
+    fn wants_quic_retry(&self) -> bool {
+        use crate::config::QuicRetry;
+        match self.quic_retry {
+            QuicRetry::Always => true,
+            QuicRetry::Never => false,
+            QuicRetry::UnderLoad => {
+                MAX_HANDSHAKES - self.handshakes.available_permits() >= MAX_HANDSHAKES / 4
+            }
         }
     }
 
@@ -281,6 +303,22 @@ pub async fn quic(
             },
             _ = stop.cancelled() => break,
         };
+        // Address validation: a client that has not proven its address
+        // gets a Retry (one round trip, no handshake state kept) and comes
+        // back with a token; `may_retry` is false once it has one.
+        if incoming.may_retry() && limits.wants_quic_retry() {
+            match incoming.retry() {
+                Ok(()) => {
+                    shared
+                        .metrics
+                        .quic_handshakes
+                        .get_or_create(&ReasonLabel { reason: "retry" })
+                        .inc();
+                }
+                Err(e) => e.into_incoming().refuse(),
+            }
+            continue;
+        }
         let ip_slot = match limits.gate(incoming.remote_address().ip()) {
             Ok(slot) => slot,
             Err(reason) => {

@@ -238,6 +238,9 @@ pub struct Settings {
     /// Seconds between QUIC keep-alive packets from the server; 0 = off, the protocol's pings suffice [default: 0]
     #[arg(long, env = "TETHER_QUIC_KEEP_ALIVE")]
     pub quic_keep_alive: Option<u64>,
+    /// QUIC address validation (a Retry round trip before the handshake): `under-load` (when 256 or more handshakes are in flight), `always` or `never` [default: under-load]
+    #[arg(long, env = "TETHER_QUIC_RETRY")]
+    pub quic_retry: Option<String>,
     /// 64 hex characters: the key sealing TLS session tickets, shared by the nodes of a cluster [default: random per start]
     #[arg(long, env = "TETHER_QUIC_TICKET_KEY", hide_env_values = true)]
     pub quic_ticket_key: Option<Secret<String>>,
@@ -385,8 +388,19 @@ pub struct Config {
     pub push_coalesce_window: Option<Duration>,
     pub quic_idle_timeout: Duration,
     pub quic_keep_alive: Option<Duration>,
+    pub quic_retry: QuicRetry,
     pub quic_ticket_key: Option<Secret<[u8; 32]>>,
     pub log_format: LogFormat,
+}
+
+/// When a QUIC client must prove its address (a Retry) before the broker
+/// spends a handshake on it (`--quic-retry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicRetry {
+    /// When at least a quarter of the handshake slots are taken.
+    UnderLoad,
+    Always,
+    Never,
 }
 
 impl Default for Config {
@@ -499,6 +513,7 @@ impl Settings {
             push_coalesce_window,
             quic_idle_timeout,
             quic_keep_alive,
+            quic_retry,
             quic_ticket_key,
             log_format,
         )
@@ -766,6 +781,17 @@ impl Settings {
 
         let quic_idle_timeout =
             Duration::from_secs(positive("quic-idle-timeout", self.quic_idle_timeout, 60)?);
+        let quic_retry = match self.quic_retry.as_deref() {
+            None | Some("under-load") => QuicRetry::UnderLoad,
+            Some("always") => QuicRetry::Always,
+            Some("never") => QuicRetry::Never,
+            Some(other) => {
+                return Err(invalid(
+                    "quic-retry",
+                    format!("{other:?} is not `under-load`, `always` or `never`"),
+                ));
+            }
+        };
         let quic_keep_alive = match self.quic_keep_alive.unwrap_or(0) {
             0 => None,
             s if Duration::from_secs(s) >= quic_idle_timeout => {
@@ -853,6 +879,7 @@ impl Settings {
             push_coalesce_window,
             quic_idle_timeout,
             quic_keep_alive,
+            quic_retry,
             quic_ticket_key,
             log_format,
         })

@@ -366,3 +366,28 @@ async fn one_connection_cap_covers_websocket_and_quic_and_the_excess_is_told_whe
     let mut again = connected_client(&broker).await.unwrap();
     again.expect_nothing_pending().await.unwrap();
 }
+
+#[tokio::test]
+async fn with_address_validation_a_client_is_sent_a_retry_and_then_served() {
+    let broker =
+        TestBroker::start(&["--quic-addr", "127.0.0.1:0", "--quic-retry", "always"]).unwrap();
+    let mut q = broker.quic_client().await.unwrap();
+    handshake(&mut q).await;
+    // One Retry, then the handshake with the validated address.
+    broker
+        .wait_for_metric("tether_quic_handshakes_total{reason=\"retry\"} 1")
+        .await
+        .unwrap();
+    broker
+        .wait_for_metric("tether_quic_handshakes_total{reason=\"completed\"} 1")
+        .await
+        .unwrap();
+    q.send(&ClientMessage::Ping).await.unwrap();
+    assert_eq!(q.recv().await.unwrap(), ServerMessage::Pong);
+    // Under the default (`under-load`) an idle node sends none.
+    let calm = TestBroker::start(&["--quic-addr", "127.0.0.1:0"]).unwrap();
+    let mut q = calm.quic_client().await.unwrap();
+    handshake(&mut q).await;
+    let m = calm.metrics().await.unwrap();
+    assert!(!m.contains("reason=\"retry\""), "{m}");
+}
