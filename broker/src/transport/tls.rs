@@ -179,12 +179,23 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// Session tickets sealed with AES-256-GCM under a key every node of a
-/// cluster can share (`--quic-ticket-key`), so a client resumes its TLS
-/// session on any node. Tickets live 12 hours.
+/// Session tickets sealed with AES-256-GCM under keys every node of a
+/// cluster derives alike from `--quic-ticket-key`, so a client resumes its
+/// TLS session on any node. The key **rotates** every [`TICKET_PERIOD`]
+/// seconds with no coordination: the key of period `n` (unix time / period)
+/// is HKDF-SHA-256 of the master key with `n`, a ticket carries its period,
+/// and tickets of this period and the one before open (those of the next
+/// one too, for clocks a little ahead). Tickets live 12 hours, so a period
+/// key seals for 12 hours and opens for 24 at most; the master key itself
+/// never seals anything.
 pub struct SharedTicketKey {
-    key: LessSafeKey,
+    master: [u8; 32],
+    /// Derived period keys, a few at most (the periods around now).
+    keys: parking_lot::Mutex<Vec<(u64, Arc<LessSafeKey>)>>,
 }
+
+/// Seconds a ticket key seals for before the next one takes over.
+pub const TICKET_PERIOD: u64 = 12 * 60 * 60;
 
 impl fmt::Debug for SharedTicketKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -192,14 +203,95 @@ impl fmt::Debug for SharedTicketKey {
     }
 }
 
+struct KeyLen;
+
+impl aws_lc_rs::hkdf::KeyType for KeyLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl SharedTicketKey {
     /// From 32 bytes of key material.
     pub fn new(key: &[u8; 32]) -> Result<Self, TlsError> {
-        let unbound = UnboundKey::new(&AES_256_GCM, key)
-            .map_err(|_| TlsError::Config("bad ticket key".into()))?;
-        Ok(Self {
-            key: LessSafeKey::new(unbound),
-        })
+        let t = Self {
+            master: *key,
+            keys: parking_lot::Mutex::new(Vec::new()),
+        };
+        t.key_for(0)
+            .ok_or_else(|| TlsError::Config("bad ticket key".into()))?;
+        Ok(t)
+    }
+
+    /// The key of `period`, derived once and kept while it is recent.
+    fn key_for(&self, period: u64) -> Option<Arc<LessSafeKey>> {
+        let mut keys = self.keys.lock();
+        if let Some((_, k)) = keys.iter().find(|(p, _)| *p == period) {
+            return Some(k.clone());
+        }
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, b"tether quic tickets")
+            .extract(&self.master)
+            .expand(&[&period.to_be_bytes()], KeyLen)
+            .and_then(|okm| okm.fill(&mut bytes))
+            .ok()?;
+        let key = Arc::new(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &bytes).ok()?,
+        ));
+        if keys.len() >= 4 {
+            keys.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+            keys.truncate(3);
+        }
+        keys.push((period, key.clone()));
+        Some(key)
+    }
+
+    /// Seals `plain` with the key of the period `now` (unix seconds) is in:
+    /// `period (8, big-endian) ‖ nonce ‖ sealed`, the period as AAD.
+    pub fn encrypt_at(&self, plain: &[u8], now: u64) -> Option<Vec<u8>> {
+        let period = now / TICKET_PERIOD;
+        let key = self.key_for(period)?;
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        let mut out = Vec::with_capacity(8 + NONCE_LEN + plain.len() + AES_256_GCM.tag_len());
+        out.extend_from_slice(&period.to_be_bytes());
+        out.extend_from_slice(&nonce_bytes);
+        let mut body = plain.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce_bytes),
+            Aad::from(period.to_be_bytes()),
+            &mut body,
+        )
+        .ok()?;
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+
+    /// Opens a ticket sealed in this period, the one before or the next.
+    pub fn decrypt_at(&self, cipher: &[u8], now: u64) -> Option<Vec<u8>> {
+        if cipher.len() < 8 + NONCE_LEN + AES_256_GCM.tag_len() {
+            return None;
+        }
+        let (period, rest) = cipher.split_at(8);
+        let period = u64::from_be_bytes(period.try_into().ok()?);
+        let current = now / TICKET_PERIOD;
+        if period + 1 < current || period > current + 1 {
+            return None;
+        }
+        let key = self.key_for(period)?;
+        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut body = body.to_vec();
+        let plain = key
+            .open_in_place(nonce, Aad::from(period.to_be_bytes()), &mut body)
+            .ok()?;
+        Some(plain.to_vec())
     }
 }
 
@@ -213,33 +305,11 @@ impl ProducesTickets for SharedTicketKey {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
-        let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + AES_256_GCM.tag_len());
-        out.extend_from_slice(&nonce_bytes);
-        let mut body = plain.to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce_bytes),
-                Aad::empty(),
-                &mut body,
-            )
-            .ok()?;
-        out.extend_from_slice(&body);
-        Some(out)
+        self.encrypt_at(plain, unix_secs())
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        if cipher.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-            return None;
-        }
-        let (nonce, body) = cipher.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut body = body.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::empty(), &mut body)
-            .ok()?;
-        Some(plain.to_vec())
+        self.decrypt_at(cipher, unix_secs())
     }
 }
 
@@ -275,6 +345,32 @@ impl ProducesTickets for CountingTickets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ticket_keys_rotate_each_period_and_open_the_previous_periods_tickets() {
+        let a = SharedTicketKey::new(&[7; 32]).expect("key");
+        let b = SharedTicketKey::new(&[7; 32]).expect("key");
+        let t0 = 1_000 * TICKET_PERIOD + 5;
+        let sealed = a.encrypt_at(b"state", t0).expect("sealed");
+        // Same period on another node, and the next period: opens.
+        assert_eq!(
+            b.decrypt_at(&sealed, t0 + 60).as_deref(),
+            Some(&b"state"[..])
+        );
+        assert_eq!(
+            b.decrypt_at(&sealed, t0 + TICKET_PERIOD).as_deref(),
+            Some(&b"state"[..])
+        );
+        // Two periods on: its key is retired.
+        assert!(b.decrypt_at(&sealed, t0 + 2 * TICKET_PERIOD).is_none());
+        // Each period seals under its own key: a ticket relabelled with
+        // another period does not open.
+        let mut moved = sealed.clone();
+        moved[7] ^= 1;
+        assert!(b.decrypt_at(&moved, t0).is_none());
+        let next = a.encrypt_at(b"state", t0 + TICKET_PERIOD).expect("sealed");
+        assert_ne!(next[..8], sealed[..8]);
+    }
 
     #[test]
     fn shared_ticket_keys_open_each_others_tickets_and_nothing_else() {
