@@ -302,3 +302,54 @@ async fn es256_tokens_verify_against_a_public_key_file() {
     let mut c = connect_with(&broker, Some(&hs)).await;
     assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
 }
+
+/// A JWT assembled by hand (base64url header and claims, any signature).
+fn raw_jwt(header: serde_json::Value, claims: serde_json::Value, sig: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    format!(
+        "{}.{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes()),
+        b64(sig)
+    )
+}
+
+#[tokio::test]
+async fn alg_none_and_an_hs256_token_keyed_with_the_rsa_public_key_are_refused() {
+    let pair = tether_tests::fakes::keys::rsa_pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("pub.pem");
+    std::fs::write(&public, &pair.public_pem).unwrap();
+    let broker = TestBroker::start(&["--jwt-public-key", public.to_str().unwrap()]).unwrap();
+    let claims = json!({"sub": "mallory", "exp": unix_now() + 600});
+    // `alg: none`, unsigned (and with an empty signature part).
+    for sig in [&b""[..], b"x"] {
+        let none = raw_jwt(json!({"alg": "none", "typ": "JWT"}), claims.clone(), sig);
+        let mut c = connect_with(&broker, Some(&none)).await;
+        assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
+    }
+    // Key confusion: HS256 with the RSA public key's PEM as the HMAC secret.
+    let confused = hs256_token(&pair.public_pem, claims.clone());
+    let mut c = connect_with(&broker, Some(&confused)).await;
+    assert_eq!(c.expect_close().await.unwrap().code, Some(4003));
+    // Truncated and garbage tokens.
+    let good = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(pair.private_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    for bad in [&good[..good.len() - 5], "a.b.c", "", &"x".repeat(10_000)] {
+        let mut c = connect_with(&broker, Some(bad)).await;
+        assert_eq!(
+            c.expect_close().await.unwrap().code,
+            Some(4003),
+            "{bad:.40}"
+        );
+    }
+    // The real thing still works.
+    let mut c = WsClient::connect(&broker.ws_url()).await.unwrap();
+    c.handshake(Some(&good)).await.unwrap();
+    c.subscribe("user:mallory").await.unwrap();
+}

@@ -1,5 +1,11 @@
-//! Bad input: each gets a clear answer or close code, and the broker keeps
-//! serving everyone else.
+//! Bad input — the hostile-input suite: each gets a clear answer or close
+//! code, and the broker keeps serving everyone else. Random bytes,
+//! truncated frames, deep nesting, numbers JSON cannot hold, wrong types in
+//! every field, channel names at 255 and 256 bytes, 10,000 subscribes from
+//! one client, floods, slow readers. Tokens are in `auth.rs` (`alg: none`,
+//! HS256 keyed with the RSA public key, expired, not yet valid, wrong
+//! audience and issuer, truncated) and `resume.rs` (resume tokens forged,
+//! truncated, replayed, another user's).
 
 use serde_json::json;
 use tether_protocol::*;
@@ -281,4 +287,210 @@ async fn a_flood_of_messages_closes_with_4029() {
         d.retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 1000),
         "{d:?}"
     );
+}
+
+// The hostile-input suite (issue 12): what an attacker or a broken client
+// sends, each with its documented answer, and the broker serving others
+// after each.
+
+/// Deterministic noise (xorshift64*), so a failing input can be replayed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn random_bytes_close_only_their_own_connection_with_4001() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut bystander = connected_client(&broker).await.unwrap();
+    bystander.subscribe("bystander").await.unwrap();
+    for seed in 1..=12u64 {
+        let junk = noise(seed, 1 + (seed as usize * 37) % 300);
+        // As MessagePack (binary), after `connect`.
+        let mut c = WsClient::connect_with(&broker.ws_url(), Encoding::MsgPack)
+            .await
+            .unwrap();
+        c.handshake(None).await.unwrap();
+        c.send_raw(junk.clone()).await.unwrap();
+        let code = closed_with(&mut c).await;
+        // Junk that happens to decode as a map without a known `type` is
+        // a bad request instead; with these seeds it never does.
+        assert_eq!(code, 4001, "seed {seed}: {junk:?}");
+        // As JSON text (made valid UTF-8), after `connect`.
+        let mut c = connected_client(&broker).await.unwrap();
+        let text = String::from_utf8_lossy(&junk).into_owned();
+        c.send_raw(text.into_bytes()).await.unwrap();
+        assert_eq!(closed_with(&mut c).await, 4001, "seed {seed}");
+    }
+    // A WebSocket frame cut off mid-payload, then the socket shut.
+    let (mut s, status) = raw::upgrade(broker.client_addr, "/v1/ws", Some("tether.v1.json"))
+        .await
+        .unwrap();
+    assert!(status.contains("101"), "{status}");
+    let whole = raw::frame(1, &[b'x'; 1000]);
+    s.write_all(&whole[..40]).await.unwrap();
+    s.shutdown().await.unwrap();
+    drop(s);
+    broker
+        .publish(json!({"channel": "bystander", "data": "unharmed"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        bystander.recv_publication().await.unwrap().data,
+        json!("unharmed")
+    );
+    still_serves(&broker).await;
+}
+
+#[tokio::test]
+async fn wrong_types_in_every_field_get_bad_request_and_the_session_goes_on() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    let cases = [
+        r#"{"type":"subscribe","id":1,"channel":5}"#,
+        r#"{"type":"subscribe","id":2,"channel":"a","since":"yesterday"}"#,
+        r#"{"type":"subscribe","id":3,"channel":"a","since":{"epoch":1,"offset":"x"}}"#,
+        r#"{"type":"subscribe","id":"four","channel":"a"}"#,
+        r#"{"type":"subscribe","id":-5,"channel":"a"}"#,
+        r#"{"type":"unsubscribe","id":6,"channel":["a"]}"#,
+        r#"{"type":"publish","id":7,"channel":"a"}"#,
+        r#"{"type":"publish","id":8,"channel":null,"data":1}"#,
+        r#"{"type":"ack","channel":"a","offset":"x"}"#,
+        r#"{"type":"ack","channel":"a","offset":-1}"#,
+        r#"{"type":"refresh","id":11,"token":5}"#,
+        r#"{"type":"connect","id":12,"token":{}}"#,
+    ];
+    for case in cases {
+        c.send_raw(case.as_bytes().to_vec()).await.unwrap();
+        match c.recv_skip_pings().await.unwrap() {
+            ServerMessage::Error(e) => {
+                assert_eq!(e.code, ErrorCode::BadRequest, "{case}: {e:?}")
+            }
+            other => panic!("{case}: expected error bad_request, got {other:?}"),
+        }
+    }
+    c.send(&ClientMessage::Ping).await.unwrap();
+    assert_eq!(c.recv_skip_pings().await.unwrap(), ServerMessage::Pong);
+    // Without a string `type` it is not a message at all: 4001.
+    for not_a_message in [r#"{"type":5}"#, r#"["subscribe",13,"a"]"#, r#""subscribe""#] {
+        let mut c = connected_client(&broker).await.unwrap();
+        c.send_raw(not_a_message.as_bytes().to_vec()).await.unwrap();
+        assert_eq!(closed_with(&mut c).await, 4001, "{not_a_message}");
+    }
+    still_serves(&broker).await;
+}
+
+#[tokio::test]
+async fn numbers_no_json_has_close_the_connection_with_4001() {
+    let broker = TestBroker::start(&[]).unwrap();
+    for data in ["NaN", "Infinity", "-Infinity", "1e400", "01"] {
+        let mut c = connected_client(&broker).await.unwrap();
+        let frame = format!(r#"{{"type":"publish","id":1,"channel":"n","data":{data}}}"#);
+        c.send_raw(frame.into_bytes()).await.unwrap();
+        assert_eq!(closed_with(&mut c).await, 4001, "data {data}");
+    }
+    // A large integer JSON can hold is fine (it arrives as a float: see
+    // docs/protocol.md on client publish frames).
+    let mut c = connected_client(&broker).await.unwrap();
+    c.send_raw(
+        br#"{"type":"publish","id":1,"channel":"n","data":123456789012345678901234567890}"#
+            .to_vec(),
+    )
+    .await
+    .unwrap();
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => assert_eq!(e.code, ErrorCode::Forbidden, "{e:?}"),
+        ServerMessage::Published(_) => {}
+        other => panic!("{other:?}"),
+    }
+    still_serves(&broker).await;
+}
+
+#[tokio::test]
+async fn channel_names_of_255_bytes_pass_and_256_do_not() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    let longest = "a".repeat(255);
+    c.subscribe(&longest).await.unwrap();
+    let frame = format!(
+        r#"{{"type":"subscribe","id":99,"channel":"{}"}}"#,
+        "a".repeat(256)
+    );
+    c.send_raw(frame.into_bytes()).await.unwrap();
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => {
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert_eq!(e.id, Some(99));
+        }
+        other => panic!("{other:?}"),
+    }
+    broker
+        .publish(json!({"channel": longest, "data": 1}))
+        .await
+        .unwrap();
+    assert_eq!(c.recv_publication().await.unwrap().data, json!(1));
+    let (s, _) = broker
+        .publish(json!({"channel": "a".repeat(256), "data": 1}))
+        .await
+        .unwrap();
+    assert_eq!(s, 400);
+    still_serves(&broker).await;
+}
+
+#[tokio::test]
+async fn ten_thousand_subscribes_from_one_client_are_rate_limited_then_closed_4029() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let mut c = connected_client(&broker).await.unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..10_000u64 {
+        let frame = format!(r#"{{"type":"subscribe","id":{i},"channel":"flood:{i}"}}"#);
+        if c.send_raw(frame.into_bytes()).await.is_err() {
+            break; // closed under us: the answer is on its way
+        }
+    }
+    let (mut subscribed, mut limited) = (0, 0);
+    let code = loop {
+        match c.recv_frame().await {
+            Ok(Message::Text(t)) => {
+                match tether_protocol::codec::decode_server(t.as_bytes(), Encoding::Json, 1 << 20)
+                    .unwrap()
+                {
+                    ServerMessage::Subscribed(_) => subscribed += 1,
+                    ServerMessage::Error(e) => {
+                        assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+                        limited += 1;
+                    }
+                    ServerMessage::Disconnect(d) => assert_eq!(d.code, 4029),
+                    other => panic!("{other:?}"),
+                }
+            }
+            Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, Some(4029));
+    // At most the subscribe burst (2 × 50, plus 50/s while it lasted) got
+    // through before the message budget (2 × 100, plus 100/s) ran out; the
+    // rest of that budget was refused subscribes.
+    let secs = start.elapsed().as_secs_f64();
+    let subscribes = 100 + (50.0 * secs).ceil() as usize;
+    let messages = 200 + (100.0 * secs).ceil() as usize;
+    assert!(
+        subscribed <= subscribes,
+        "{subscribed} subscribed in {secs} s"
+    );
+    assert!(
+        subscribed + limited <= messages,
+        "{subscribed} + {limited} in {secs} s"
+    );
+    assert!(limited > 0, "none refused");
+    still_serves(&broker).await;
 }

@@ -160,10 +160,16 @@ async fn a_forged_token_gives_a_fresh_session_and_does_not_use_up_the_real_one()
     let mut bad_sig = sig.to_owned();
     let flipped = if bad_sig.ends_with('A') { "B" } else { "A" };
     bad_sig.replace_range(bad_sig.len() - 1.., flipped);
+    let token = &connected.resume_token;
     for forged in [
         format!("{payload}.{bad_sig}"),
+        // Truncated: the signature cut short, or gone.
+        token[..token.len() - 3].to_owned(),
+        payload.to_owned(),
+        format!("{payload}."),
         "garbage".to_owned(),
         String::new(),
+        "x".repeat(10_000),
     ] {
         let mut f = WsClient::connect(&broker.ws_url()).await.unwrap();
         let r = f.resume(None, &forged, None).await.unwrap();
