@@ -196,6 +196,9 @@ pub struct Settings {
     /// Seconds a graceful shutdown may take [default: 10]
     #[arg(long, env = "TETHER_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
+    /// Seconds a backend API request may take, its body read and its answer made; past it 408 [default: 30]
+    #[arg(long, env = "TETHER_API_REQUEST_TIMEOUT")]
+    pub api_request_timeout: Option<u64>,
     /// PEM certificate chain for wss and QUIC
     #[arg(long, env = "TETHER_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -379,6 +382,7 @@ pub struct Config {
     pub max_history_bytes: usize,
     pub ws_read_buffer: usize,
     pub shutdown_timeout: Duration,
+    pub api_request_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub apns: Option<ApnsSettings>,
@@ -499,6 +503,7 @@ impl Settings {
             max_history_bytes,
             ws_read_buffer,
             shutdown_timeout,
+            api_request_timeout,
             tls_cert,
             tls_key,
             apns_key_file,
@@ -578,6 +583,11 @@ impl Settings {
             Duration::from_secs(positive("connect-timeout", self.connect_timeout, 10)?);
         let shutdown_timeout =
             Duration::from_secs(positive("shutdown-timeout", self.shutdown_timeout, 10)?);
+        let api_request_timeout = Duration::from_secs(positive(
+            "api-request-timeout",
+            self.api_request_timeout,
+            30,
+        )?);
         let ack_timeout = match self.ack_timeout {
             Some(0) => {
                 return Err(invalid(
@@ -854,6 +864,7 @@ impl Settings {
             max_history_bytes,
             ws_read_buffer,
             shutdown_timeout,
+            api_request_timeout,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             apns: match (

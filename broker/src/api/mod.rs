@@ -115,6 +115,8 @@ pub struct ApiConfig {
     pub api_key: Option<crate::config::Secret<String>>,
     /// Requests/s per API key (`--api-rate`); `None`: no limit.
     pub api_rate: Option<u32>,
+    /// Time for a whole request (`--api-request-timeout`).
+    pub request_timeout: std::time::Duration,
     pub max_message_size: usize,
     pub history_size: usize,
 }
@@ -124,6 +126,7 @@ impl ApiConfig {
         Self {
             api_key: c.api_key.clone(),
             api_rate: c.api_rate,
+            request_timeout: c.api_request_timeout,
             max_message_size: c.max_message_size,
             history_size: c.history_size,
         }
@@ -173,7 +176,10 @@ pub fn router(handles: Handles) -> Router {
             r
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(serve::request_timeout))
+        .layer(middleware::from_fn_with_state(
+            state.config.request_timeout,
+            serve::request_timeout,
+        ))
         .with_state(state)
 }
 

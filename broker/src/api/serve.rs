@@ -8,7 +8,8 @@
 //! - a request head must arrive within [`HEADER_TIMEOUT`] (hyper closes the
 //!   connection otherwise; the same timer bounds an idle keep-alive
 //!   connection waiting for its next request);
-//! - a whole request, body and answer, within [`REQUEST_TIMEOUT`] (408);
+//! - a whole request, body and answer, within `--api-request-timeout`
+//!   ([`REQUEST_TIMEOUT`] by default; 408);
 //! - at most `max_connections` connections at once: past that, accepting
 //!   pauses until one ends (the kernel's backlog holds the rest), so a
 //!   flood costs queued SYNs, not tasks and buffers.
@@ -32,23 +33,25 @@ use tether_protocol::ErrorCode;
 
 /// Time for a request head (method, path, headers) to arrive.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for a whole request: its body read and its answer made.
+/// Default time for a whole request (`--api-request-timeout`): its body
+/// read and its answer made.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// API connections open at once (backends pool theirs; 1,024 is plenty).
 pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Answers 408 when a request (its body included) takes longer than
-/// [`REQUEST_TIMEOUT`].
-pub async fn request_timeout(req: Request, next: Next) -> Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+/// `limit`.
+pub async fn request_timeout(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => {
             let mut r = ApiError::new(
                 ErrorCode::BadRequest,
-                format!(
-                    "request not completed within {} s",
-                    REQUEST_TIMEOUT.as_secs()
-                ),
+                format!("request not completed within {} s", limit.as_secs()),
             )
             .into_response();
             *r.status_mut() = axum::http::StatusCode::REQUEST_TIMEOUT;

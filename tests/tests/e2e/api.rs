@@ -532,3 +532,30 @@ async fn the_api_key_past_its_rate_gets_429_with_retry_after() {
     let h = http.get(broker.api_url("/healthz")).send().await.unwrap();
     assert_eq!(h.status(), 200);
 }
+
+#[tokio::test]
+async fn a_body_sent_too_slowly_is_answered_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = TestBroker::start(&["--api-request-timeout", "1"]).unwrap();
+    // The whole head, then 10 of the 100 body bytes announced, then silence.
+    let mut slow = tokio::net::TcpStream::connect(broker.api_addr)
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"channel\"",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, slow.read(&mut buf))
+        .await
+        .expect("no answer to a stalled body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("within 1 s"), "{text}");
+    // Nothing was published, and others are served.
+    let (s, h) = get(&broker, "/v1/channels/x/history").await;
+    assert_eq!(s, 200, "{h}");
+    assert_eq!(get(&broker, "/healthz").await.0, 200);
+}
