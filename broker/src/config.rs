@@ -181,7 +181,7 @@ pub struct Settings {
     /// Most client connections at once; more are refused at accept [default: 100000]
     #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Most channels a single node keeps state for; past it, a publish or subscribe to a new channel answers `unavailable` [default: 1000000]
+    /// Most channels a node keeps state for (a single node: every channel; a cluster node: those it subscribes to in Redis); past it, a subscribe (single node: also a publish) to a new channel answers `unavailable` [default: 1000000]
     #[arg(long, env = "TETHER_MAX_CHANNELS")]
     pub max_channels: Option<usize>,
     /// Bytes a single node keeps for the records of ended sessions that may still resume; past it the oldest are forgotten (they start afresh) [default: 268435456]

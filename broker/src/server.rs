@@ -458,7 +458,10 @@ async fn seams(
         .map_err(|e| ServerError::Redis(e.to_string()))?;
     info!(redis = ?target, "cluster mode: positions, history, sessions and presence in Redis");
     let broker_config = broker::RedisBrokerConfig::from_config(config);
-    let sub_config = pubsub::SubscriberConfig::new(config.node_id.clone());
+    let sub_config = pubsub::SubscriberConfig {
+        max_channels: config.max_channels,
+        ..pubsub::SubscriberConfig::new(config.node_id.clone())
+    };
     let hub = Hub::with_broker(hub_config, metrics.clone(), |sink| {
         broker::RedisBroker::new(
             &redis,

@@ -886,3 +886,55 @@ async fn a_web_push_registered_on_one_node_is_sent_for_a_publication_on_another(
     assert_eq!(got[0].payload["title"], "from b");
     assert_eq!(got[0].payload["offset"], answer["offset"]);
 }
+
+/// `--max-channels` in a cluster: the channels a node subscribes to in
+/// Redis (and tracks) are bounded; a new one past it is refused
+/// `unavailable`, and an unsubscribe makes room.
+#[tokio::test]
+async fn a_cluster_node_at_its_channel_limit_refuses_new_subscriptions_until_one_goes() {
+    use tether_protocol::{ClientMessage, ErrorCode, ServerMessage, Subscribe, Unsubscribe};
+    let redis = TestRedis::start().unwrap();
+    let a = node(
+        "--redis-url",
+        &redis.url(),
+        "cap-a",
+        &["--max-channels", "2"],
+    );
+    let mut c = connected_client(&a).await.unwrap();
+    c.subscribe("one").await.unwrap();
+    c.subscribe("two").await.unwrap();
+    let id = c.id();
+    c.send(&ClientMessage::Subscribe(Subscribe {
+        id,
+        channel: ChannelName::new("three").unwrap(),
+        since: None,
+    }))
+    .await
+    .unwrap();
+    match c.recv_skip_pings().await.unwrap() {
+        ServerMessage::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+            assert!(e.message.contains("--max-channels"), "{e:?}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // Publishing anywhere is not node state: it goes on.
+    assert_eq!(publish(&a, "elsewhere", json!(1)).await, 1);
+    let id = c.id();
+    c.send(&ClientMessage::Unsubscribe(Unsubscribe {
+        id,
+        channel: ChannelName::new("two").unwrap(),
+    }))
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.recv_skip_pings().await.unwrap(),
+        ServerMessage::Unsubscribed(_)
+    ));
+    c.subscribe("three").await.unwrap();
+    assert_eq!(publish(&a, "three", json!("room")).await, 1);
+    assert_eq!(c.recv_publication().await.unwrap().data, json!("room"));
+    a.wait_for_metric("tether_channels_refused_total 1")
+        .await
+        .unwrap();
+}

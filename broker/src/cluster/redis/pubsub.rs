@@ -78,6 +78,9 @@ pub struct SubscriberConfig {
     pub check_every: Duration,
     pub probe_every: Duration,
     pub probe_timeout: Duration,
+    /// Channels this node subscribes to at most (`--max-channels`): a watch
+    /// of a new one past it is refused `unavailable`.
+    pub max_channels: usize,
 }
 
 impl SubscriberConfig {
@@ -87,6 +90,7 @@ impl SubscriberConfig {
             check_every: Duration::from_secs(1),
             probe_every: Duration::from_secs(2),
             probe_timeout: Duration::from_secs(3),
+            max_channels: 1_000_000,
         }
     }
 }
@@ -631,6 +635,19 @@ impl Task {
         for r in batch {
             match r {
                 Request::Watch(ch, tx) => {
+                    if !self.channels.contains_key(&ch)
+                        && self.channels.len() >= self.config.max_channels
+                    {
+                        // Full: the channels this node tracks (a Redis
+                        // subscription, offsets, gap checks each) stay
+                        // bounded; watched ones go on.
+                        self.metrics.channels_refused.inc();
+                        let _ = tx.send(Err(BrokerError::Unavailable(format!(
+                            "this node holds --max-channels ({}) channels; try again later",
+                            self.config.max_channels
+                        ))));
+                        continue;
+                    }
                     let t = self.channels.entry(ch.clone()).or_default();
                     t.watchers += 1;
                     if t.watchers == 1 {
