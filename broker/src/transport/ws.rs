@@ -555,3 +555,77 @@ mod tests {
         assert_eq!(&b[4..], CloseCode::ShuttingDown.reason().as_bytes());
     }
 }
+
+/// For the fuzz target `ws_frames` (fuzz/): the broker's own WebSocket
+/// framing (it frames what it sends itself). A payload of any length and
+/// opcode is framed, read back by an independent RFC 6455 §5.2 decoder
+/// (final, unmasked, the shortest length encoding), and cut after any
+/// number of written bytes: what is left is exactly the rest.
+#[doc(hidden)]
+pub fn fuzz_framing(data: &[u8]) {
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let Some((cut, payload)) = rest.split_first_chunk::<2>() else {
+        return;
+    };
+    let opcode = [OPCODE_TEXT, OPCODE_BINARY, OPCODE_CLOSE][usize::from(sel % 3)];
+    // Repeat the payload to reach every length encoding (7, 16, 64 bits).
+    let times = 1 + usize::from(sel / 3) % 40;
+    let payload: Vec<u8> = payload.repeat(times);
+    let frame = Frame {
+        bytes: Bytes::from(payload.clone()),
+        published_at: None,
+        delivery: None,
+        raw: false,
+    };
+    let (h, hl) = header_of(opcode, &frame);
+    let header = &h[..hl];
+    let mut whole = header.to_vec();
+    whole.extend_from_slice(&payload);
+    // Read back.
+    assert_eq!(whole[0], 0x80 | opcode, "FIN and the opcode");
+    assert_eq!(whole[1] & 0x80, 0, "a server frame is not masked");
+    let (len, at) = match whole[1] & 0x7f {
+        126 => (usize::from(u16::from_be_bytes([whole[2], whole[3]])), 4),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&whole[2..10]);
+            let n = u64::from_be_bytes(b);
+            assert!(n >> 63 == 0, "the most significant bit is 0");
+            (usize::try_from(n).expect("fits"), 10)
+        }
+        n => (usize::from(n), 2),
+    };
+    assert_eq!(at, hl);
+    assert_eq!(len, payload.len());
+    // The shortest encoding.
+    match at {
+        4 => assert!(len >= 126),
+        10 => assert!(len > 0xffff),
+        _ => assert!(len < 126),
+    }
+    assert_eq!(&whole[at..], &payload[..]);
+    // Any partial write leaves exactly the rest.
+    let written = usize::from(u16::from_be_bytes(*cut)) % (whole.len() + 1);
+    assert_eq!(&rest_of(&frame, header, written)[..], &whole[written..]);
+}
+
+#[cfg(test)]
+mod framing_tests {
+    /// The fuzz target's checks on the three length encodings.
+    #[test]
+    fn frames_of_every_length_encoding_read_back_and_cut_anywhere() {
+        for (sel, cut, len) in [
+            (0u8, 0u16, 5usize),
+            (4, 3, 130),
+            (119, 65_000, 1700),
+            (2, 9, 0),
+        ] {
+            let mut input = vec![sel];
+            input.extend_from_slice(&cut.to_be_bytes());
+            input.extend(std::iter::repeat_n(b'z', len));
+            super::fuzz_framing(&input);
+        }
+    }
+}
