@@ -483,6 +483,24 @@ impl WsClient {
         }
     }
 
+    /// Subscribes where the broker must refuse: returns its `error`.
+    pub async fn subscribe_refused(
+        &mut self,
+        channel: &str,
+    ) -> Result<tether_protocol::ErrorReply> {
+        let id = self.id();
+        self.send(&ClientMessage::Subscribe(tether_protocol::Subscribe {
+            id,
+            channel: tether_protocol::ChannelName::new(channel)?,
+            since: None,
+        }))
+        .await?;
+        match self.recv_skip_pings().await? {
+            ServerMessage::Error(e) if e.id == Some(id) => Ok(e),
+            other => bail!("expected an error, got {other:?}"),
+        }
+    }
+
     /// Subscribes and returns `subscribed`.
     pub async fn subscribe(&mut self, channel: &str) -> Result<tether_protocol::Subscribed> {
         let id = self.id();

@@ -84,7 +84,7 @@ async fn put_device(broker: &TestBroker, id: &str, body: Value) -> (u16, Value) 
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn devices(broker: &TestBroker, user: &str) -> Vec<Value> {
+pub(crate) async fn devices(broker: &TestBroker, user: &str) -> Vec<Value> {
     let r = broker
         .http()
         .get(broker.api_url(&format!("/v1/devices?user={user}")))

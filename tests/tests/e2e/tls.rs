@@ -77,59 +77,12 @@ async fn wss_and_quic_serve_the_configured_certificate() {
     );
 
     // wss: TLS verified against the certificate as the only root.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(broker.client_addr)
-        .await
-        .unwrap();
-    let tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let url = format!("wss://localhost:{}/v1/ws", broker.client_addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
-    let send = |m: ClientMessage| {
-        Message::Text(
-            String::from_utf8(encode_client(&m, Encoding::Json).to_vec())
-                .unwrap()
-                .into(),
-        )
-    };
-    ws.send(send(ClientMessage::Connect(Connect {
-        id: 1,
-        ..Connect::default()
-    })))
-    .await
-    .unwrap();
-    ws.send(send(ClientMessage::Subscribe(Subscribe {
-        id: 2,
-        channel: ChannelName::new("secure").unwrap(),
-        since: None,
-    })))
-    .await
-    .unwrap();
-    let mut next = async || loop {
-        match ws.next().await.unwrap().unwrap() {
-            Message::Text(t) => {
-                return decode_server(t.as_bytes(), Encoding::Json, 1 << 20).unwrap();
-            }
-            _ => continue,
-        }
-    };
-    assert!(matches!(next().await, ServerMessage::Connected(_)));
-    assert!(matches!(next().await, ServerMessage::Subscribed(_)));
+    let mut ws = wss_subscribed(&broker, &der, "secure").await;
     broker
         .publish(json!({"channel": "secure", "data": "over tls"}))
         .await
         .unwrap();
-    match next().await {
+    match next_server(&mut ws).await {
         ServerMessage::Message(m) => assert_eq!(m.data, json!("over tls")),
         other => panic!("expected message, got {other:?}"),
     }
@@ -156,6 +109,54 @@ async fn wss_and_quic_serve_the_configured_certificate() {
 
     // A plain ws:// client gets nowhere on a TLS listener.
     assert!(WsClient::connect(&broker.ws_url()).await.is_err());
+}
+
+type Wss =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A wss session trusting only `root`, connected and subscribed to
+/// `channel`.
+async fn wss_subscribed(broker: &TestBroker, root: &CertificateDer<'static>, channel: &str) -> Wss {
+    let tls = tls_to(broker, root).await.unwrap();
+    let url = format!("wss://localhost:{}/v1/ws", broker.client_addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    let text = |m: ClientMessage| {
+        Message::Text(
+            String::from_utf8(encode_client(&m, Encoding::Json).to_vec())
+                .unwrap()
+                .into(),
+        )
+    };
+    let connect = ClientMessage::Connect(Connect {
+        id: 1,
+        ..Connect::default()
+    });
+    let subscribe = ClientMessage::Subscribe(Subscribe {
+        id: 2,
+        channel: ChannelName::new(channel).unwrap(),
+        since: None,
+    });
+    for m in [connect, subscribe] {
+        ws.send(text(m)).await.unwrap();
+    }
+    assert!(matches!(
+        next_server(&mut ws).await,
+        ServerMessage::Connected(_)
+    ));
+    assert!(matches!(
+        next_server(&mut ws).await,
+        ServerMessage::Subscribed(_)
+    ));
+    ws
+}
+
+/// The next protocol message of a wss session.
+async fn next_server(ws: &mut Wss) -> ServerMessage {
+    loop {
+        if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+            return decode_server(t.as_bytes(), Encoding::Json, 1 << 20).unwrap();
+        }
+    }
 }
 
 /// A TLS handshake with the client listener, trusting only `root`.
@@ -191,39 +192,7 @@ async fn sighup_reloads_the_certificate_and_open_sessions_carry_on() {
     ])
     .unwrap();
     // A session on the old certificate, subscribed.
-    let tls = tls_to(&broker, &old_der).await.unwrap();
-    let url = format!("wss://localhost:{}/v1/ws", broker.client_addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
-    let send = |m: ClientMessage| {
-        Message::Text(
-            String::from_utf8(encode_client(&m, Encoding::Json).to_vec())
-                .unwrap()
-                .into(),
-        )
-    };
-    ws.send(send(ClientMessage::Connect(Connect {
-        id: 1,
-        ..Connect::default()
-    })))
-    .await
-    .unwrap();
-    ws.send(send(ClientMessage::Subscribe(Subscribe {
-        id: 2,
-        channel: ChannelName::new("rotating").unwrap(),
-        since: None,
-    })))
-    .await
-    .unwrap();
-    let mut next = async || loop {
-        match ws.next().await.unwrap().unwrap() {
-            Message::Text(t) => {
-                return decode_server(t.as_bytes(), Encoding::Json, 1 << 20).unwrap();
-            }
-            _ => continue,
-        }
-    };
-    assert!(matches!(next().await, ServerMessage::Connected(_)));
-    assert!(matches!(next().await, ServerMessage::Subscribed(_)));
+    let mut ws = wss_subscribed(&broker, &old_der, "rotating").await;
 
     // The operator puts a new certificate in place and sends SIGHUP.
     let fresh = tempfile::tempdir().unwrap();
@@ -265,7 +234,7 @@ async fn sighup_reloads_the_certificate_and_open_sessions_carry_on() {
         .publish(json!({"channel": "rotating", "data": "after the reload"}))
         .await
         .unwrap();
-    match next().await {
+    match next_server(&mut ws).await {
         ServerMessage::Message(m) => assert_eq!(m.data, json!("after the reload")),
         other => panic!("expected message, got {other:?}"),
     }

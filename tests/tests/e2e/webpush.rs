@@ -68,16 +68,8 @@ fn start(vapid: &VapidKey, extra: &[&str]) -> TestBroker {
 }
 
 async fn device_ids(broker: &TestBroker, user: &str) -> Vec<String> {
-    let r = broker
-        .http()
-        .get(broker.api_url(&format!("/v1/devices?user={user}")))
-        .send()
+    crate::push::devices(broker, user)
         .await
-        .unwrap();
-    let v: Value = r.json().await.unwrap();
-    v["devices"]
-        .as_array()
-        .unwrap()
         .iter()
         .map(|d| d["device_id"].as_str().unwrap().to_owned())
         .collect()
