@@ -36,6 +36,12 @@ use crate::outbox::{DirectWrite, Frame, Written};
 /// The WebSocket endpoint path.
 pub const PATH: &str = "/v1/ws";
 
+/// How long a closed connection is read (and what it sends dropped) for
+/// the client's own close, at most.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Bytes a closed connection may still send before it is cut off.
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// Limits of every WebSocket connection. The read buffer is allocated up
 /// front for each connection, so it dominates the memory of idle clients;
 /// the write buffer grows only while a batch is being written.
@@ -298,6 +304,27 @@ impl WsTransport {
         Pin::new(&mut self.ws.get_mut().stream)
     }
 
+    /// After our FIN: reads and drops what the client still sends, until
+    /// it closes too, for at most [`LINGER`] and [`LINGER_BYTES`]. Closing
+    /// a socket with unread bytes makes the kernel send a reset, which can
+    /// destroy the close frame (and the `disconnect` before it) in the
+    /// client's buffer: a client closed while flooding (4029, 4009) would
+    /// never learn why.
+    async fn linger(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        let drain = async {
+            while left > 0 {
+                match self.stream().read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+
     fn take_captured(&mut self) -> Option<Bytes> {
         let io = self.ws.get_mut();
         if io.captured.is_empty() {
@@ -493,6 +520,7 @@ impl Transport for WsTransport {
         {
             // FIN after the close frame: the client reads both.
             let _ = poll_fn(|cx| self.stream().poll_shutdown(cx)).await;
+            self.linger().await;
         }
     }
 
