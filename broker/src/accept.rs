@@ -155,11 +155,6 @@ impl PerIp {
             ip,
         })
     }
-
-    /// Addresses with connections now.
-    pub fn addresses(&self) -> usize {
-        self.counts.lock().len()
-    }
 }
 
 /// One connection's place in its address's count; given back on drop.

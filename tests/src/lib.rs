@@ -483,11 +483,8 @@ impl WsClient {
         }
     }
 
-    /// Subscribes where the broker must refuse: returns its `error`.
-    pub async fn subscribe_refused(
-        &mut self,
-        channel: &str,
-    ) -> Result<tether_protocol::ErrorReply> {
+    /// Sends `subscribe` for `channel`; returns its id.
+    async fn send_subscribe(&mut self, channel: &str) -> Result<u64> {
         let id = self.id();
         self.send(&ClientMessage::Subscribe(tether_protocol::Subscribe {
             id,
@@ -495,6 +492,15 @@ impl WsClient {
             since: None,
         }))
         .await?;
+        Ok(id)
+    }
+
+    /// Subscribes where the broker must refuse: returns its `error`.
+    pub async fn subscribe_refused(
+        &mut self,
+        channel: &str,
+    ) -> Result<tether_protocol::ErrorReply> {
+        let id = self.send_subscribe(channel).await?;
         match self.recv_skip_pings().await? {
             ServerMessage::Error(e) if e.id == Some(id) => Ok(e),
             other => bail!("expected an error, got {other:?}"),
@@ -503,13 +509,7 @@ impl WsClient {
 
     /// Subscribes and returns `subscribed`.
     pub async fn subscribe(&mut self, channel: &str) -> Result<tether_protocol::Subscribed> {
-        let id = self.id();
-        self.send(&ClientMessage::Subscribe(tether_protocol::Subscribe {
-            id,
-            channel: tether_protocol::ChannelName::new(channel)?,
-            since: None,
-        }))
-        .await?;
+        let id = self.send_subscribe(channel).await?;
         match self.recv_skip_pings().await? {
             ServerMessage::Subscribed(s) if s.id == id => Ok(s),
             other => bail!("expected subscribed, got {other:?}"),

@@ -115,7 +115,6 @@ impl Identity {
 /// The certificate both TLS listeners serve, swappable while they run.
 pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
-    fingerprint: RwLock<String>,
     /// The files to read again on reload; `None` for a generated identity.
     files: Option<(PathBuf, PathBuf)>,
 }
@@ -123,7 +122,7 @@ pub struct CertStore {
 impl fmt::Debug for CertStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertStore")
-            .field("fingerprint", &*self.fingerprint.read())
+            .field("fingerprint", &self.fingerprint())
             .field("files", &self.files)
             .finish()
     }
@@ -146,14 +145,19 @@ impl CertStore {
     pub fn new(identity: &Identity, files: Option<(PathBuf, PathBuf)>) -> Result<Self, TlsError> {
         Ok(Self {
             current: RwLock::new(certified(identity)?),
-            fingerprint: RwLock::new(identity.fingerprint.clone()),
             files,
         })
     }
 
-    /// The served certificate's fingerprint.
+    /// The served certificate's fingerprint (of its end-entity
+    /// certificate: `Identity` never has an empty chain).
     pub fn fingerprint(&self) -> String {
-        self.fingerprint.read().clone()
+        self.current
+            .read()
+            .cert
+            .first()
+            .map(|c| fingerprint(c))
+            .unwrap_or_default()
     }
 
     /// Reads the certificate and key files again and serves them from the
@@ -168,7 +172,6 @@ impl CertStore {
         let identity = Identity::load_or_generate(Some(cert), Some(key))?;
         let ck = certified(&identity)?;
         *self.current.write() = ck;
-        *self.fingerprint.write() = identity.fingerprint.clone();
         Ok(identity.fingerprint)
     }
 }

@@ -39,6 +39,8 @@ pub use vapid::{Vapid, VapidError};
 pub const DEFAULT_TTL: u64 = 28 * 24 * 3600;
 /// Longest `Topic` a push service accepts (RFC 8030 §5.4).
 const MAX_TOPIC: usize = 32;
+/// Bytes of a push service's answer body read, at most.
+const MAX_ANSWER_BODY: usize = 16 * 1024;
 
 /// Web Push settings (`--vapid-private-key`, `--vapid-subject`).
 #[derive(Clone)]
@@ -177,7 +179,7 @@ impl WebPushClient {
             Ok(h) => h,
             Err(reason) => return Outcome::failed(reason),
         };
-        let response = match self.http.post(url).headers(headers).body(body).send().await {
+        let mut response = match self.http.post(url).headers(headers).body(body).send().await {
             Ok(r) => r,
             Err(e) => return network_outcome(Platform::WebPush, e),
         };
@@ -188,8 +190,16 @@ impl WebPushClient {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok()),
         );
-        // The body only explains; read a little of it for the log.
-        let _ = response.bytes().await;
+        // The body only explains. A little of it is read so that the
+        // connection can be reused; never more (the endpoint is a URL a
+        // subscription gave, not a provider we chose).
+        let mut read = 0;
+        while read < MAX_ANSWER_BODY {
+            match response.chunk().await {
+                Ok(Some(c)) => read += c.len(),
+                Ok(None) | Err(_) => break,
+            }
+        }
         let outcome = classify_webpush(status, retry_after);
         if let Outcome::Failed { reason } = &outcome {
             tracing::warn!(status, reason = %reason, job = job.id, "a push service refused a notification");

@@ -474,20 +474,9 @@ async fn jobs_in_the_outbox_survive_a_killed_broker_and_are_delivered_once() {
 
 #[tokio::test]
 async fn fcm_devices_get_string_data_and_unregistered_ones_are_removed() {
-    let pair = keys::rsa_pair().unwrap();
-    let fake = FakeFcm::start(FakeFcmConfig::new(pair.public_pem.clone()))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let account = dir.path().join("service-account.json");
-    std::fs::write(&account, fake.service_account_json(&pair.private_pem)).unwrap();
-    let broker = TestBroker::start(&[
-        "--fcm-service-account",
-        account.to_str().unwrap(),
-        "--fcm-endpoint",
-        &fake.url(),
-    ])
-    .unwrap();
+    let fcm = Fcm::start().await;
+    let fake = &fcm.fake;
+    let broker = start(&fcm.args(), &[]);
     let (s, _) = put_device(
         &broker,
         "pixel-ok",

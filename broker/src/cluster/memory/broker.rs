@@ -102,8 +102,6 @@ pub struct MemoryBroker {
     started: Instant,
     /// Channels in the shards.
     count: std::sync::atomic::AtomicUsize,
-    /// Payload bytes retained in every channel's history.
-    history_total: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -138,7 +136,6 @@ impl MemoryBroker {
             sink,
             started: Instant::now(),
             count: std::sync::atomic::AtomicUsize::new(0),
-            history_total: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -216,12 +213,6 @@ impl MemoryBroker {
         let m = &self.metrics;
         m.history_messages.inc_by(h.0 as i64 - before.0 as i64);
         m.history_bytes.inc_by(h.1 as i64 - before.1 as i64);
-        use std::sync::atomic::Ordering::Relaxed;
-        if h.1 >= before.1 {
-            self.history_total.fetch_add(h.1 - before.1, Relaxed);
-        } else {
-            self.history_total.fetch_sub(before.1 - h.1, Relaxed);
-        }
     }
 
     fn expire(&self, st: &mut ChannelState, now_ms: u64) {
@@ -264,9 +255,8 @@ impl MemoryBroker {
                 );
             }
             let offset = st.offset;
-            let total = self
-                .history_total
-                .load(std::sync::atomic::Ordering::Relaxed);
+            // The gauge is the node's history bytes (kept by `account`).
+            let total = usize::try_from(self.metrics.history_bytes.get()).unwrap_or(0);
             if total.saturating_add(raw.get().len()) > cfg.max_history_bytes {
                 // Over the node's history budget: not retained, and the
                 // channel's older history goes too, so that what is kept
