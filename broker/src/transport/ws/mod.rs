@@ -1,15 +1,19 @@
 //! WebSocket transport: the upgrade at `GET /v1/ws` with subprotocol
 //! negotiation and explicit buffer limits, and frames ↔ protocol messages.
 //!
-//! tungstenite parses what the client sends (framing, masking, UTF-8,
-//! limits, control frames). What the broker sends it frames itself (RFC 6455
-//! §5.2: a server frame is a 2–10 byte header and the payload, unmasked), so
-//! that one encoded message goes out with a `writev` and no copy, a batch of
-//! frames in one system call, and a frame can be written straight from the
-//! hub's fan-out while the session idles (`session::outbox`). Every byte
-//! written to the socket goes through that one ordered path: tungstenite's
-//! own replies (pong to a client's ping) are captured and queued by the
-//! session like any other frame.
+//! tungstenite runs the upgrade handshake, and that is all. What the client
+//! sends then the broker reads itself ([`read`]: framing, masking,
+//! fragments, UTF-8, limits, control frames), in a buffer that goes back to
+//! its read size after a large message. What the broker sends it frames
+//! itself (RFC 6455 §5.2: a server frame is a 2–10 byte header and the
+//! payload, unmasked), so that one encoded message goes out with a `writev`
+//! and no copy, a batch of frames in one system call, and a frame can be
+//! written straight from the hub's fan-out while the session idles
+//! (`session::outbox`). Every byte written to the socket goes through that
+//! one ordered path: the pong to a client's ping is queued by the session
+//! like any other frame.
+
+pub mod read;
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -19,15 +23,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::Stream;
 use tether_protocol::{CloseCode, Encoding};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use self::read::{
+    Incoming, OPCODE_BINARY, OPCODE_CLOSE, OPCODE_PONG, OPCODE_TEXT, ReadError, Reader,
+};
 
 use super::stream::ClientStream;
 use super::{Inbound, Transport, TransportError};
@@ -42,18 +48,32 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bytes a closed connection may still send before it is cut off.
 const LINGER_BYTES: usize = 1024 * 1024;
 
-/// Limits of every WebSocket connection. The read buffer is allocated up
-/// front for each connection, so it dominates the memory of idle clients;
-/// the write buffer grows only while a batch is being written.
-pub fn ws_config(max_message_size: usize, read_buffer: usize) -> WebSocketConfig {
+/// Limits of every WebSocket connection.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    /// The read buffer, allocated up front for each connection (so it
+    /// dominates the memory of idle clients) and returned to this size
+    /// after any larger frame.
+    pub read_buffer: usize,
+    /// The longest message (and frame) a client may send.
+    pub max_message_size: usize,
+}
+
+pub fn ws_config(max_message_size: usize, read_buffer: usize) -> WsLimits {
+    WsLimits {
+        read_buffer,
+        max_message_size,
+    }
+}
+
+/// tungstenite's settings for the handshake, its only work here.
+fn handshake_config(limits: WsLimits) -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
-    c.read_buffer_size = read_buffer;
-    // tungstenite writes only the handshake response and its small control
-    // replies (captured); the broker frames and writes its messages itself.
+    c.read_buffer_size = 4096;
     c.write_buffer_size = 0;
     c.max_write_buffer_size = 64 * 1024;
-    c.max_message_size = Some(max_message_size);
-    c.max_frame_size = Some(max_message_size);
+    c.max_message_size = Some(limits.max_message_size);
+    c.max_frame_size = Some(limits.max_message_size);
     c
 }
 
@@ -77,16 +97,11 @@ fn error_response(status: StatusCode, body: &str) -> ErrorResponse {
 pub async fn accept(
     stream: TcpStream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
-    config: WebSocketConfig,
+    limits: WsLimits,
 ) -> Result<WsTransport, UpgradeError> {
-    let stream = match tls {
+    let io = match tls {
         Some(acceptor) => ClientStream::Tls(Box::new(acceptor.accept(stream).await?)),
         None => ClientStream::Plain(Arc::new(stream)),
-    };
-    let io = WsIo {
-        stream,
-        capture: false,
-        captured: Vec::new(),
     };
     let mut chosen = Encoding::Json;
     // The callback's signature is tungstenite's.
@@ -124,13 +139,18 @@ pub async fn accept(
             )),
         }
     };
-    let mut ws =
-        tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(config)).await?;
-    // From here on the broker writes its own frames; tungstenite's writes
-    // are captured.
-    ws.get_mut().capture = true;
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        io,
+        callback,
+        Some(handshake_config(limits)),
+    )
+    .await?;
+    // tungstenite refuses bytes after the request before the upgrade is
+    // answered (`JunkAfterRequest`), so its buffer holds nothing: from here
+    // on the broker reads and writes the stream itself.
     Ok(WsTransport {
-        ws,
+        stream: ws.into_inner(),
+        reader: Reader::new(limits.read_buffer, limits.max_message_size),
         opcode: match chosen {
             Encoding::Json => OPCODE_TEXT,
             Encoding::MsgPack => OPCODE_BINARY,
@@ -142,9 +162,6 @@ pub async fn accept(
     })
 }
 
-const OPCODE_TEXT: u8 = 0x1;
-const OPCODE_BINARY: u8 = 0x2;
-const OPCODE_CLOSE: u8 = 0x8;
 /// The longest server frame header: 2 bytes and a 64-bit length.
 const MAX_HEADER: usize = 10;
 /// Frames gathered into one `writev`.
@@ -219,59 +236,10 @@ fn close_frame(code: CloseCode) -> Bytes {
     b.freeze()
 }
 
-/// The stream tungstenite works on: reads come from the connection. Once
-/// the handshake is done (`capture`), what tungstenite writes (its pong and
-/// close replies) is kept in `captured` for the session to queue, so that
-/// no byte reaches the socket outside the session's ordered write path.
-struct WsIo {
-    stream: ClientStream,
-    capture: bool,
-    captured: Vec<u8>,
-}
-
-impl AsyncRead for WsIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for WsIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.capture {
-            this.captured.extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        } else {
-            Pin::new(&mut this.stream).poll_write(cx, buf)
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.capture {
-            Poll::Ready(Ok(()))
-        } else {
-            Pin::new(&mut this.stream).poll_flush(cx)
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The session closes the connection itself.
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// An upgraded WebSocket connection.
 pub struct WsTransport {
-    ws: WebSocketStream<WsIo>,
+    stream: ClientStream,
+    reader: Reader,
     encoding: Encoding,
     /// The opcode of this connection's messages (text for JSON, binary for
     /// MessagePack).
@@ -286,13 +254,20 @@ pub struct WsTransport {
     peer_closed: Option<Option<u16>>,
 }
 
-fn read_error(e: WsError) -> TransportError {
+fn read_error(e: ReadError) -> TransportError {
     match e {
-        WsError::Capacity(_) => TransportError::TooLarge,
-        WsError::Utf8(_) => TransportError::Protocol("invalid UTF-8 in a text frame".into()),
-        WsError::Protocol(p) => TransportError::Protocol(p.to_string()),
-        other => TransportError::Gone(other.to_string()),
+        ReadError::TooLarge { .. } => TransportError::TooLarge,
+        ReadError::Protocol(p) => TransportError::Protocol(p.into()),
     }
+}
+
+/// The pong owed for a ping with this payload (≤ 125 bytes).
+fn pong(payload: &[u8]) -> Bytes {
+    let (h, hl) = frame_header(OPCODE_PONG, payload.len());
+    let mut b = BytesMut::with_capacity(hl + payload.len());
+    b.extend_from_slice(&h[..hl]);
+    b.extend_from_slice(payload);
+    b.freeze()
 }
 
 fn gone(e: io::Error) -> TransportError {
@@ -301,7 +276,30 @@ fn gone(e: io::Error) -> TransportError {
 
 impl WsTransport {
     fn stream(&mut self) -> Pin<&mut ClientStream> {
-        Pin::new(&mut self.ws.get_mut().stream)
+        Pin::new(&mut self.stream)
+    }
+
+    /// An item the client sent, as the session sees it.
+    fn inbound(&mut self, item: Incoming) -> Result<Inbound, TransportError> {
+        match item {
+            Incoming::Message { text, payload } => match (self.encoding, text) {
+                (Encoding::Json, true) | (Encoding::MsgPack, false) => {
+                    Ok(Inbound::Message(payload))
+                }
+                (Encoding::MsgPack, true) => Err(TransportError::Protocol(
+                    "text frame on the tether.v1.msgpack subprotocol".into(),
+                )),
+                (Encoding::Json, false) => Err(TransportError::Protocol(
+                    "binary frame on the tether.v1.json subprotocol".into(),
+                )),
+            },
+            Incoming::Ping(payload) => Ok(Inbound::Reply(pong(&payload))),
+            Incoming::Pong => Ok(Inbound::Activity),
+            Incoming::Close(code) => {
+                self.peer_closed = Some(code);
+                Ok(Inbound::Closed)
+            }
+        }
     }
 
     /// After our FIN: reads and drops what the client still sends, until
@@ -323,15 +321,6 @@ impl WsTransport {
             }
         };
         let _ = tokio::time::timeout(LINGER, drain).await;
-    }
-
-    fn take_captured(&mut self) -> Option<Bytes> {
-        let io = self.ws.get_mut();
-        if io.captured.is_empty() {
-            None
-        } else {
-            Some(Bytes::from(std::mem::take(&mut io.captured)))
-        }
     }
 
     /// Writes what is left of a frame taken in part.
@@ -437,7 +426,7 @@ impl Transport for WsTransport {
     }
 
     fn direct(&self) -> Option<Box<dyn DirectWrite>> {
-        match &self.ws.get_ref().stream {
+        match &self.stream {
             ClientStream::Plain(s) => Some(Box::new(DirectWs {
                 stream: s.clone(),
                 opcode: self.opcode,
@@ -447,43 +436,21 @@ impl Transport for WsTransport {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Inbound, TransportError>> {
-        if let Some(reply) = self.take_captured() {
-            return Poll::Ready(Ok(Inbound::Reply(reply)));
+        loop {
+            if let Some(item) = self.reader.next_incoming().map_err(read_error)? {
+                return Poll::Ready(self.inbound(item));
+            }
+            let buf = self.reader.buffer();
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.stream),
+                cx,
+                buf
+            )) {
+                Ok(0) => return Poll::Ready(Ok(Inbound::Closed)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(gone(e))),
+            }
         }
-        let item = match Pin::new(&mut self.ws).poll_next(cx) {
-            Poll::Ready(item) => item,
-            // Reading may have made tungstenite answer a ping.
-            Poll::Pending => {
-                return match self.take_captured() {
-                    Some(reply) => Poll::Ready(Ok(Inbound::Reply(reply))),
-                    None => Poll::Pending,
-                };
-            }
-        };
-        Poll::Ready(match item {
-            None => Ok(Inbound::Closed),
-            Some(Err(e)) => Err(read_error(e)),
-            Some(Ok(Message::Text(t))) => match self.encoding {
-                Encoding::Json => Ok(Inbound::Message(Bytes::from(t))),
-                Encoding::MsgPack => Err(TransportError::Protocol(
-                    "text frame on the tether.v1.msgpack subprotocol".into(),
-                )),
-            },
-            Some(Ok(Message::Binary(b))) => match self.encoding {
-                Encoding::MsgPack => Ok(Inbound::Message(b)),
-                Encoding::Json => Err(TransportError::Protocol(
-                    "binary frame on the tether.v1.json subprotocol".into(),
-                )),
-            },
-            // tungstenite answers pings itself (captured, see `WsIo`).
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
-                Ok(Inbound::Activity)
-            }
-            Some(Ok(Message::Close(frame))) => {
-                self.peer_closed = Some(frame.map(|f| u16::from(f.code)));
-                Ok(Inbound::Closed)
-            }
-        })
     }
 
     fn poll_write(
