@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod hub;
+mod json_text;
 pub mod lifecycle;
 pub mod metrics;
 pub mod outbox;

@@ -118,6 +118,17 @@ pub fn decode_client(
     decode_typed(bytes, encoding, max_size, &ClientMessage::TYPES)
 }
 
+/// The `data` of a JSON `publish` frame as its text, numbers as sent (the
+/// generic value of [`decode_client`] reads a 30-digit integer as a float).
+/// `None` when the frame has no single `data` (a duplicated key).
+pub fn json_publish_data(bytes: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
+    #[derive(serde::Deserialize)]
+    struct Data {
+        data: Box<serde_json::value::RawValue>,
+    }
+    serde_json::from_slice::<Data>(bytes).ok().map(|d| d.data)
+}
+
 /// Decodes one server message (clients, the load tester, tests).
 pub fn decode_server(
     bytes: &[u8],

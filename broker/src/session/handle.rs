@@ -59,13 +59,13 @@ impl Session {
                 }
             },
             Phase::Active => {
-                self.on_message(msg).await;
+                self.on_message(msg, bytes).await;
                 Ok(())
             }
         }
     }
 
-    async fn on_message(&mut self, msg: ClientMessage) {
+    async fn on_message(&mut self, msg: ClientMessage, bytes: &[u8]) {
         match msg {
             ClientMessage::Connect(c) => {
                 self.error(Some(c.id), ErrorCode::BadRequest, "already connected");
@@ -80,7 +80,7 @@ impl Session {
                     reason: None,
                 }));
             }
-            ClientMessage::Publish(p) => self.on_publish(p).await,
+            ClientMessage::Publish(p) => self.on_publish(p, bytes).await,
             ClientMessage::Ack(a) => {
                 if let Some(acked) = self.subs.ack(&a.channel, a.offset)
                     && self.personal.contains(&a.channel)
@@ -223,7 +223,10 @@ impl Session {
         Ok(result)
     }
 
-    async fn on_publish(&mut self, p: tether_protocol::Publish) {
+    /// `frame` is the message as it came: a JSON client's `data` is kept as
+    /// its text (compacted), so that a JSON subscriber gets its numbers
+    /// digit for digit, as from the HTTP API.
+    async fn on_publish(&mut self, p: tether_protocol::Publish, frame: &[u8]) {
         if !self.grant().may_publish_to(&p.channel) {
             self.error(
                 Some(p.id),
@@ -238,7 +241,14 @@ impl Session {
             .publish(Publish {
                 channel: &p.channel,
                 data: Some(&p.data),
-                raw: crate::hub::encode_data(&p.data),
+                raw: match self.encoding {
+                    tether_protocol::Encoding::Json => {
+                        tether_protocol::codec::json_publish_data(frame)
+                            .map(|raw| crate::json_text::compact_json(&raw))
+                    }
+                    tether_protocol::Encoding::MsgPack => None,
+                }
+                .unwrap_or_else(|| crate::hub::encode_data(&p.data)),
                 idempotency_key: None,
             })
             .await;
