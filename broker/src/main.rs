@@ -22,26 +22,27 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a signal that came between `ready` and
+/// that first poll would have ended the process at once (the default
+/// action), skipping the drain.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn once(s: std::io::Result<Signal>) {
+        match s {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+    }
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        tokio::select! {
+            _ = once(int) => tracing::info!("SIGINT received"),
+            _ = once(term) => tracing::info!("SIGTERM received"),
+        }
     }
 }
 
@@ -72,8 +73,9 @@ fn main() -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
+        let stop = shutdown_signal();
         let server = Server::bind(config).await?;
-        server.run(shutdown_signal()).await;
+        server.run(stop).await;
         Ok(())
     });
     match result {

@@ -304,7 +304,12 @@ impl Server {
             tokens,
             tasks,
         } = self;
-        tasks.spawn(reload_on_sighup(certs, tokens.root.clone()));
+        // The handler is installed here, not in the task: a task is first
+        // polled some time after it is spawned, and a SIGHUP before that
+        // (an operator reloading right after `ready`) would have ended the
+        // process, SIGHUP's default.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        tasks.spawn(reload_on_sighup(hup, certs, tokens.root.clone()));
         let connections = TaskTracker::new();
         let limits = AcceptConfig::from_config(&config, connection_cap(config.max_connections));
 
@@ -627,9 +632,12 @@ fn start_push(
 /// connections (wss and QUIC); open sessions are untouched. A bad file is
 /// logged and the certificate served stays. Without TLS files a SIGHUP is
 /// logged and ignored (it must not end the process).
-async fn reload_on_sighup(certs: Option<Arc<CertStore>>, stop: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    certs: Option<Arc<CertStore>>,
+    stop: CancellationToken,
+) {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "cannot listen for SIGHUP: no certificate reload");
