@@ -107,3 +107,67 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    /// One request on `s`, its answer read (a short fixed body).
+    async fn ask(s: &mut TcpStream) -> String {
+        s.write_all(GET).await.expect("in a test");
+        let mut buf = vec![0u8; 1024];
+        let mut got = Vec::new();
+        while !got.ends_with(b"ok") {
+            let n = s.read(&mut buf).await.expect("in a test");
+            assert!(n > 0, "closed before answering");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// Past the connection cap a new connection is not served (it waits in
+    /// the kernel's backlog) until one of the open ones ends.
+    #[tokio::test]
+    async fn past_the_connection_cap_a_connection_waits_for_one_to_end() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("in a test");
+        let addr = listener.local_addr().expect("in a test");
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, app, stop.clone(), 2));
+        let mut a = TcpStream::connect(addr).await.expect("in a test");
+        let mut b = TcpStream::connect(addr).await.expect("in a test");
+        assert!(ask(&mut a).await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut b).await.starts_with("HTTP/1.1 200"));
+        // The third connects (backlog) and asks first...
+        let mut c = TcpStream::connect(addr).await.expect("in a test");
+        c.write_all(GET).await.expect("in a test");
+        // ...then the barrier: two later requests on an admitted connection
+        // are answered, and the third's still is not.
+        ask(&mut a).await;
+        ask(&mut a).await;
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(c.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a third connection was served past a cap of 2"
+        );
+        // One ends: the third is served.
+        drop(b);
+        let mut got = Vec::new();
+        while !got.ends_with(b"ok") {
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+                .await
+                .expect("the third connection is served once one ends")
+                .expect("in a test");
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        stop.cancel();
+        drop((a, c));
+        server.await.expect("in a test");
+    }
+}
