@@ -86,6 +86,8 @@ pub struct Metrics {
     pub cluster_gaps_filled: Counter,
     pub cluster_gaps_unfilled: Counter,
     pub cluster_redis_latency: Histogram,
+    /// The process's resident set size, read at each scrape.
+    pub resident_memory: Gauge,
     pub cluster_presence_dropped: Counter,
 }
 
@@ -132,6 +134,7 @@ impl Metrics {
             cluster_redis_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
             ),
+            resident_memory: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tether");
         r.register(
@@ -304,6 +307,54 @@ impl Metrics {
             "Cluster mode: round trip of the periodic position check to Redis",
             m.cluster_redis_latency.clone(),
         );
+        r.register(
+            "resident_memory_bytes",
+            "The broker's resident memory (VmRSS of /proc/self/status), read at each scrape",
+            m.resident_memory.clone(),
+        );
         m
+    }
+
+    /// Reads what is read at each scrape (the resident memory; left as it
+    /// was where /proc is not there).
+    pub fn refresh_process(&self) {
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| vm_rss_bytes(&s));
+        if let Some(bytes) = rss {
+            self.resident_memory
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// `VmRSS` of a `/proc/<pid>/status` text, in bytes.
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resident_memory_is_read_from_vm_rss() {
+        let status = "Name:\tbroker\nVmPeak:\t  9000 kB\nVmRSS:\t  12345 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss_bytes(status), Some(12345 * 1024));
+        assert_eq!(vm_rss_bytes("Name:\tx\n"), None);
+        let m = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        m.refresh_process();
+        assert!(
+            m.resident_memory.get() > 0,
+            "this test's own process has memory"
+        );
     }
 }

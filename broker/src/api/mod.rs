@@ -291,6 +291,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.refresh_process();
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &state.registry) {
         return ApiError::new(ErrorCode::Internal, format!("metrics encoding failed: {e}"))
