@@ -62,8 +62,37 @@ const FIRST_ATTEMPTS: u32 = 4;
 /// Time one (re)connection attempt may take, TCP connect to the reply.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which scenario this run is: they share everything but their report.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Churn,
+    /// Long: the broker's memory sampled, drift reported.
+    Soak(Soak),
+    /// Over a cluster: the clients per node.
+    Cluster,
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Churn => "churn",
+            Mode::Soak(_) => "soak",
+            Mode::Cluster => "cluster",
+        }
+    }
+}
+
+/// What `soak` samples.
+#[derive(Debug, Clone)]
+pub struct Soak {
+    pub sample_every: Duration,
+    /// The nodes' PIDs on this machine; empty: their GET /metrics.
+    pub broker_pids: Vec<u32>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ChurnOptions {
+    pub mode: Mode,
     /// WebSocket endpoints, one per node.
     pub urls: Vec<Target>,
     /// Backend API base URLs, one per node.
@@ -119,11 +148,15 @@ struct Tally {
     not_recovered: AtomicU64,
     /// Connections ended by the server or network, by close code.
     server_closes: Mutex<BTreeMap<Option<u16>, u64>>,
+    /// Per node (index into `--url`): clients on it now, connections it
+    /// (or the network) ended.
+    node_online: Vec<AtomicI64>,
+    node_ended: Vec<AtomicU64>,
     failures: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Tally {
-    fn new(template: &Histogram<u32>) -> Tally {
+    fn new(template: &Histogram<u32>, nodes: usize) -> Tally {
         Tally {
             connected: AtomicU64::new(0),
             online: AtomicI64::new(0),
@@ -138,6 +171,8 @@ impl Tally {
             drops: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             reconnect_attempts_failed: AtomicU64::new(0),
+            node_online: (0..nodes).map(|_| AtomicI64::new(0)).collect(),
+            node_ended: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             resumed: AtomicU64::new(0),
             fresh_sessions: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
@@ -166,6 +201,16 @@ impl Tally {
             h.reset();
         }
         (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
+    }
+
+    /// A client is on `node` now (`up`) or left it.
+    fn on_node(&self, node: usize, up: bool) {
+        let i = node % self.node_online.len().max(1);
+        if let Some(n) = self.node_online.get(i) {
+            n.fetch_add(if up { 1 } else { -1 }, Ordering::Relaxed);
+        }
+        let o = &self.online;
+        o.fetch_add(if up { 1 } else { -1 }, Ordering::Relaxed);
     }
 
     fn failure(&self, e: &anyhow::Error) {
@@ -377,7 +422,7 @@ impl ClientCtx {
             };
         };
         self.tally.connected.fetch_add(1, Ordering::Relaxed);
-        self.tally.online.fetch_add(1, Ordering::Relaxed);
+        self.tally.on_node(node, true);
         let mut done = false;
         let mut stop = self.stop.clone();
         let mut targets = self.targets.clone();
@@ -426,7 +471,7 @@ impl ClientCtx {
                 Step::Drop => {
                     // Abruptly: the socket is closed with no close frame.
                     self.tally.drops.fetch_add(1, Ordering::Relaxed);
-                    self.tally.online.fetch_sub(1, Ordering::Relaxed);
+                    self.tally.on_node(node, false);
                     drop(session.client);
                     let mut stop = self.stop.clone();
                     tokio::select! {
@@ -437,7 +482,11 @@ impl ClientCtx {
                     }
                 }
                 Step::Lost(code) => {
-                    self.tally.online.fetch_sub(1, Ordering::Relaxed);
+                    self.tally.on_node(node, false);
+                    let nodes = self.tally.node_ended.len().max(1);
+                    if let Some(n) = self.tally.node_ended.get(node % nodes) {
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
                     *self
                         .tally
                         .server_closes
@@ -454,7 +503,7 @@ impl ClientCtx {
                 match self.reconnect(&mut node, Some(&token), &mut trail).await {
                     Some(s) => {
                         self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
-                        self.tally.online.fetch_add(1, Ordering::Relaxed);
+                        self.tally.on_node(node, true);
                         session = s;
                     }
                     None => {
@@ -678,7 +727,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     let opts = Arc::new(opts);
     let token_life = opts.duration + opts.drain_timeout + Duration::from_secs(3600);
     let template = Arc::new(report::latency_histogram::<u32>()?);
-    let tally = Arc::new(Tally::new(&template));
+    let tally = Arc::new(Tally::new(&template, opts.urls.len()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (targets_tx, targets_rx) = watch::channel::<Targets>(None);
     let mut drops = Vec::with_capacity(opts.clients);
@@ -742,7 +791,16 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         tally.clone(),
         run_id,
     ));
-    let progress = tokio::spawn(progress(tally.clone(), stop_rx.clone()));
+    let progress = tokio::spawn(progress(tally.clone(), stop_rx.clone(), opts.mode.name()));
+    let memory = match &opts.mode {
+        Mode::Soak(soak) => Some(tokio::spawn(sample_memory(
+            soak.clone(),
+            opts.apis.clone(),
+            opts.api_key.clone(),
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
     // The dropper: round-robin at --drop-rate, and the storm.
     let dropper = {
         let (opts, drops) = (opts.clone(), drops.clone());
@@ -798,6 +856,10 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let _ = stop_tx.send(true);
     let timeline = progress.await.context("the progress task failed")??;
+    let memory = match memory {
+        Some(m) => Some(m.await.context("the memory sampler failed")??),
+        None => None,
+    };
     let mut outcomes = Vec::with_capacity(handles.len());
     for h in handles {
         outcomes.push(h.await.context("a client task failed")?);
@@ -815,7 +877,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         (v, l.accepted())
     };
 
-    let mut r = Report::new("churn");
+    let mut r = Report::new(opts.mode.name());
     let secure = opts.urls.iter().any(|u| u.tls.is_some());
     r.text("transport", "transport", if secure { "wss" } else { "ws" });
     r.count("nodes", "nodes (WebSocket URLs)", opts.urls.len() as u64);
@@ -971,11 +1033,48 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         ],
     );
     report::own_cpu(&mut r, own_cpu, window);
+    if opts.urls.len() > 1 {
+        let per_node: Vec<String> = opts
+            .urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                format!(
+                    "node {i} {}: {} on it at the end, {} connections ended",
+                    u.url,
+                    tally.node_online[i].load(Ordering::Relaxed),
+                    Tally::get(&tally.node_ended[i])
+                )
+            })
+            .collect();
+        r.value(
+            "nodes_detail",
+            "per node",
+            Value::Array(
+                (0..opts.urls.len())
+                    .map(|i| {
+                        json!({
+                            "url": opts.urls[i].url.clone(),
+                            "online_at_end": tally.node_online[i].load(Ordering::Relaxed),
+                            "connections_ended": Tally::get(&tally.node_ended[i]),
+                        })
+                    })
+                    .collect(),
+            ),
+            per_node.join("; "),
+        );
+    }
+    if let Some(samples) = &memory {
+        add_drift(&mut r, samples, &timeline);
+    }
     if let Some(path) = &opts.plot {
         let at = |s: &Sample| s.at.as_secs_f64();
         let title = format!(
-            "loadtest churn: {connected} clients, {} channels, {}/s, {} drops/s",
-            opts.channels, opts.rate, opts.drop_rate
+            "loadtest {}: {connected} clients, {} channels, {}/s, {} drops/s",
+            opts.mode.name(),
+            opts.channels,
+            opts.rate,
+            opts.drop_rate
         );
         crate::plot::svg(
             path,
@@ -1005,7 +1104,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
 }
 
 /// One progress line's figures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     at: Duration,
     online: i64,
@@ -1015,11 +1114,17 @@ struct Sample {
     publish_failed: u64,
     drops: u64,
     reconnects: u64,
+    /// Clients on each node (cluster runs).
+    online_per_node: Vec<i64>,
 }
 
 /// One line a second on stderr while the run goes on; the samples for the
 /// report's `timeline`.
-async fn progress(tally: Arc<Tally>, mut stop: watch::Receiver<bool>) -> Result<Vec<Sample>> {
+async fn progress(
+    tally: Arc<Tally>,
+    mut stop: watch::Receiver<bool>,
+    name: &'static str,
+) -> Result<Vec<Sample>> {
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -1043,12 +1148,26 @@ async fn progress(tally: Arc<Tally>, mut stop: watch::Receiver<bool>) -> Result<
             publish_failed: Tally::get(&tally.publish_failed),
             drops: Tally::get(&tally.drops),
             reconnects: Tally::get(&tally.reconnects),
+            online_per_node: if tally.node_online.len() > 1 {
+                tally
+                    .node_online
+                    .iter()
+                    .map(|n| n.load(Ordering::Relaxed))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         (last_delivered, last_at) = (delivered, now);
         tracing::info!(
-            "churn {:>4.0}s: {} online, {:.0} deliveries/s, p99 {}, {} published ({} failed), {} drops, {} reconnects",
+            "{name} {:>4.0}s: {} online{}, {:.0} deliveries/s, p99 {}, {} published ({} failed), {} drops, {} reconnects",
             s.at.as_secs_f64(),
             s.online,
+            if s.online_per_node.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", s.online_per_node)
+            },
             s.deliveries_per_second,
             s.p99_us.map_or_else(
                 || "-".to_owned(),
@@ -1077,10 +1196,192 @@ fn timeline_json(samples: &[Sample]) -> Value {
                     "publish_failed": s.publish_failed,
                     "drops": s.drops,
                     "reconnects": s.reconnects,
+                    "online_per_node": s.online_per_node,
                 })
             })
             .collect(),
     )
+}
+
+/// One reading of the broker's resident memory (all nodes summed).
+#[derive(Debug, Clone, Copy)]
+struct MemorySample {
+    at: Duration,
+    bytes: u64,
+}
+
+/// Samples the nodes' memory every `sample_every` until the run stops: from
+/// /proc for the PIDs given, else each API's GET /metrics. A reading with a
+/// node missing is skipped (a killed node), never summed short.
+async fn sample_memory(
+    soak: Soak,
+    apis: Vec<Url>,
+    api_key: Option<String>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Vec<MemorySample>> {
+    let http = crate::publisher::api_client(api_key.as_deref(), 4)?;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(soak.sample_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(out),
+        }
+        let reading = if soak.broker_pids.is_empty() {
+            let mut sum = Some(0u64);
+            for api in &apis {
+                let bytes = metrics_rss(&http, api).await;
+                sum = sum.zip(bytes).map(|(a, b)| a + b);
+            }
+            sum
+        } else {
+            soak.broker_pids
+                .iter()
+                .map(|p| proc::rss_bytes(Pid::Other(*p)).ok())
+                .sum::<Option<u64>>()
+        };
+        match reading {
+            Some(bytes) => out.push(MemorySample {
+                at: started.elapsed(),
+                bytes,
+            }),
+            None => tracing::warn!("a memory reading failed (a node down?); skipped"),
+        }
+    }
+}
+
+/// `tether_resident_memory_bytes` of one node's GET /metrics.
+async fn metrics_rss(http: &reqwest::Client, api: &Url) -> Option<u64> {
+    let text = http
+        .get(api.join("/metrics").ok()?)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    parse_metric(&text, "tether_resident_memory_bytes")
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+fn parse_metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+            .map(|v| v as u64)
+    })
+}
+
+/// Least-squares slope of bytes over time, in bytes per second.
+fn slope(samples: &[MemorySample]) -> Option<f64> {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return None;
+    }
+    let mean_t = samples.iter().map(|s| s.at.as_secs_f64()).sum::<f64>() / n;
+    let mean_b = samples.iter().map(|s| s.bytes as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for s in samples {
+        let dt = s.at.as_secs_f64() - mean_t;
+        num += dt * (s.bytes as f64 - mean_b);
+        den += dt * dt;
+    }
+    (den > 0.0).then(|| num / den)
+}
+
+/// The median of the per-second p99s in a slice of the timeline, in ms.
+fn median_p99_ms(samples: &[Sample]) -> Option<f64> {
+    let mut v: Vec<u64> = samples.iter().filter_map(|s| s.p99_us).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[v.len() / 2] as f64 / 1000.0)
+}
+
+/// Soak's drift figures: memory at the start and end and its growth per
+/// hour, p99 over the first and the last tenth of the run.
+fn add_drift(r: &mut Report, memory: &[MemorySample], timeline: &[Sample]) {
+    r.count(
+        "memory_samples",
+        "broker memory samples",
+        memory.len() as u64,
+    );
+    match (memory.first(), memory.last()) {
+        (Some(first), Some(last)) => {
+            r.bytes(
+                "memory_start_bytes",
+                "broker memory at the start",
+                first.bytes as f64,
+            );
+            r.bytes(
+                "memory_end_bytes",
+                "broker memory at the end",
+                last.bytes as f64,
+            );
+            r.number(
+                "memory_growth_bytes",
+                "broker memory growth, start to end",
+                last.bytes as f64 - first.bytes as f64,
+                "B",
+                0,
+            );
+        }
+        _ => r.missing("memory_start_bytes", "broker memory", "no sample"),
+    }
+    match slope(memory) {
+        Some(per_second) => r.number(
+            "memory_growth_mb_per_hour",
+            "broker memory growth (least squares)",
+            per_second * 3600.0 / (1024.0 * 1024.0),
+            "MiB/h",
+            2,
+        ),
+        None => r.missing(
+            "memory_growth_mb_per_hour",
+            "broker memory growth",
+            "fewer than two samples",
+        ),
+    }
+    let tenth = timeline.len().div_ceil(10).max(1);
+    let head = &timeline[..tenth.min(timeline.len())];
+    let tail = &timeline[timeline.len().saturating_sub(tenth)..];
+    for (key, label, part) in [
+        (
+            "p99_first_tenth_ms",
+            "p99 over the first tenth (median of seconds)",
+            head,
+        ),
+        (
+            "p99_last_tenth_ms",
+            "p99 over the last tenth (median of seconds)",
+            tail,
+        ),
+    ] {
+        match median_p99_ms(part) {
+            Some(ms) => r.number(key, label, ms, "ms", 2),
+            None => r.missing(key, label, "no live deliveries"),
+        }
+    }
+    r.value(
+        "memory",
+        "memory samples",
+        Value::Array(
+            memory
+                .iter()
+                .map(|m| json!({"t": (m.at.as_secs_f64() * 10.0).round() / 10.0, "bytes": m.bytes}))
+                .collect(),
+        ),
+        format!("{} (in the JSON report)", memory.len()),
+    );
 }
 
 /// The ledger's rows, per channel and in total, and its violations.
@@ -1149,5 +1450,38 @@ pub fn add_verdict(r: &mut Report, v: &Verdict) {
 impl Tally {
     fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_growth_is_the_least_squares_slope() {
+        let at = |s: u64, bytes: u64| MemorySample {
+            at: Duration::from_secs(s),
+            bytes,
+        };
+        // 1 KiB a second; the middle reading's noise does not tilt the line.
+        let samples = [at(0, 1000), at(10, 11_240 + 100), at(20, 21_480)];
+        let per_second = slope(&samples).expect("in a test");
+        assert!((per_second - 1024.0).abs() < 1e-6, "{per_second}");
+        assert_eq!(slope(&samples[..1]), None);
+        assert_eq!(slope(&[at(5, 1), at(5, 2)]), None, "no time between them");
+    }
+
+    #[test]
+    fn the_resident_memory_is_read_from_the_metrics_text() {
+        let text = "# HELP tether_resident_memory_bytes x\n# TYPE tether_resident_memory_bytes gauge\n\
+                    tether_resident_memory_bytes_other 5\ntether_resident_memory_bytes 123456\n# EOF\n";
+        assert_eq!(
+            parse_metric(text, "tether_resident_memory_bytes"),
+            Some(123_456)
+        );
+        assert_eq!(
+            parse_metric("# EOF\n", "tether_resident_memory_bytes"),
+            None
+        );
     }
 }

@@ -101,6 +101,26 @@ struct SubscriberStats {
     dropped: Option<Option<u16>>,
 }
 
+/// One line a second on stderr while deliveries come in (this process's
+/// subscribers; each worker prints its own): deliveries per second over the
+/// last second and received so far.
+async fn tick_deliveries(progress: Arc<Progress>, worker: usize) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let (mut last, mut last_at) = (progress.total(), Instant::now());
+    loop {
+        tick.tick().await;
+        let (now, total) = (Instant::now(), progress.total());
+        tracing::info!(
+            "fanout {:>4.0}s (worker {worker}): {:.0} deliveries/s, {total} received",
+            started.elapsed().as_secs_f64(),
+            total.saturating_sub(last) as f64 / (now - last_at).as_secs_f64().max(1e-9),
+        );
+        (last, last_at) = (total, now);
+    }
+}
+
 /// Receives until the fleet stops, measuring every delivery.
 async fn subscribe_and_measure(
     mut client: Client,
@@ -234,6 +254,7 @@ pub async fn run(
     let start_us = unix_micros();
     fleet.wait_settled("fanout").await;
     let mine_subscribed = Counters::get(&fleet.counters.established);
+    let ticker = tokio::spawn(tick_deliveries(progress.clone(), share.index));
     // Every worker's subscribers settled; then the leader publishes.
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let step = role.step(Part::counted(&fleet.counters)?).await?;
@@ -292,6 +313,7 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    ticker.abort();
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let udp_drops = udp_drops(&transport);
     let mut mine = Part::counted(&fleet.counters)?;

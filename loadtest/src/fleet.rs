@@ -513,7 +513,7 @@ impl<T: Send + 'static> Fleet<T> {
         let mut last_log = Instant::now();
         while self.settled() < self.size as u64 {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if last_log.elapsed() >= Duration::from_secs(2) {
+            if last_log.elapsed() >= Duration::from_secs(1) {
                 last_log = Instant::now();
                 tracing::info!(
                     "{what}: {} of {} subscribed, {} failed",

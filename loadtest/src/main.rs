@@ -12,6 +12,9 @@
 //! - `push`: publications to offline users through the push gateway to a
 //!   fake APNs this process serves: pushes per second, publish → provider
 //!   latency, pushes missing or repeated;
+//! - `fake-apns`, `fake-fcm`: a fake push provider to point a broker at
+//!   (both serve APNs and FCM paths; `fake-fcm` also writes the service
+//!   account for the broker);
 //! - `floor`: no broker: the CPU one loopback TCP send of one delivery costs
 //!   its sender here, the floor under any server's CPU per delivery.
 //!
@@ -48,6 +51,7 @@ mod push;
 mod quic;
 mod report;
 mod resume;
+mod sink;
 mod target;
 
 use std::net::{IpAddr, SocketAddr};
@@ -81,15 +85,20 @@ struct Cli {
     )]
     json: Option<Option<std::path::PathBuf>>,
     /// Hard limit on the whole run, in seconds: past it the run is abandoned
-    /// with an error.
-    #[arg(long, global = true, default_value_t = 300, value_name = "SECS")]
-    timeout: u64,
+    /// with an error (default 300; churn, soak and cluster: their
+    /// --duration and --drain-timeout plus 300).
+    #[arg(long, global = true, value_name = "SECS")]
+    timeout: Option<u64>,
     /// Objective: exit 3 when the p99 publish → deliver latency is above this.
     #[arg(long, global = true, value_name = "MS")]
     max_p99_ms: Option<f64>,
     /// Objective: exit 3 when fewer deliveries a second were received.
     #[arg(long, global = true, value_name = "PER_SEC")]
     min_rate: Option<f64>,
+    /// Objective (soak): exit 3 when the broker's memory grew faster than
+    /// this, in MiB per hour.
+    #[arg(long, global = true, value_name = "MIB")]
+    max_memory_growth_mb_per_hour: Option<f64>,
     /// Objective: exit 3 when more connections failed than this.
     #[arg(long, global = true, value_name = "N")]
     max_connect_failures: Option<u64>,
@@ -216,81 +225,43 @@ enum Scenario {
     /// reordered, declared lost (recovered: false) and silently lost; exit
     /// status 2 if anything was silently lost, duplicated or reordered.
     Churn {
-        /// WebSocket URLs (ws:// or wss://), one per node (comma-separated or repeated).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "ws://127.0.0.1:8080/v1/ws"
-        )]
-        url: Vec<String>,
-        /// For wss://: trust these PEM certificates instead of the system's roots.
-        #[arg(long, value_name = "FILE")]
-        tls_ca: Option<std::path::PathBuf>,
-        /// Backend API base URLs, one per node.
-        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
-        api: Vec<String>,
-        /// Key the backend API requires (Authorization: Bearer).
-        #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// Shared secret to mint each client an HS256 token (sub = loadtest-<i>).
-        #[arg(
-            long,
-            env = "TETHER_JWT_SECRET",
-            hide_env_values = true,
-            conflicts_with = "jwt_key"
-        )]
-        jwt_secret: Option<String>,
-        /// Private key (PEM) to mint each client a token instead (the broker
-        /// has the public key: --jwt-public-key).
-        #[arg(long, value_name = "FILE")]
-        jwt_key: Option<std::path::PathBuf>,
-        /// The algorithm of --jwt-key.
-        #[arg(long, default_value = "es256", value_parser = ["es256", "rs256"])]
-        jwt_alg: String,
-        /// WebSocket subprotocol.
-        #[arg(long, value_enum, default_value = "json")]
-        encoding: EncodingArg,
-        /// Source addresses for client sockets, round-robin.
-        #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
-        source_ips: Vec<IpAddr>,
-        /// Clients.
-        #[arg(long, default_value_t = 200)]
-        clients: usize,
-        /// Channels, client i on channel i mod this.
-        #[arg(long, default_value_t = 20)]
-        channels: usize,
-        /// Prefix of the channel names.
-        #[arg(long, default_value = "churn:")]
-        channel_prefix: String,
-        /// Client connections started per second at the start.
-        #[arg(long, default_value_t = 500.0)]
-        connect_rate: f64,
-        /// Publications per second, over all channels.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Seconds of publishing.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Bytes of padding in each publication.
-        #[arg(long, default_value_t = 100)]
-        payload: usize,
-        /// Clients dropped per second, round-robin (0: none).
-        #[arg(long, default_value_t = 20.0)]
-        drop_rate: f64,
-        /// Drop every client at once this many seconds into publishing.
-        #[arg(long, value_name = "SECS")]
-        storm_at: Option<f64>,
-        /// Seconds a dropped client stays away before it resumes.
-        #[arg(long, default_value_t = 0.5)]
-        away: f64,
-        /// Seconds to wait, after publishing, for every client to catch up.
-        #[arg(long, default_value_t = 20.0)]
-        drain_timeout: f64,
-        /// Also draw the run as an SVG picture: p99 per second, deliveries/s
-        /// and clients online over time, the latency distribution.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        args: ChurnArgs,
     },
+    /// Hours of steady load: does memory or latency drift?
+    ///
+    /// `churn` for long (--duration default 3600 s, --drop-rate default 1/s)
+    /// with the broker's resident memory sampled every --sample-every
+    /// seconds, from --broker-pid (this machine) or else from each --api
+    /// node's GET /metrics (`tether_resident_memory_bytes`, summed). Reports
+    /// memory at the start and end and its growth per hour (least-squares
+    /// slope), p99 latency over the first and the last tenth of the run,
+    /// reconnects, and the ledger's verdict as churn does. Objective:
+    /// --max-memory-growth-mb-per-hour (exit 3).
+    Soak {
+        #[command(flatten)]
+        args: ChurnArgs,
+        /// Seconds between memory samples.
+        #[arg(long, default_value_t = 10.0)]
+        sample_every: f64,
+        /// PIDs of the nodes, when they run on this machine (else /metrics).
+        #[arg(long, value_delimiter = ',', value_name = "PID,PID,…")]
+        broker_pid: Vec<u32>,
+    },
+    /// `churn` over a cluster while the operator kills, drains or restarts
+    /// nodes: at least two --url (one per node) and their --api.
+    ///
+    /// Clients start spread over the nodes; a client whose node closes it
+    /// (4010 draining, a killed node) resumes on the next node. The report
+    /// adds, per node, the clients on it at the end and the connections it
+    /// ended, and the timeline the clients online per node each second, so
+    /// the picture shows them moving. Nothing may be silently lost or
+    /// duplicated however the nodes come and go (exit 2 otherwise).
+    Cluster {
+        #[command(flatten)]
+        args: ChurnArgs,
+    },
+
     /// Publications to offline users, through the push gateway, to a fake
     /// APNs that this process serves: pushes per second and publish →
     /// provider latency, every push matched to its publication.
@@ -309,9 +280,18 @@ enum Scenario {
         /// Key the backend API requires (Authorization: Bearer).
         #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
-        /// Where the fake APNs listens (HTTP/2 without TLS).
+        /// Where the fake provider listens (HTTP/2 without TLS).
         #[arg(long, default_value = "127.0.0.1:8900")]
         sink: SocketAddr,
+        /// The provider of the registered devices; the broker must have it
+        /// configured, pointed at --sink.
+        #[arg(long, value_enum, default_value = "apns")]
+        provider: push::Provider,
+        /// The service-account file the broker was given (FCM; written by
+        /// `loadtest fake-fcm --write-service-account`): the sink checks the
+        /// broker's grants against its key.
+        #[arg(long, value_name = "FILE")]
+        service_account: Option<std::path::PathBuf>,
         /// Users, one APNs device each.
         #[arg(long, default_value_t = 1000)]
         users: usize,
@@ -324,6 +304,44 @@ enum Scenario {
         /// Seconds to wait for the last pushes after publishing.
         #[arg(long, default_value_t = 20.0)]
         drain_timeout: f64,
+    },
+    /// A fake APNs to point a broker at (`--apns-endpoint http://<listen>`,
+    /// any .p8 key): HTTP/2 without TLS, answers every
+    /// POST /3/device/{token} that carries channel and offset with 200 and
+    /// counts it. One line a second on stderr; stops after --duration or on
+    /// SIGINT/SIGTERM (--timeout does not apply) and reports pushes, pushes
+    /// per second, repeats and refusals. The same listener also serves the
+    /// FCM paths.
+    FakeApns {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8900")]
+        listen: SocketAddr,
+        /// Seconds to serve (default: until SIGINT/SIGTERM).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
+    /// A fake FCM (HTTP v1 and its OAuth2 token endpoint) to point a broker
+    /// at: `--fcm-service-account FILE --fcm-endpoint http://<listen>`.
+    ///
+    /// `--write-service-account FILE` writes FILE (a fresh RSA key, project
+    /// `loadtest`, token_uri http://<listen>/token) and exits; start the
+    /// broker with it. Serving, give the same FILE as --service-account and
+    /// grants are checked against its key; messages need an access token
+    /// the sink issued, a device token and string data with channel and
+    /// offset. Like fake-apns otherwise (both paths on one listener).
+    FakeFcm {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8900")]
+        listen: SocketAddr,
+        /// Seconds to serve (default: until SIGINT/SIGTERM).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// The broker's service-account file: check grants against its key.
+        #[arg(long, value_name = "FILE", conflicts_with = "write_service_account")]
+        service_account: Option<std::path::PathBuf>,
+        /// Write a service account for this sink to FILE and exit.
+        #[arg(long, value_name = "FILE")]
+        write_service_account: Option<std::path::PathBuf>,
     },
     /// No broker: the sender's CPU per loopback TCP send, the floor under any
     /// server's CPU per delivery on this machine.
@@ -357,6 +375,135 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         drain_timeout: f64,
     },
+}
+
+/// The options of `churn`, `soak` and `cluster`.
+#[derive(Debug, Args)]
+struct ChurnArgs {
+    /// WebSocket URLs (ws:// or wss://), one per node (comma-separated or repeated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/v1/ws"
+    )]
+    url: Vec<String>,
+    /// For wss://: trust these PEM certificates instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Backend API base URLs, one per node.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
+    api: Vec<String>,
+    /// Key the backend API requires (Authorization: Bearer).
+    #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Shared secret to mint each client an HS256 token (sub = loadtest-<i>).
+    #[arg(
+        long,
+        env = "TETHER_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_key"
+    )]
+    jwt_secret: Option<String>,
+    /// Private key (PEM) to mint each client a token instead (the broker
+    /// has the public key: --jwt-public-key).
+    #[arg(long, value_name = "FILE")]
+    jwt_key: Option<std::path::PathBuf>,
+    /// The algorithm of --jwt-key.
+    #[arg(long, default_value = "es256", value_parser = ["es256", "rs256"])]
+    jwt_alg: String,
+    /// WebSocket subprotocol.
+    #[arg(long, value_enum, default_value = "json")]
+    encoding: EncodingArg,
+    /// Source addresses for client sockets, round-robin.
+    #[arg(long, value_delimiter = ',', value_name = "IP,IP,…")]
+    source_ips: Vec<IpAddr>,
+    /// Clients.
+    #[arg(long, default_value_t = 200)]
+    clients: usize,
+    /// Channels, client i on channel i mod this.
+    #[arg(long, default_value_t = 20)]
+    channels: usize,
+    /// Prefix of the channel names.
+    #[arg(long, default_value = "churn:")]
+    channel_prefix: String,
+    /// Client connections started per second at the start.
+    #[arg(long, default_value_t = 500.0)]
+    connect_rate: f64,
+    /// Publications per second, over all channels.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Seconds of publishing (churn and cluster: 10, soak: 3600).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Bytes of padding in each publication.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Clients dropped per second, round-robin; 0: none (churn and
+    /// cluster: 20, soak: 1).
+    #[arg(long)]
+    drop_rate: Option<f64>,
+    /// Drop every client at once this many seconds into publishing.
+    #[arg(long, value_name = "SECS")]
+    storm_at: Option<f64>,
+    /// Seconds a dropped client stays away before it resumes.
+    #[arg(long, default_value_t = 0.5)]
+    away: f64,
+    /// Seconds to wait, after publishing, for every client to catch up.
+    #[arg(long, default_value_t = 20.0)]
+    drain_timeout: f64,
+    /// Also draw the run as an SVG picture: p99 per second, deliveries/s
+    /// and clients online over time, the latency distribution.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
+}
+
+impl ChurnArgs {
+    async fn options(self, mode: churn::Mode) -> Result<churn::ChurnOptions> {
+        let soak = matches!(mode, churn::Mode::Soak(_));
+        let mut urls = Vec::with_capacity(self.url.len());
+        for u in &self.url {
+            let t = Target::resolve_with(u, self.tls_ca.as_deref()).await?;
+            target::check_source_ips(&self.source_ips, t.addr)?;
+            urls.push(t);
+        }
+        let duration = self.duration.unwrap_or(if soak { 3600.0 } else { 10.0 });
+        Ok(churn::ChurnOptions {
+            mode,
+            urls,
+            apis: self
+                .api
+                .iter()
+                .map(|a| target::parse_url(a, "--api"))
+                .collect::<Result<_>>()?,
+            api_key: self.api_key,
+            signer: match (self.jwt_secret, self.jwt_key) {
+                (Some(s), _) => Some(churn::Signer::secret(&s)),
+                (None, Some(path)) => {
+                    let pem = std::fs::read(&path)
+                        .with_context(|| format!("--jwt-key {}", path.display()))?;
+                    Some(churn::Signer::key(&pem, &self.jwt_alg)?)
+                }
+                (None, None) => None,
+            },
+            encoding: self.encoding.into(),
+            source_ips: self.source_ips,
+            clients: self.clients,
+            channels: self.channels,
+            channel_prefix: self.channel_prefix,
+            connect_rate: self.connect_rate,
+            rate: self.rate,
+            duration: seconds(duration, "--duration")?,
+            payload: self.payload,
+            drop_rate: self.drop_rate.unwrap_or(if soak { 1.0 } else { 20.0 }),
+            storm_at: self
+                .storm_at
+                .map(|s| seconds(s, "--storm-at"))
+                .transpose()?,
+            away: seconds(self.away, "--away")?,
+            drain_timeout: seconds(self.drain_timeout, "--drain-timeout")?,
+            plot: self.plot,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -497,6 +644,11 @@ impl Common {
     }
 }
 
+/// A service-account file, as text.
+fn read_account(path: std::path::PathBuf) -> Result<String> {
+    std::fs::read_to_string(&path).with_context(|| format!("--service-account {}", path.display()))
+}
+
 fn seconds(v: f64, what: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(v).with_context(|| format!("{what} {v} is not a number of seconds"))
 }
@@ -619,72 +771,35 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             };
             resume::run(opts, common.fleet_options(clients, share).await?).await
         }
-        Scenario::Churn {
-            url,
-            tls_ca,
-            api,
-            api_key,
-            jwt_secret,
-            jwt_key,
-            jwt_alg,
-            encoding,
-            source_ips,
-            clients,
-            channels,
-            channel_prefix,
-            connect_rate,
-            rate,
-            duration,
-            payload,
-            drop_rate,
-            storm_at,
-            away,
-            drain_timeout,
-            plot,
-        } => {
-            let mut urls = Vec::with_capacity(url.len());
-            for u in &url {
-                let t = Target::resolve_with(u, tls_ca.as_deref()).await?;
-                target::check_source_ips(&source_ips, t.addr)?;
-                urls.push(t);
+        Scenario::Churn { args } => churn::run(args.options(churn::Mode::Churn).await?).await,
+        Scenario::Cluster { args } => {
+            if args.url.len() < 2 || args.api.len() < 2 {
+                anyhow::bail!(
+                    "the cluster scenario needs at least two --url and two --api, one per node"
+                );
             }
-            let opts = churn::ChurnOptions {
-                urls,
-                apis: api
-                    .iter()
-                    .map(|a| target::parse_url(a, "--api"))
-                    .collect::<Result<_>>()?,
-                api_key,
-                signer: match (jwt_secret, jwt_key) {
-                    (Some(s), _) => Some(churn::Signer::secret(&s)),
-                    (None, Some(path)) => {
-                        let pem = std::fs::read(&path)
-                            .with_context(|| format!("--jwt-key {}", path.display()))?;
-                        Some(churn::Signer::key(&pem, &jwt_alg)?)
-                    }
-                    (None, None) => None,
-                },
-                encoding: encoding.into(),
-                source_ips,
-                clients,
-                channels,
-                channel_prefix,
-                connect_rate,
-                rate,
-                duration: seconds(duration, "--duration")?,
-                payload,
-                drop_rate,
-                storm_at: storm_at.map(|s| seconds(s, "--storm-at")).transpose()?,
-                away: seconds(away, "--away")?,
-                drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
-                plot,
+            churn::run(args.options(churn::Mode::Cluster).await?).await
+        }
+        Scenario::Soak {
+            args,
+            sample_every,
+            broker_pid,
+        } => {
+            let soak = churn::Soak {
+                sample_every: seconds(sample_every, "--sample-every")?,
+                broker_pids: broker_pid,
             };
-            churn::run(opts).await
+            if soak.sample_every.is_zero() {
+                anyhow::bail!("--sample-every must be above 0");
+            }
+            churn::run(args.options(churn::Mode::Soak(soak)).await?).await
         }
         Scenario::Push {
             api,
             api_key,
             sink,
+            provider,
+            service_account,
             users,
             rate,
             duration,
@@ -694,12 +809,47 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
                 api: target::parse_url(&api, "--api")?,
                 api_key,
                 sink,
+                provider,
+                account: service_account.map(read_account).transpose()?,
                 users,
                 rate,
                 duration: seconds(duration, "--duration")?,
                 drain_timeout: seconds(drain_timeout, "--drain-timeout")?,
             })
             .await
+        }
+        Scenario::FakeApns { listen, duration } => {
+            let duration = duration.map(|d| seconds(d, "--duration")).transpose()?;
+            sink::serve(listen, None, duration).await
+        }
+        Scenario::FakeFcm {
+            listen,
+            duration,
+            service_account,
+            write_service_account,
+        } => {
+            if let Some(path) = write_service_account {
+                std::fs::write(&path, sink::service_account(listen)?)
+                    .with_context(|| format!("--write-service-account {}", path.display()))?;
+                let mut r = Report::new("fake-fcm");
+                r.text(
+                    "service_account",
+                    "service account written",
+                    path.display().to_string(),
+                );
+                r.text(
+                    "broker_flags",
+                    "start the broker with",
+                    format!(
+                        "--fcm-service-account {} --fcm-endpoint http://{listen}",
+                        path.display()
+                    ),
+                );
+                return Ok(r);
+            }
+            let duration = duration.map(|d| seconds(d, "--duration")).transpose()?;
+            let account = service_account.map(read_account).transpose()?;
+            sink::serve(listen, account.as_deref(), duration).await
         }
         Scenario::Floor {
             connections,
@@ -740,11 +890,22 @@ async fn main() -> ExitCode {
         index: cli.worker_index,
         of: cli.workers.max(1),
     };
-    let limit = Duration::from_secs(cli.timeout);
+    // A fake provider serves until it is stopped.
+    let limit = match &cli.scenario {
+        Scenario::FakeApns { .. } | Scenario::FakeFcm { .. } => Duration::MAX,
+        _ if let Some(t) = cli.timeout => Duration::from_secs(t),
+        Scenario::Churn { args } | Scenario::Cluster { args } | Scenario::Soak { args, .. } => {
+            let soak = matches!(cli.scenario, Scenario::Soak { .. });
+            let run = args.duration.unwrap_or(if soak { 3600.0 } else { 10.0 });
+            Duration::try_from_secs_f64(run + args.drain_timeout + 300.0).unwrap_or(Duration::MAX)
+        }
+        _ => Duration::from_secs(300),
+    };
     let objectives = Objectives {
         max_p99_ms: cli.max_p99_ms,
         min_rate: cli.min_rate,
         max_connect_failures: cli.max_connect_failures,
+        max_memory_growth: cli.max_memory_growth_mb_per_hour,
     };
     let outcome = tokio::time::timeout(limit, run(cli.scenario, share)).await;
     if share.index > 0 {
@@ -794,8 +955,8 @@ async fn main() -> ExitCode {
         }
         Err(_) => {
             eprintln!(
-                "loadtest: the run did not finish within --timeout {} s; abandoned",
-                cli.timeout
+                "loadtest: the run did not finish within --timeout {:.0} s; abandoned",
+                limit.as_secs_f64()
             );
             ExitCode::from(report::EXIT_ERROR)
         }
@@ -808,6 +969,7 @@ struct Objectives {
     max_p99_ms: Option<f64>,
     min_rate: Option<f64>,
     max_connect_failures: Option<u64>,
+    max_memory_growth: Option<f64>,
 }
 
 impl Objectives {
@@ -831,6 +993,12 @@ impl Objectives {
             true,
             "--max-connect-failures",
         );
+        check(
+            "memory_growth_mb_per_hour",
+            self.max_memory_growth,
+            true,
+            "--max-memory-growth-mb-per-hour",
+        );
         out
     }
 }
@@ -849,12 +1017,14 @@ mod tests {
             max_p99_ms: Some(20.0),
             min_rate: Some(800.0),
             max_connect_failures: None,
+            max_memory_growth: None,
         };
         assert!(o.missed(&r).is_empty());
         let o = Objectives {
             max_p99_ms: Some(10.0),
             min_rate: Some(1000.0),
             max_connect_failures: Some(0),
+            max_memory_growth: None,
         };
         let missed = o.missed(&r);
         assert_eq!(missed.len(), 3, "{missed:?}");

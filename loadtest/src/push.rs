@@ -1,11 +1,11 @@
 //! Scenario `push`: offline users' publications through the push gateway to
 //! a provider, measured at the provider.
 //!
-//! 1. Starts a fake APNs on `--sink` (HTTP/2 without TLS, as the broker
-//!    speaks to `--apns-endpoint http://…`): it answers every
-//!    `POST /3/device/{token}` with 200 and an `apns-id`, and notes when
-//!    each push (its payload's `channel` and `offset`) arrived.
-//! 2. Registers `--users` APNs devices over the API, one per user
+//! 1. Starts a fake provider on `--sink` ([`crate::sink`]: APNs and FCM,
+//!    HTTP/2 without TLS, as the broker speaks to `--apns-endpoint
+//!    http://…` / `--fcm-endpoint http://…`), which notes when each push
+//!    (its `channel` and `offset`) arrived and for which device.
+//! 2. Registers `--users` devices of `--provider` over the API, one per user
 //!    `loadtest-push-<i>`, none with a live session: every publication on
 //!    their personal channel goes to push.
 //! 3. Publishes `--rate` publications a second for `--duration` seconds to
@@ -16,31 +16,26 @@
 //!    provider latency, and what never arrived or arrived twice (exactly
 //!    one push per device per message: either is a violation).
 //!
-//! The broker must be started with APNs configured and `--apns-endpoint
-//! http://<sink>`; the sink checks nothing else (for a provider that checks
-//! tokens and signatures, see the test fakes).
+//! The broker must be started with the provider configured and pointed at
+//! the sink: APNs with any .p8 key and `--apns-endpoint http://<sink>`; FCM
+//! with the service account `loadtest fake-fcm --write-service-account
+//! FILE --listen <sink>` writes and `--fcm-endpoint http://<sink>` (give the
+//! same FILE to `--service-account` here and the sink checks the broker's
+//! grants against its key).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use reqwest::Url;
-use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::report::{self, Latency, Report};
+use crate::sink::Sink;
 
 /// Device registrations in flight at once.
 const REGISTER_IN_FLIGHT: usize = 32;
@@ -52,72 +47,49 @@ pub struct PushOptions {
     pub api: Url,
     pub api_key: Option<String>,
     pub sink: SocketAddr,
+    pub provider: Provider,
+    /// The service-account JSON the broker has (FCM): grants are checked
+    /// against its key.
+    pub account: Option<String>,
     pub users: usize,
     pub rate: f64,
     pub duration: Duration,
     pub drain_timeout: Duration,
 }
 
-/// What the sink saw: per (channel, offset), when each copy arrived.
-#[derive(Default)]
-struct Arrivals {
-    by_key: HashMap<(String, u64), Vec<Instant>>,
-    unreadable: u64,
+/// The push provider of the registered devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    Apns,
+    Fcm,
 }
 
-type Shared = Arc<Mutex<Arrivals>>;
-
-async fn handle(req: Request<Incoming>, seen: Shared) -> Result<Response<Full<Bytes>>, Infallible> {
-    let at = Instant::now();
-    let ok = req.method() == hyper::Method::POST && req.uri().path().starts_with("/3/device/");
-    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-    let key = body
-        .ok()
-        .filter(|_| ok)
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|v| Some((v["channel"].as_str()?.to_owned(), v["offset"].as_u64()?)));
-    {
-        let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
-        match key {
-            Some(k) => s.by_key.entry(k).or_default().push(at),
-            None => s.unreadable += 1,
+impl Provider {
+    fn platform(self) -> &'static str {
+        match self {
+            Provider::Apns => "apns",
+            Provider::Fcm => "fcm",
         }
     }
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    resp.headers_mut().insert(
-        "apns-id",
-        hyper::header::HeaderValue::from_static("00000000-0000-0000-0000-000000000000"),
-    );
-    Ok(resp)
-}
 
-/// Serves the fake APNs until the returned set is dropped.
-async fn sink(addr: SocketAddr, seen: Shared) -> Result<JoinSet<()>> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--sink {addr}: cannot listen"))?;
-    let mut tasks = JoinSet::new();
-    tasks.spawn(async move {
-        let mut conns = JoinSet::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            conns.spawn(async move {
-                let service = service_fn(move |req| handle(req, seen.clone()));
-                let _ = http2::Builder::new(TokioExecutor::new())
-                    .max_concurrent_streams(1000)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    fn token(self, i: usize) -> String {
+        match self {
+            Provider::Apns => format!("{i:064x}"),
+            Provider::Fcm => format!("loadtest-fcm-registration-{i}"),
         }
-    });
-    Ok(tasks)
+    }
 }
 
 fn user(i: usize) -> String {
     format!("loadtest-push-{i}")
 }
 
-async fn register(http: &reqwest::Client, api: &Url, users: usize) -> Result<u64> {
+async fn register(
+    http: &reqwest::Client,
+    api: &Url,
+    users: usize,
+    provider: Provider,
+) -> Result<u64> {
     let in_flight = Arc::new(Semaphore::new(REGISTER_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     for i in 0..users {
@@ -127,7 +99,8 @@ async fn register(http: &reqwest::Client, api: &Url, users: usize) -> Result<u64
             api.join(&format!("/v1/devices/loadtest-dev-{i}"))?,
         );
         tasks.spawn(async move {
-            let body = json!({"user": user(i), "platform": "apns", "token": format!("{i:064x}")});
+            let body =
+                json!({"user": user(i), "platform": provider.platform(), "token": provider.token(i)});
             let r = http.put(url).json(&body).send().await;
             drop(permit);
             match r {
@@ -163,11 +136,12 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
     if !opts.rate.is_finite() || opts.rate <= 0.0 {
         bail!("--rate must be a number above 0");
     }
-    let seen: Shared = Arc::default();
-    let _sink = sink(opts.sink, seen.clone()).await?;
+    let sink = Sink::start(opts.sink, opts.account.as_deref())
+        .await
+        .context("--sink")?;
     let http = crate::publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
     crate::publisher::check_ready(&http, &opts.api).await?;
-    let registered = register(&http, &opts.api, opts.users).await?;
+    let registered = register(&http, &opts.api, opts.users, opts.provider).await?;
     tracing::info!(
         "push: {registered} devices registered; publishing {}/s",
         opts.rate
@@ -227,26 +201,23 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
     // Drain: until every accepted publication's push arrived.
     let deadline = Instant::now() + opts.drain_timeout;
     loop {
-        let arrived = {
-            let s = seen.lock().unwrap_or_else(|p| p.into_inner());
-            sent.keys().filter(|k| s.by_key.contains_key(*k)).count() as u64
-        };
+        let arrived =
+            sink.with(|s| sent.keys().filter(|k| s.by_key.contains_key(*k)).count() as u64);
         if arrived >= accepted || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+    let seen = sink.take();
 
     let mut latency = report::latency_histogram::<u64>()?;
-    let (mut missing, mut duplicated, mut unexpected) = (Vec::new(), 0u64, 0u64);
+    let (mut missing, mut unexpected) = (Vec::new(), 0u64);
     let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
     for (key, at) in &sent {
         match seen.by_key.get(key) {
             None => missing.push(key.clone()),
             Some(arrivals) => {
-                duplicated += arrivals.len() as u64 - 1;
-                if let Some(a) = arrivals.first() {
+                if let Some(a) = arrivals.iter().map(|a| a.at).min() {
                     let us = a.saturating_duration_since(*at).as_micros();
                     latency.saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
                 }
@@ -257,17 +228,19 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
         if !sent.contains_key(key) {
             unexpected += arrivals.len() as u64;
         }
-        for a in arrivals {
-            first = Some(first.map_or(*a, |f| f.min(*a)));
-            last = Some(last.map_or(*a, |l| l.max(*a)));
+        for a in arrivals.iter().map(|a| a.at) {
+            first = Some(first.map_or(a, |f| f.min(a)));
+            last = Some(last.map_or(a, |l| l.max(a)));
         }
     }
-    let received: u64 = seen.by_key.values().map(|v| v.len() as u64).sum();
+    let received = seen.pushes();
+    let duplicated = seen.duplicated();
 
     let mut r = Report::new("push");
+    r.text("provider", "provider", opts.provider.platform().to_owned());
     r.count(
         "devices",
-        "devices registered (APNs, no live session)",
+        "devices registered (no live session)",
         registered,
     );
     r.number("rate_target", "publication rate asked", opts.rate, "/s", 1);
@@ -302,10 +275,13 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
         unexpected,
     );
     r.count(
-        "sink_unreadable",
-        "provider requests without channel/offset",
-        seen.unreadable,
+        "sink_refused",
+        "provider requests refused or unreadable",
+        seen.refused,
     );
+    if opts.provider == Provider::Fcm {
+        r.count("sink_grants", "FCM access tokens issued", seen.grants);
+    }
     match (first, last) {
         (Some(f), Some(l)) if l > f => r.number(
             "pushes_per_second",
@@ -349,6 +325,13 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
             missing.len(),
             opts.drain_timeout,
             examples.join("; ")
+        ));
+    }
+    if seen.refused > 0 {
+        r.violation(format!(
+            "the provider refused {} requests, e.g. {}",
+            seen.refused,
+            seen.refusal_examples.join("; ")
         ));
     }
     if duplicated > 0 {

@@ -372,9 +372,13 @@ async fn a_duplicated_offset_fails_the_run_and_is_named() {
     );
 }
 
-/// Runs `loadtest churn` over three nodes on one Redis and, once it is
-/// publishing, does `fault` to them; returns the finished run.
-async fn churn_across_a_cluster(fault: impl FnOnce(&mut [TestBroker], &mut TestRedis)) -> Run {
+/// Runs `loadtest <scenario>` (churn or cluster) over three nodes on one
+/// Redis and, once it is publishing, does `fault` to them; returns the
+/// finished run.
+async fn churn_across_a_cluster(
+    scenario: &str,
+    fault: impl FnOnce(&mut [TestBroker], &mut TestRedis),
+) -> Run {
     let mut redis = TestRedis::start().unwrap();
     let url = redis.url();
     let mut nodes: Vec<TestBroker> = (0..3)
@@ -402,7 +406,7 @@ async fn churn_across_a_cluster(fault: impl FnOnce(&mut [TestBroker], &mut TestR
         .collect::<Vec<_>>()
         .join(",");
     let mut child = command(&[
-        "churn",
+        scenario,
         "--url",
         &urls,
         "--api",
@@ -463,13 +467,37 @@ async fn churn_across_a_cluster(fault: impl FnOnce(&mut [TestBroker], &mut TestR
 /// A third of the clients are on the node that is killed (SIGKILL) while
 /// publishing goes on through all three APIs. They resume on the others;
 /// publications whose node died are retried elsewhere with their
-/// idempotency key. Nothing lost, nothing twice, nothing even declared lost.
+/// idempotency key. Nothing lost, nothing twice, nothing even declared lost;
+/// the `cluster` report shows the clients moved off the dead node.
 #[tokio::test]
-async fn churn_across_a_cluster_with_a_node_killed_loses_nothing() {
-    let v = churn_across_a_cluster(|nodes, _| nodes[2].kill())
+async fn a_cluster_run_with_a_node_killed_loses_nothing() {
+    let v = churn_across_a_cluster("cluster", |nodes, _| nodes[2].kill())
         .await
         .ok();
+    assert_eq!(v["scenario"], "cluster", "{v}");
     assert_eq!(n(&v, "nodes"), 3, "{v}");
+    let per_node = v["nodes_detail"].as_array().expect("nodes_detail");
+    assert_eq!(per_node.len(), 3, "{v}");
+    assert_eq!(
+        per_node[2]["online_at_end"], 0,
+        "nobody on the dead node: {v}"
+    );
+    assert!(
+        per_node[2]["connections_ended"].as_u64().unwrap() >= 20,
+        "its 20 clients were cut off: {v}"
+    );
+    let online: i64 = per_node
+        .iter()
+        .map(|p| p["online_at_end"].as_i64().unwrap())
+        .sum();
+    assert_eq!(online, 60, "every client on a live node: {v}");
+    let timeline = v["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|s| s["online_per_node"]
+            .as_array()
+            .is_some_and(|a| a.len() == 3)),
+        "the timeline has the clients per node: {v}"
+    );
     assert_eq!(n(&v, "clients"), 60, "{v}");
     assert_eq!(
         n(&v, "publications"),
@@ -494,7 +522,7 @@ async fn churn_across_a_cluster_with_a_node_killed_loses_nothing() {
 /// delivered twice, and every client is connected at the end.
 #[tokio::test]
 async fn churn_across_a_cluster_through_a_redis_restart_loses_nothing_silently() {
-    let v = churn_across_a_cluster(|_, redis| redis.restart().unwrap())
+    let v = churn_across_a_cluster("churn", |_, redis| redis.restart().unwrap())
         .await
         .ok();
     assert_eq!(n(&v, "clients"), 60, "{v}");
@@ -795,4 +823,221 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
     assert_eq!(n(&v, "resumed"), 50, "{v}");
     assert_eq!(n(&v, "messages_received"), 150, "{v}");
     assert_eq!(n(&v, "messages_lost"), 0, "{v}");
+}
+
+/// `cluster` refuses a single node: it is the multi-node scenario.
+#[tokio::test]
+async fn the_cluster_scenario_needs_two_nodes() {
+    let run = loadtest(&["cluster", "--url", "ws://127.0.0.1:9/v1/ws"]).await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("at least two --url"), "{}", run.stderr);
+}
+
+/// `soak`, briefly: the broker's memory sampled from its /metrics, the
+/// drift figures reported, and the ledger's verdict as in churn.
+#[tokio::test]
+async fn soak_samples_the_broker_memory_and_reports_drift() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let v = loadtest(&[
+        "soak",
+        "--url",
+        &broker.ws_url(),
+        "--api",
+        &broker.api_url(""),
+        "--clients",
+        "20",
+        "--channels",
+        "4",
+        "--rate",
+        "50",
+        "--duration",
+        "4",
+        "--drop-rate",
+        "2",
+        "--sample-every",
+        "1",
+        "--max-memory-growth-mb-per-hour",
+        "1000000",
+    ])
+    .await
+    .ok();
+    assert_eq!(v["scenario"], "soak", "{v}");
+    assert_eq!(n(&v, "publications"), 200, "{v}");
+    assert!(n(&v, "memory_samples") >= 3, "one a second: {v}");
+    assert!(
+        n(&v, "memory_start_bytes") > 1024 * 1024,
+        "a broker's resident memory: {v}"
+    );
+    assert!(v["memory_growth_mb_per_hour"].is_number(), "{v}");
+    assert!(v["p99_first_tenth_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["p99_last_tenth_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(n(&v, "drops") >= 4, "{v}");
+    for key in ["silently_lost", "duplicated", "reordered"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+}
+
+/// A broker set up for the fake FCM that `loadtest fake-fcm` describes:
+/// the service account it writes, its endpoint.
+async fn fcm_broker(sink: std::net::SocketAddr) -> (TestBroker, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let account = dir.path().join("service-account.json");
+    let account = account.to_str().unwrap().to_owned();
+    let (listen, write) = (sink.to_string(), account.clone());
+    let run = loadtest(&[
+        "fake-fcm",
+        "--listen",
+        &listen,
+        "--write-service-account",
+        &write,
+    ])
+    .await;
+    let v = run.ok();
+    assert!(
+        v["broker_flags"]
+            .as_str()
+            .unwrap()
+            .contains("--fcm-endpoint"),
+        "{v}"
+    );
+    let endpoint = format!("http://{sink}");
+    let broker = TestBroker::start(&[
+        "--fcm-service-account",
+        &account,
+        "--fcm-endpoint",
+        &endpoint,
+    ])
+    .unwrap();
+    (broker, dir, account)
+}
+
+/// `push --provider fcm`: the broker gets its access token from the sink
+/// (a grant signed with the service account's key, checked) and every
+/// publication's push arrives once.
+#[tokio::test]
+async fn push_over_fcm_counts_every_push_and_checks_the_grant() {
+    let sink = free_addr();
+    let (broker, _dir, account) = fcm_broker(sink).await;
+    let (api, sink) = (broker.api_url(""), sink.to_string());
+    let v = loadtest(&[
+        "push",
+        "--provider",
+        "fcm",
+        "--service-account",
+        &account,
+        "--api",
+        &api,
+        "--sink",
+        &sink,
+        "--users",
+        "20",
+        "--rate",
+        "50",
+        "--duration",
+        "2",
+    ])
+    .await
+    .ok();
+    assert_eq!(v["provider"], "fcm", "{v}");
+    assert_eq!(n(&v, "devices"), 20, "{v}");
+    assert_eq!(n(&v, "publications"), 100, "{v}");
+    assert_eq!(n(&v, "pushes"), 100, "{v}");
+    assert!(
+        n(&v, "sink_grants") >= 1,
+        "the broker asked for a token: {v}"
+    );
+    assert_eq!(n(&v, "sink_refused"), 0, "{v}");
+    assert_eq!(n(&v, "pushes_duplicated"), 0, "{v}");
+}
+
+/// `fake-apns` on its own, for pushes an SRE drives from their backend: it
+/// counts what the broker sent until it is stopped (SIGTERM), then reports.
+#[tokio::test]
+async fn fake_apns_counts_pushes_until_it_is_stopped() {
+    let sink = free_addr();
+    let listen = sink.to_string();
+    let mut child = command(&["fake-apns", "--listen", &listen])
+        .spawn()
+        .unwrap();
+    let (broker, _dir) = apns_broker(sink);
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let r = http
+            .put(broker.api_url(&format!("/v1/devices/sre-dev-{i}")))
+            .json(
+                &serde_json::json!({"user": format!("sre-{i}"), "platform": "apns",
+                "token": format!("{i:064x}")}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    for i in 0..3 {
+        for k in 0..2 {
+            let r = http
+                .post(broker.api_url("/v1/publish"))
+                .json(
+                    &serde_json::json!({"channel": format!("user:sre-{i}"), "data": {"k": k},
+                    "push": {"title": "t", "body": "b"}}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        }
+    }
+    // The broker counts what the provider accepted: once all six are in,
+    // the sink has them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = broker.metrics().await.unwrap();
+        let sent: u64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("tether_pushes_total{") && l.contains("outcome=\"delivered\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if sent >= 6 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "pushes not sent: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // SIGTERM, as an operator stops it.
+    let pid = child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (stdout, stderr, code) = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        let mut err = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (out, err, child.wait().unwrap().code())
+    })
+    .await
+    .unwrap();
+    let run = Run {
+        code,
+        stdout,
+        stderr,
+    };
+    let v = run.ok();
+    assert_eq!(n(&v, "pushes"), 6, "{v}");
+    assert_eq!(n(&v, "pushes_duplicated"), 0, "{v}");
+    assert_eq!(n(&v, "sink_refused"), 0, "{v}");
 }
