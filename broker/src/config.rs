@@ -124,6 +124,9 @@ pub struct Settings {
     /// Redis Cluster seed nodes for cluster mode, comma separated redis:// or rediss:// URLs [default: none]
     #[arg(long, env = "TETHER_REDIS_CLUSTER", hide_env_values = true)]
     pub redis_cluster: Option<String>,
+    /// Cluster mode: Redis memory (used_memory, per shard) past which history, idempotency keys and ended sessions' records are not kept [default: 90% of Redis's maxmemory; none without it]
+    #[arg(long, env = "TETHER_REDIS_MAX_MEMORY")]
+    pub redis_max_memory: Option<u64>,
     /// This node's name [default: host name + random suffix]
     #[arg(long, env = "TETHER_NODE_ID")]
     pub node_id: Option<String>,
@@ -355,6 +358,8 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Cluster mode: where the shared state lives; `None` for a single node.
     pub redis: Option<RedisTarget>,
+    /// Cluster mode: the Redis memory budget (see `cluster::redis::budget`).
+    pub redis_max_memory: Option<u64>,
     pub node_id: String,
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
@@ -479,6 +484,7 @@ impl Settings {
             jwt_issuer,
             redis_url,
             redis_cluster,
+            redis_max_memory,
             node_id,
             data_dir,
             heartbeat,
@@ -838,6 +844,7 @@ impl Settings {
             jwt_audience: self.jwt_audience.filter(|a| !a.is_empty()),
             jwt_issuer: self.jwt_issuer.filter(|i| !i.is_empty()),
             redis,
+            redis_max_memory: self.redis_max_memory,
             node_id,
             data_dir: self
                 .data_dir

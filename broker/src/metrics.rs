@@ -88,6 +88,10 @@ pub struct Metrics {
     pub cluster_redis_latency: Histogram,
     /// The process's resident set size, read at each scrape.
     pub resident_memory: Gauge,
+    /// Cluster mode: Redis's `used_memory` (the largest shard's), and
+    /// whether it is over the budget (1) or not (0).
+    pub cluster_redis_used_memory: Gauge,
+    pub cluster_redis_over_budget: Gauge,
     pub cluster_presence_dropped: Counter,
 }
 
@@ -135,6 +139,8 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
             ),
             resident_memory: Gauge::default(),
+            cluster_redis_used_memory: Gauge::default(),
+            cluster_redis_over_budget: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tether");
         r.register(
@@ -306,6 +312,16 @@ impl Metrics {
             "cluster_redis_latency_seconds",
             "Cluster mode: round trip of the periodic position check to Redis",
             m.cluster_redis_latency.clone(),
+        );
+        r.register(
+            "cluster_redis_used_memory_bytes",
+            "Cluster mode: Redis's used_memory as last read (the largest shard's)",
+            m.cluster_redis_used_memory.clone(),
+        );
+        r.register(
+            "cluster_redis_over_budget",
+            "Cluster mode: 1 while Redis is over --redis-max-memory (history, idempotency keys and ended sessions' records not kept), else 0",
+            m.cluster_redis_over_budget.clone(),
         );
         r.register(
             "resident_memory_bytes",

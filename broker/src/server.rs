@@ -457,11 +457,14 @@ async fn seams(
             ack_checks: None,
         });
     };
-    use crate::cluster::redis::{self, ack, broker, presence, pubsub, push, resume};
+    use crate::cluster::redis::{self, ack, broker, budget, presence, pubsub, push, resume};
     let redis = redis::Redis::connect(target)
         .await
         .map_err(|e| ServerError::Redis(e.to_string()))?;
     info!(redis = ?target, "cluster mode: positions, history, sessions and presence in Redis");
+    let budget =
+        budget::RedisBudget::start(redis.conn.clone(), config.redis_max_memory, metrics.clone())
+            .await;
     let broker_config = broker::RedisBrokerConfig::from_config(config);
     let sub_config = pubsub::SubscriberConfig {
         max_channels: config.max_channels,
@@ -475,6 +478,7 @@ async fn seams(
             broker_metrics,
             sink,
             control,
+            budget.clone(),
         )
     });
     Ok(Seams {
@@ -482,6 +486,8 @@ async fn seams(
         resumes: Arc::new(resume::RedisResumeStore::new(
             redis.conn.clone(),
             config.resume_window + 2 * config.heartbeat,
+            budget,
+            metrics.resume_records_evicted.clone(),
         )),
         bus: Arc::new(resume::RedisBus::new(
             redis.conn.clone(),

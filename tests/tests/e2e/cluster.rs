@@ -926,3 +926,121 @@ async fn a_cluster_node_at_its_channel_limit_refuses_new_subscriptions_until_one
         .await
         .unwrap();
 }
+
+/// Over its Redis memory budget (`--redis-max-memory`, here 1 byte: always
+/// over) a node keeps only the live stream: publications are delivered but
+/// not kept in history (a recovery from before answers `recovered: false`),
+/// idempotency keys are not stored, an ended session's record is not kept
+/// (its resume starts afresh); each is counted. A node under its budget on
+/// the same Redis keeps all three as before.
+#[tokio::test]
+async fn over_its_redis_memory_budget_a_node_keeps_only_the_live_stream() {
+    let redis = TestRedis::start().unwrap();
+    let full = node(
+        "--redis-url",
+        &redis.url(),
+        "full",
+        &["--redis-max-memory", "1"],
+    );
+    let ok = node("--redis-url", &redis.url(), "ok", &[]);
+    full.wait_for_metric("tether_cluster_redis_over_budget 1")
+        .await
+        .unwrap();
+    ok.wait_for_metric("tether_cluster_redis_over_budget 0")
+        .await
+        .unwrap();
+    let used = counter(
+        &full.metrics().await.unwrap(),
+        "tether_cluster_redis_used_memory_bytes",
+    );
+    assert!(used > 100_000, "Redis's used_memory as read: {used}");
+
+    let mut live = WsClient::connect(&full.ws_url()).await.unwrap();
+    let connected = live.handshake(None).await.unwrap();
+    live.subscribe("feed").await.unwrap();
+    let (s, first) = full
+        .publish(json!({"channel": "feed", "data": 1, "idempotency_key": "k-1"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{first}");
+    publish(&full, "feed", json!(2)).await;
+    assert_eq!(
+        offsets_until(&mut live, 2).await,
+        vec![1, 2],
+        "delivered live"
+    );
+    assert_eq!(
+        redis.cli(&["EXISTS", "tether:{feed}:h"]).unwrap().trim(),
+        "0",
+        "no history kept"
+    );
+    // The same idempotency key publishes again: it was not stored.
+    let (s, again) = full
+        .publish(json!({"channel": "feed", "data": 1, "idempotency_key": "k-1"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["offset"], 3, "{again}");
+    let mut late = connected_client(&full).await.unwrap();
+    let since = late
+        .subscribe_since(
+            "feed",
+            StreamPosition {
+                epoch: tether_protocol::Epoch::new(first["epoch"].as_str().unwrap()),
+                offset: Offset(1),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!since.recovered, "nothing to recover from");
+    full.wait_for_metric("tether_history_not_retained_total 3")
+        .await
+        .unwrap();
+
+    // The session ends: its record is not kept, so its resume is fresh.
+    live.abort();
+    full.wait_for_metric("tether_resume_records_evicted_total 1")
+        .await
+        .unwrap();
+    let mut back = WsClient::connect(&full.ws_url()).await.unwrap();
+    let resumed = back
+        .resume(None, &connected.resume_token, named("feed", 3))
+        .await
+        .unwrap();
+    assert!(!resumed.resumed, "no record to resume from");
+
+    // Under its budget, the other node keeps history as ever.
+    publish(&ok, "kept", json!(1)).await;
+    assert_eq!(
+        redis.cli(&["EXISTS", "tether:{kept}:h"]).unwrap().trim(),
+        "1"
+    );
+    let m = ok.metrics().await.unwrap();
+    assert_eq!(counter(&m, "tether_history_not_retained_total"), 0, "{m}");
+
+    // Without the flag the budget is 90 % of Redis's own maxmemory, read
+    // every second: over it and back under.
+    let info = redis.cli(&["INFO", "memory"]).unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("used_memory:")?.parse().ok())
+        .unwrap();
+    let max = (used * 105 / 100).to_string();
+    redis.cli(&["CONFIG", "SET", "maxmemory", &max]).unwrap();
+    ok.wait_for_metric("tether_cluster_redis_over_budget 1")
+        .await
+        .unwrap();
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    ok.wait_for_metric("tether_cluster_redis_over_budget 0")
+        .await
+        .unwrap();
+    publish(&ok, "kept-again", json!(1)).await;
+    assert_eq!(
+        redis
+            .cli(&["EXISTS", "tether:{kept-again}:h"])
+            .unwrap()
+            .trim(),
+        "1",
+        "kept again once under"
+    );
+}

@@ -43,7 +43,9 @@ use crate::metrics::Metrics;
 /// The publish script (see the module doc). KEYS: position, history,
 /// pub/sub channel, [idempotency key]. ARGV: data, ts, history size,
 /// history ttl (ms), position ttl (ms), publish command, a new epoch,
-/// [`EXPIRY_SLACK_MS`].
+/// [`EXPIRY_SLACK_MS`], retain (`1`; `0` while Redis is over its memory
+/// budget, see [`super::budget`]: no history, the channel's dropped, no
+/// idempotency key stored).
 ///
 /// Expiries are refreshed lazily: at most once per slack per channel (the
 /// position's field `x` says when next), each time to the TTL plus twice
@@ -66,7 +68,12 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', ARGV[2])
+local retain = ARGV[9] == '1'
+if retain then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'd', ARGV[1], 't', ARGV[2])
+else
+  redis.call('DEL', KEYS[2])
+end
 local now = tonumber(ARGV[2])
 if not pos[2] or now >= tonumber(pos[2]) then
   redis.call('PEXPIRE', KEYS[2], ARGV[4] + 2 * ARGV[8])
@@ -75,7 +82,7 @@ if not pos[2] or now >= tonumber(pos[2]) then
 end
 local answer = epoch .. ' ' .. offset
 redis.call(ARGV[6], KEYS[3], answer .. ' ' .. ARGV[2] .. ' ' .. ARGV[1])
-if KEYS[4] then redis.call('SET', KEYS[4], answer, 'PX', ARGV[4]) end
+if KEYS[4] and retain then redis.call('SET', KEYS[4], answer, 'PX', ARGV[4]) end
 return {1, answer}
 ";
 
@@ -237,6 +244,8 @@ pub struct RedisBroker {
     publish_sha: String,
     publisher: ScriptBatcher,
     subscriber: Subscriber,
+    budget: Arc<super::budget::RedisBudget>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -257,9 +266,16 @@ impl RedisBroker {
         metrics: Metrics,
         sink: std::sync::Weak<dyn crate::cluster::Deliver>,
         control: std::sync::Weak<dyn crate::cluster::ControlSink>,
+        budget: Arc<super::budget::RedisBudget>,
     ) -> RedisBroker {
-        let subscriber =
-            Subscriber::start(redis, sub_config, config.clone(), metrics, sink, control);
+        let subscriber = Subscriber::start(
+            redis,
+            sub_config,
+            config.clone(),
+            metrics.clone(),
+            sink,
+            control,
+        );
         RedisBroker {
             conn: redis.conn.clone(),
             cluster: redis.is_cluster(),
@@ -267,6 +283,8 @@ impl RedisBroker {
             publish_sha: redis::Script::new(PUBLISH_SCRIPT).get_hash().to_owned(),
             publisher: ScriptBatcher::start(redis.conn.clone(), redis.is_cluster(), PUBLISH_SCRIPT),
             subscriber,
+            budget,
+            metrics,
         }
     }
 
@@ -295,6 +313,11 @@ impl RedisBroker {
             .arg(if self.cluster { "SPUBLISH" } else { "PUBLISH" })
             .arg(new_epoch())
             .arg(EXPIRY_SLACK_MS);
+        let retain = self.budget.retain();
+        if !retain {
+            self.metrics.history_not_retained.inc();
+        }
+        cmd.arg(if retain { "1" } else { "0" });
         (p.channel.clone(), cmd)
     }
 }

@@ -11,6 +11,7 @@
 //! Redis Cluster and one script can touch them all.
 //!
 //! Files: [`broker`] (the `Broker`: the publish script, history),
+//! [`budget`] (what stops being kept while Redis is near full),
 //! [`batch`] (publications pipelined, one round at a time),
 //! [`pubsub`] (the node's subscriptions, gap checks, the probe), [`keys`],
 //! [`presence`], [`resume`] (sessions, the node bus), [`push`] (devices and
@@ -19,6 +20,7 @@
 pub mod ack;
 pub mod batch;
 pub mod broker;
+pub mod budget;
 pub mod keys;
 pub mod presence;
 pub mod pubsub;

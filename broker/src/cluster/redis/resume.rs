@@ -71,8 +71,9 @@ end
 return {'used'}
 ";
 
-/// KEYS: session, handoff. ARGV: conn, record, window ms. Answers 0 (not
-/// this connection's any more), 1 (handed to a claim), 2 (detached).
+/// KEYS: session, handoff. ARGV: conn, record, window ms, keep (`0` while
+/// Redis is over its memory budget). Answers 0 (not this connection's any
+/// more), 1 (handed to a claim), 2 (detached), 3 (forgotten: not kept).
 const DETACH: &str = r"
 local s = redis.call('HMGET', KEYS[1], 'state', 'conn')
 if not s[1] or s[2] ~= ARGV[1] then return 0 end
@@ -81,6 +82,10 @@ if s[1] == 'claimed' then
   redis.call('RPUSH', KEYS[2], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], 30000)
   return 1
+end
+if ARGV[4] == '0' then
+  redis.call('DEL', KEYS[1])
+  return 3
 end
 redis.call('HSET', KEYS[1], 'state', 'detached', 'record', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -163,6 +168,10 @@ pub struct RedisResumeStore {
     claim: Script,
     detach: Script,
     abandon: Script,
+    /// Whether ended sessions' records are kept now.
+    budget: std::sync::Arc<super::budget::RedisBudget>,
+    /// Records not kept (`tether_resume_records_evicted_total`).
+    evicted: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for RedisResumeStore {
@@ -175,7 +184,12 @@ impl std::fmt::Debug for RedisResumeStore {
 
 impl RedisResumeStore {
     /// `live_ttl`: the resume window plus two heartbeats (see the module).
-    pub fn new(conn: Conn, live_ttl: Duration) -> Self {
+    pub fn new(
+        conn: Conn,
+        live_ttl: Duration,
+        budget: std::sync::Arc<super::budget::RedisBudget>,
+        evicted: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Self {
             conn,
             live_ttl_ms: u64::try_from(live_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -184,6 +198,8 @@ impl RedisResumeStore {
             claim: Script::new(CLAIM),
             detach: Script::new(DETACH),
             abandon: Script::new(ABANDON),
+            budget,
+            evicted,
         }
     }
 }
@@ -312,10 +328,14 @@ impl ResumeStore for RedisResumeStore {
                 .key(handoff_key(session))
                 .arg(conn_id)
                 .arg(encode_record(&record))
-                .arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
-            let _: i64 = timed(call.invoke_async(&mut conn))
+                .arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
+                .arg(if self.budget.retain() { "1" } else { "0" });
+            let outcome: i64 = timed(call.invoke_async(&mut conn))
                 .await
                 .map_err(resume_error)?;
+            if outcome == 3 {
+                self.evicted.inc();
+            }
             Ok(())
         })
     }
