@@ -9,8 +9,12 @@
 //! - `churn`: steady publishing while clients drop abruptly and resume,
 //!   on one node or spread over a cluster's nodes, every delivery checked
 //!   against the ledger of accepted publications;
+//! - `soak`: churn for hours, the broker's memory sampled: growth per hour,
+//!   p99 drift;
+//! - `cluster`: churn over two or more nodes while the operator kills or
+//!   drains them, the clients per node reported;
 //! - `push`: publications to offline users through the push gateway to a
-//!   fake APNs this process serves: pushes per second, publish → provider
+//!   fake APNs or FCM this process serves: pushes per second, publish → provider
 //!   latency, pushes missing or repeated;
 //! - `fake-apns`, `fake-fcm`: a fake push provider to point a broker at
 //!   (both serve APNs and FCM paths; `fake-fcm` also writes the service
