@@ -1131,6 +1131,7 @@ async fn progress(
     let mut merged = report::latency_histogram::<u64>()?;
     let (mut last_delivered, mut last_at) = (0u64, started);
     let mut out = Vec::new();
+    let live = crate::live::Live::new(0);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1159,7 +1160,7 @@ async fn progress(
             },
         };
         (last_delivered, last_at) = (delivered, now);
-        tracing::info!(
+        live.line(&format!(
             "{name} {:>4.0}s: {} online{}, {:.0} deliveries/s, p99 {}, {} published ({} failed), {} drops, {} reconnects",
             s.at.as_secs_f64(),
             s.online,
@@ -1177,7 +1178,7 @@ async fn progress(
             s.publish_failed,
             s.drops,
             s.reconnects
-        );
+        ));
         out.push(s);
     }
 }

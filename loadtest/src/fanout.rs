@@ -109,14 +109,15 @@ async fn tick_deliveries(progress: Arc<Progress>, worker: usize) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let (mut last, mut last_at) = (progress.total(), Instant::now());
+    let live = crate::live::Live::new(worker);
     loop {
         tick.tick().await;
         let (now, total) = (Instant::now(), progress.total());
-        tracing::info!(
+        live.line(&format!(
             "fanout {:>4.0}s (worker {worker}): {:.0} deliveries/s, {total} received",
             started.elapsed().as_secs_f64(),
             total.saturating_sub(last) as f64 / (now - last_at).as_secs_f64().max(1e-9),
-        );
+        ));
         (last, last_at) = (total, now);
     }
 }

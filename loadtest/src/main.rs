@@ -48,6 +48,7 @@ mod fleet;
 mod floor;
 mod idle;
 mod ledger;
+mod live;
 mod plot;
 mod proc;
 mod publisher;
