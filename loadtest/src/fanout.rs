@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use tether_protocol::{ChannelName, Epoch};
 
@@ -50,6 +50,8 @@ pub struct FanoutOptions {
     /// How long to wait for deliveries after the last publication was answered.
     pub drain_timeout: Duration,
     pub broker_pids: Vec<u32>,
+    /// Draw the run here (SVG; with `--workers`, the first worker's share).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Deliveries received so far, counted in a few slots, one per cache line:
@@ -57,29 +59,70 @@ pub struct FanoutOptions {
 /// is the slot of the thread the subscriber runs on (see [`Shards`]), a line
 /// no other thread writes; one counter shared by all would be a contended
 /// read-modify-write on every delivery. The drain loop sums the slots.
+/// Each slot also holds the latencies of the current second (its thread
+/// takes the lock; the once-a-second reader is the only other taker).
 struct Progress {
     slots: Box<[Slot]>,
 }
 
 #[repr(align(64))]
-struct Slot(AtomicU64);
+struct Slot {
+    count: AtomicU64,
+    window: std::sync::Mutex<Histogram<u32>>,
+}
 
 impl Progress {
-    fn new(slots: usize) -> Progress {
+    fn new(slots: usize, template: &Histogram<u32>) -> Progress {
         Progress {
-            slots: (0..slots.max(1)).map(|_| Slot(AtomicU64::new(0))).collect(),
+            slots: (0..slots.max(1))
+                .map(|_| Slot {
+                    count: AtomicU64::new(0),
+                    window: std::sync::Mutex::new(template.clone()),
+                })
+                .collect(),
         }
     }
 
-    fn add(&self, subscriber: usize) {
+    /// One delivery to `subscriber`, `latency_us` after it was due (if
+    /// it carried its time).
+    fn add(&self, subscriber: usize, latency_us: Option<u64>) {
         if let Some(slot) = self.slots.get(subscriber % self.slots.len()) {
-            slot.0.fetch_add(1, Ordering::Relaxed);
+            slot.count.fetch_add(1, Ordering::Relaxed);
+            if let Some(us) = latency_us {
+                slot.window
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .saturating_record(us);
+            }
         }
     }
 
     fn total(&self) -> u64 {
-        self.slots.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+        self.slots
+            .iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum()
     }
+
+    /// The p99 (µs) of the latencies since the last call, emptying them.
+    fn window_p99(&self, merged: &mut Histogram<u64>) -> Option<u64> {
+        merged.reset();
+        for slot in &self.slots {
+            let mut w = slot.window.lock().unwrap_or_else(|p| p.into_inner());
+            report::merge_into(merged, &w);
+            w.reset();
+        }
+        (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
+    }
+}
+
+/// One second of a fanout run, for `timeline` and `--plot`.
+#[derive(Debug, Clone, Copy)]
+struct Second {
+    at: f64,
+    deliveries_per_second: f64,
+    p99_us: Option<u64>,
+    subscribers: u64,
 }
 
 /// What one subscriber saw.
@@ -102,22 +145,45 @@ struct SubscriberStats {
 }
 
 /// One line a second on stderr while deliveries come in (this process's
-/// subscribers; each worker prints its own): deliveries per second over the
-/// last second and received so far.
-async fn tick_deliveries(progress: Arc<Progress>, worker: usize) {
+/// subscribers; each worker prints its own): deliveries per second and the
+/// p99 over the last second, received so far; the seconds, when stopped.
+async fn tick_deliveries(
+    progress: Arc<Progress>,
+    counters: Arc<Counters>,
+    worker: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<Second>> {
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let (mut last, mut last_at) = (progress.total(), Instant::now());
+    let mut merged = report::latency_histogram::<u64>()?;
+    let mut out = Vec::new();
     let live = crate::live::Live::new(worker);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(out),
+        }
         let (now, total) = (Instant::now(), progress.total());
+        let second = Second {
+            at: (now - started).as_secs_f64(),
+            deliveries_per_second: total.saturating_sub(last) as f64
+                / (now - last_at).as_secs_f64().max(1e-9),
+            p99_us: progress.window_p99(&mut merged),
+            subscribers: Counters::get(&counters.established)
+                .saturating_sub(Counters::get(&counters.dropped)),
+        };
         live.line(&format!(
-            "fanout {:>4.0}s (worker {worker}): {:.0} deliveries/s, {total} received",
-            started.elapsed().as_secs_f64(),
-            total.saturating_sub(last) as f64 / (now - last_at).as_secs_f64().max(1e-9),
+            "fanout {:>4.0}s (worker {worker}): {:.0} deliveries/s, p99 {}, {total} received",
+            second.at,
+            second.deliveries_per_second,
+            second.p99_us.map_or_else(
+                || "-".to_owned(),
+                |us| format!("{:.1} ms", us as f64 / 1000.0)
+            ),
         ));
+        out.push(second);
         (last, last_at) = (total, now);
     }
 }
@@ -178,9 +244,14 @@ async fn subscribe_and_measure(
         let now = unix_micros();
         s.last_delivery_us = Some(now);
         s.delivered += 1;
-        progress.add(ready.index);
-        match p.data.get("sent_us").and_then(serde_json::Value::as_u64) {
-            Some(sent) => s.latency.saturating_record(now.saturating_sub(sent).max(1)),
+        let latency = p
+            .data
+            .get("sent_us")
+            .and_then(serde_json::Value::as_u64)
+            .map(|sent| now.saturating_sub(sent).max(1));
+        progress.add(ready.index, latency);
+        match latency {
+            Some(us) => s.latency.saturating_record(us),
             None => s.bad_payload += 1,
         }
         if p.epoch != epoch {
@@ -230,6 +301,7 @@ pub async fn run(
     }
     let progress = Arc::new(Progress::new(
         fleet_opts.shards.as_ref().map_or(1, |s| s.len()),
+        &template,
     ));
     let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
     let fleet = {
@@ -255,7 +327,13 @@ pub async fn run(
     let start_us = unix_micros();
     fleet.wait_settled("fanout").await;
     let mine_subscribed = Counters::get(&fleet.counters.established);
-    let ticker = tokio::spawn(tick_deliveries(progress.clone(), share.index));
+    let (ticker_stop, ticker_rx) = tokio::sync::watch::channel(false);
+    let ticker = tokio::spawn(tick_deliveries(
+        progress.clone(),
+        fleet.counters.clone(),
+        share.index,
+        ticker_rx,
+    ));
     // Every worker's subscribers settled; then the leader publishes.
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let step = role.step(Part::counted(&fleet.counters)?).await?;
@@ -314,7 +392,8 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    ticker.abort();
+    let _ = ticker_stop.send(true);
+    let seconds = ticker.await.context("the progress task failed")??;
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let udp_drops = udp_drops(&transport);
     let mut mine = Part::counted(&fleet.counters)?;
@@ -555,5 +634,55 @@ pub async fn run(
         own_rss as f64,
     );
     UdpDrops::add_to(&mut r, udp_drops0, udp_drops, "in the measured window");
+    if let Some(path) = &opts.plot {
+        let title = format!(
+            "loadtest fanout: {subscribed} subscribers, {}/s, {} B{}",
+            opts.plan.rate,
+            opts.plan.payload,
+            if share.of > 1 {
+                " (per second: the first worker's share)"
+            } else {
+                ""
+            }
+        );
+        crate::plot::svg(
+            path,
+            &crate::plot::Series {
+                title: &title,
+                p99_ms: seconds
+                    .iter()
+                    .filter_map(|s| s.p99_us.map(|us| (s.at, us as f64 / 1000.0)))
+                    .collect(),
+                deliveries_per_second: seconds
+                    .iter()
+                    .map(|s| (s.at, s.deliveries_per_second))
+                    .collect(),
+                online: seconds
+                    .iter()
+                    .map(|s| (s.at, s.subscribers as f64))
+                    .collect(),
+                latency: &latency,
+            },
+        )?;
+        r.text("plot", "picture", path.display().to_string());
+    }
+    r.value(
+        "timeline",
+        "progress samples (one a second)",
+        serde_json::Value::Array(
+            seconds
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "t": (s.at * 10.0).round() / 10.0,
+                        "deliveries_per_second": s.deliveries_per_second.round(),
+                        "p99_ms": s.p99_us.map(|us| us as f64 / 1000.0),
+                        "subscribers": s.subscribers,
+                    })
+                })
+                .collect(),
+        ),
+        format!("{} (in the JSON report)", seconds.len()),
+    );
     Ok(r)
 }

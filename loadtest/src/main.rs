@@ -168,6 +168,10 @@ enum Scenario {
         /// Seconds to wait for the last deliveries after publishing.
         #[arg(long, default_value_t = 10.0)]
         drain_timeout: f64,
+        /// Also draw the run as an SVG picture: p99 and deliveries of each
+        /// second, subscribers connected, the latency distribution.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// How fast clients connect and subscribe.
     ConnectRate {
@@ -706,8 +710,10 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             batch,
             max_in_flight,
             drain_timeout,
+            plot,
         } => {
             let opts = fanout::FanoutOptions {
+                plot,
                 subscribers,
                 plan: publisher::PublishPlan {
                     api: target::parse_url(&api, "--api")?,

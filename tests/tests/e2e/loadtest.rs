@@ -739,6 +739,9 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
     let broker = TestBroker::start(&[]).unwrap();
     let (ws, api) = (broker.ws_url(), broker.api_url(""));
     let pid = broker.pid().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let fanout_svg = dir.path().join("fanout.svg");
+    let fanout_svg = fanout_svg.to_str().unwrap();
 
     let v = loadtest(&[
         "fanout",
@@ -751,19 +754,38 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
         "--rate",
         "20",
         "--duration",
-        "1",
+        "2",
         "--broker-pid",
         &pid,
+        "--plot",
+        fanout_svg,
     ])
     .await
     .ok();
-    assert_eq!(n(&v, "publications"), 20, "{v}");
-    assert_eq!(n(&v, "deliveries"), 1000, "{v}");
+    assert_eq!(n(&v, "publications"), 40, "{v}");
+    assert_eq!(n(&v, "deliveries"), 2000, "{v}");
     assert_eq!(n(&v, "lost"), 0, "{v}");
     assert!(
         v["broker_cpu_us_per_delivery"].as_f64().unwrap() > 0.0,
         "{v}"
     );
+    // A second a sample, with its p99 and the subscribers connected; and
+    // the picture of them.
+    let timeline = v["timeline"].as_array().expect("timeline");
+    assert!(!timeline.is_empty(), "{v}");
+    let delivered: f64 = timeline
+        .iter()
+        .map(|s| s["deliveries_per_second"].as_f64().unwrap())
+        .sum();
+    assert!(delivered > 0.0, "{v}");
+    assert!(
+        timeline
+            .iter()
+            .any(|s| s["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0) && s["subscribers"] == 50),
+        "{v}"
+    );
+    let picture = std::fs::read_to_string(fanout_svg).unwrap();
+    assert!(picture.starts_with("<svg") && picture.contains("latency distribution"));
 
     let v = loadtest(&[
         "idle",
