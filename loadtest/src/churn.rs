@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use reqwest::Url;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tether_protocol::{
     ChannelName, ClientMessage, Connect, Connected, Encoding, Epoch, Offset, Resume, ServerMessage,
@@ -45,6 +46,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::client::{Client, Event, kind};
+use crate::crew::{Part, Role, Share};
 use crate::fleet::{backoff, failure_reason};
 use crate::ledger::{Ledger, Trail, Verdict};
 use crate::proc::{self, Pid};
@@ -700,7 +702,101 @@ async fn post(http: &reqwest::Client, api: &Url, body: &Value) -> Result<(Epoch,
     Ok((Epoch::new(epoch), offset))
 }
 
-pub async fn run(opts: ChurnOptions) -> Result<Report> {
+/// What a worker of a `--workers` run counted, for the leader to add up
+/// (with the histogram and CPU time in its [`Part`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Figures {
+    connected: u64,
+    connect_failures: u64,
+    drops: u64,
+    reconnects: u64,
+    reconnect_attempts_failed: u64,
+    resumed: u64,
+    fresh_sessions: u64,
+    recovered: u64,
+    not_recovered: u64,
+    caught_up: u64,
+    disconnected_at_end: u64,
+    server_closes: Vec<(Option<u16>, u64)>,
+    failures: BTreeMap<String, u64>,
+    node_online: Vec<i64>,
+    node_ended: Vec<u64>,
+    verdict: Verdict,
+}
+
+impl Figures {
+    fn of(tally: &Tally, disconnected_at_end: u64, verdict: Verdict) -> Figures {
+        let get = Tally::get;
+        Figures {
+            connected: get(&tally.connected),
+            connect_failures: get(&tally.connect_failures),
+            drops: get(&tally.drops),
+            reconnects: get(&tally.reconnects),
+            reconnect_attempts_failed: get(&tally.reconnect_attempts_failed),
+            resumed: get(&tally.resumed),
+            fresh_sessions: get(&tally.fresh_sessions),
+            recovered: get(&tally.recovered),
+            not_recovered: get(&tally.not_recovered),
+            caught_up: get(&tally.caught_up),
+            disconnected_at_end,
+            server_closes: tally
+                .server_closes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, n)| (*k, *n))
+                .collect(),
+            failures: tally
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            node_online: tally
+                .node_online
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect(),
+            node_ended: tally.node_ended.iter().map(Tally::get).collect(),
+            verdict,
+        }
+    }
+
+    /// Adds another worker's figures.
+    fn absorb(&mut self, o: Figures) {
+        self.connected += o.connected;
+        self.connect_failures += o.connect_failures;
+        self.drops += o.drops;
+        self.reconnects += o.reconnects;
+        self.reconnect_attempts_failed += o.reconnect_attempts_failed;
+        self.resumed += o.resumed;
+        self.fresh_sessions += o.fresh_sessions;
+        self.recovered += o.recovered;
+        self.not_recovered += o.not_recovered;
+        self.caught_up += o.caught_up;
+        self.disconnected_at_end += o.disconnected_at_end;
+        let mut closes: BTreeMap<Option<u16>, u64> = self.server_closes.drain(..).collect();
+        for (k, n) in o.server_closes {
+            *closes.entry(k).or_default() += n;
+        }
+        self.server_closes = closes.into_iter().collect();
+        for (k, n) in o.failures {
+            *self.failures.entry(k).or_default() += n;
+        }
+        for (i, n) in o.node_online.into_iter().enumerate() {
+            if let Some(m) = self.node_online.get_mut(i) {
+                *m += n;
+            }
+        }
+        for (i, n) in o.node_ended.into_iter().enumerate() {
+            if let Some(m) = self.node_ended.get_mut(i) {
+                *m += n;
+            }
+        }
+        self.verdict.absorb(o.verdict);
+    }
+}
+
+pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Report> {
     if opts.clients == 0 || opts.channels == 0 {
         bail!("--clients and --channels must be at least 1");
     }
@@ -715,10 +811,17 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     if !opts.drop_rate.is_finite() || opts.drop_rate < 0.0 {
         bail!("--drop-rate must be 0 or more");
     }
+    let leader = !role.is_member();
     let http = crate::publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
-    for api in &opts.apis {
-        crate::publisher::check_ready(&http, api).await?;
+    if leader {
+        for api in &opts.apis {
+            crate::publisher::check_ready(&http, api).await?;
+        }
     }
+    // This worker's clients (all of them without --workers), and its part
+    // of the rates.
+    let mine = share.range(opts.clients);
+    let connect_rate = share.rate(opts.connect_rate);
     let channels: Arc<Vec<ChannelName>> = Arc::new(
         (0..opts.channels)
             .map(|c| ChannelName::new(format!("{}{c}", opts.channel_prefix)))
@@ -730,12 +833,12 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     let tally = Arc::new(Tally::new(&template, opts.urls.len()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (targets_tx, targets_rx) = watch::channel::<Targets>(None);
-    let mut drops = Vec::with_capacity(opts.clients);
-    let mut handles = Vec::with_capacity(opts.clients);
+    let mut drops = Vec::with_capacity(mine.len());
+    let mut handles = Vec::with_capacity(mine.len());
     let setup_started = Instant::now();
-    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.connect_rate));
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / connect_rate));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for i in 0..opts.clients {
+    for i in mine.clone() {
         pace.tick().await;
         let drop_now = Arc::new(Notify::new());
         drops.push(drop_now.clone());
@@ -757,22 +860,38 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     }
     // Everyone subscribed (or given up on) before the measured part starts.
     let setup_deadline = Instant::now() + Duration::from_secs(60);
-    while Tally::get(&tally.connected) + Tally::get(&tally.connect_failures) < opts.clients as u64
+    while Tally::get(&tally.connected) + Tally::get(&tally.connect_failures) < mine.len() as u64
         && Instant::now() < setup_deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let setup = setup_started.elapsed();
     let connected = Tally::get(&tally.connected);
-    if connected == 0 {
-        let failures = tally.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match failures.iter().max_by_key(|(_, n)| **n) {
-            Some((reason, n)) => bail!("no client could connect: {n} × {reason}"),
-            None => bail!("no client could connect"),
+    // Step 1: every worker's clients in; then the leader publishes.
+    let mut settled = Part::new()?;
+    settled.established = connected;
+    settled.failed = Tally::get(&tally.connect_failures);
+    settled.reasons = tally
+        .failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let all_connected = match role.step(settled).await? {
+        Ok(all) => {
+            if all.established == 0 {
+                match all.top_reasons().first() {
+                    Some((reason, n)) => bail!("no client could connect: {n} × {reason}"),
+                    None => bail!("no client could connect"),
+                }
+            }
+            role.tell(&json!({"go": true})).await?;
+            all.established
         }
-    }
+        Err(_) => connected,
+    };
+    let setup = setup_started.elapsed();
     tracing::info!(
-        "churn: {connected} clients in {:.1} s; publishing {}/s for {:.0} s, dropping {}/s",
+        "{}: {all_connected} clients in {:.1} s; publishing {}/s for {:.0} s, dropping {}/s",
+        opts.mode.name(),
         setup.as_secs_f64(),
         opts.rate,
         opts.duration.as_secs_f64(),
@@ -783,17 +902,24 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     let run_id = unix_micros();
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let t0 = Instant::now();
-    let publisher = tokio::spawn(publish(
-        http,
-        opts.clone(),
-        channels.clone(),
-        ledger.clone(),
+    let publisher = leader.then(|| {
+        tokio::spawn(publish(
+            http,
+            opts.clone(),
+            channels.clone(),
+            ledger.clone(),
+            tally.clone(),
+            run_id,
+        ))
+    });
+    let progress = tokio::spawn(progress(
         tally.clone(),
-        run_id,
+        stop_rx.clone(),
+        opts.mode.name(),
+        share.index,
     ));
-    let progress = tokio::spawn(progress(tally.clone(), stop_rx.clone(), opts.mode.name()));
     let memory = match &opts.mode {
-        Mode::Soak(soak) => Some(tokio::spawn(sample_memory(
+        Mode::Soak(soak) if leader => Some(tokio::spawn(sample_memory(
             soak.clone(),
             opts.apis.clone(),
             opts.api_key.clone(),
@@ -807,8 +933,8 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         tokio::spawn(async move {
             let end = Instant::now() + opts.duration;
             let mut storm = opts.storm_at.map(|s| Instant::now() + s);
-            let period =
-                (opts.drop_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / opts.drop_rate));
+            let drop_rate = share.rate(opts.drop_rate);
+            let period = (drop_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / drop_rate));
             let mut next = period.map(|p| Instant::now() + p);
             let mut k = 0usize;
             loop {
@@ -835,9 +961,31 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
             }
         })
     };
-    let published = publisher.await.context("the publisher failed")??;
+    let published = match publisher {
+        Some(p) => p.await.context("the publisher failed")??,
+        // A member's clients go on receiving (and dropping) meanwhile.
+        None => {
+            tokio::time::sleep(opts.duration).await;
+            Published::default()
+        }
+    };
     dropper.abort();
     let publish_time = t0.elapsed();
+    // Step 2: the leader's ledger to every worker, to drain and check by.
+    match role.step(Part::new()?).await? {
+        Ok(_) => {
+            let sent = {
+                let l = ledger.lock().unwrap_or_else(|p| p.into_inner());
+                serde_json::to_value(&*l)?
+            };
+            role.tell(&json!({ "ledger": sent })).await?;
+        }
+        Err(mut word) => {
+            let theirs: Ledger =
+                serde_json::from_value(word["ledger"].take()).context("the leader's ledger")?;
+            *ledger.lock().unwrap_or_else(|p| p.into_inner()) = theirs;
+        }
+    }
 
     // Drain: until every connected client has its channel's last offset.
     let targets: HashMap<ChannelName, (Epoch, u64)> = {
@@ -876,6 +1024,27 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         let v = Verdict::of(&mut l, outcomes.iter().filter_map(|o| o.trail.as_ref()));
         (v, l.accepted())
     };
+    // Step 3: every worker's figures to the leader.
+    let mut part = Part::new()?;
+    part.latency = latency;
+    part.cpu_us = u64::try_from(own_cpu.as_micros()).unwrap_or(u64::MAX);
+    let figures = Figures::of(&tally, disconnected_at_end, verdict);
+    if role.is_member() {
+        part.extras.push(serde_json::to_value(&figures)?);
+        role.last(part).await?;
+        return Ok(Report::new(opts.mode.name()));
+    }
+    let Some(total) = role.last(part).await? else {
+        return Ok(Report::new(opts.mode.name()));
+    };
+    let mut f = figures;
+    for extra in total.extras {
+        f.absorb(serde_json::from_value(extra).context("a worker's figures")?);
+    }
+    let latency = total.latency;
+    let own_cpu = Duration::from_micros(total.cpu_us);
+    let verdict = std::mem::take(&mut f.verdict);
+    let connected = f.connected;
 
     let mut r = Report::new(opts.mode.name());
     let secure = opts.urls.iter().any(|u| u.tls.is_some());
@@ -890,7 +1059,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
     r.count(
         "connect_failures",
         "clients whose first connection failed",
-        Tally::get(&tally.connect_failures),
+        f.connect_failures,
     );
     r.count("channels", "channels", opts.channels as u64);
     r.number(
@@ -934,71 +1103,49 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
         "/s",
         1,
     );
-    r.count(
-        "drops",
-        "connections dropped abruptly",
-        Tally::get(&tally.drops),
-    );
-    let (closes, close_codes) = report::tallied_close_codes(
-        &tally
-            .server_closes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
+    r.count("drops", "connections dropped abruptly", f.drops);
+    let (closes, close_codes) =
+        report::tallied_close_codes(&f.server_closes.iter().copied().collect());
     r.count(
         "server_closes",
         "connections ended by the server or network",
         closes,
     );
     r.text("server_close_codes", "their close codes", close_codes);
-    r.count("reconnects", "reconnections", Tally::get(&tally.reconnects));
+    r.count("reconnects", "reconnections", f.reconnects);
     r.count(
         "reconnect_failures",
         "reconnection attempts failed (retried)",
-        Tally::get(&tally.reconnect_attempts_failed),
+        f.reconnect_attempts_failed,
     );
-    if let Some((reason, n)) = tally
-        .failures
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .max_by_key(|(_, n)| **n)
-    {
+    if let Some((reason, n)) = f.failures.iter().max_by_key(|(_, n)| **n) {
         r.text(
             "top_reconnect_failure",
             "most frequent reconnect failure",
             format!("{n} × {reason}"),
         );
     }
-    r.count(
-        "resumed",
-        "sessions resumed (resumed: true)",
-        Tally::get(&tally.resumed),
-    );
+    r.count("resumed", "sessions resumed (resumed: true)", f.resumed);
     r.count(
         "fresh_sessions",
         "resumes refused (fresh session, subscribe with since)",
-        Tally::get(&tally.fresh_sessions),
+        f.fresh_sessions,
     );
-    r.count(
-        "recovered",
-        "recoveries with recovered: true",
-        Tally::get(&tally.recovered),
-    );
+    r.count("recovered", "recoveries with recovered: true", f.recovered);
     r.count(
         "not_recovered",
         "recoveries with recovered: false",
-        Tally::get(&tally.not_recovered),
+        f.not_recovered,
     );
     r.count(
         "caught_up",
         "clients that got their channel's last offset",
-        Tally::get(&tally.caught_up),
+        f.caught_up,
     );
     r.count(
         "disconnected_at_end",
         "clients still reconnecting at the end",
-        disconnected_at_end,
+        f.disconnected_at_end,
     );
     add_verdict(&mut r, &verdict);
     r.number(
@@ -1041,9 +1188,7 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
             .map(|(i, u)| {
                 format!(
                     "node {i} {}: {} on it at the end, {} connections ended",
-                    u.url,
-                    tally.node_online[i].load(Ordering::Relaxed),
-                    Tally::get(&tally.node_ended[i])
+                    u.url, f.node_online[i], f.node_ended[i]
                 )
             })
             .collect();
@@ -1055,8 +1200,8 @@ pub async fn run(opts: ChurnOptions) -> Result<Report> {
                     .map(|i| {
                         json!({
                             "url": opts.urls[i].url.clone(),
-                            "online_at_end": tally.node_online[i].load(Ordering::Relaxed),
-                            "connections_ended": Tally::get(&tally.node_ended[i]),
+                            "online_at_end": f.node_online[i],
+                            "connections_ended": f.node_ended[i],
                         })
                     })
                     .collect(),
@@ -1124,6 +1269,7 @@ async fn progress(
     tally: Arc<Tally>,
     mut stop: watch::Receiver<bool>,
     name: &'static str,
+    worker: usize,
 ) -> Result<Vec<Sample>> {
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1131,7 +1277,7 @@ async fn progress(
     let mut merged = report::latency_histogram::<u64>()?;
     let (mut last_delivered, mut last_at) = (0u64, started);
     let mut out = Vec::new();
-    let live = crate::live::Live::new(0);
+    let live = crate::live::Live::new(worker);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1233,7 +1379,7 @@ async fn sample_memory(
         let reading = if soak.broker_pids.is_empty() {
             let mut sum = Some(0u64);
             for api in &apis {
-                let bytes = metrics_rss(&http, api).await;
+                let bytes = proc::metrics_rss(&http, api).await;
                 sum = sum.zip(bytes).map(|(a, b)| a + b);
             }
             sum
@@ -1251,34 +1397,6 @@ async fn sample_memory(
             None => tracing::warn!("a memory reading failed (a node down?); skipped"),
         }
     }
-}
-
-/// `tether_resident_memory_bytes` of one node's GET /metrics.
-async fn metrics_rss(http: &reqwest::Client, api: &Url) -> Option<u64> {
-    let text = http
-        .get(api.join("/metrics").ok()?)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    parse_metric(&text, "tether_resident_memory_bytes")
-}
-
-/// The value of an unlabelled metric in a Prometheus text exposition.
-fn parse_metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
-        rest.split_whitespace()
-            .next()?
-            .parse::<f64>()
-            .ok()
-            .map(|v| v as u64)
-    })
 }
 
 /// Least-squares slope of bytes over time, in bytes per second.
@@ -1470,19 +1588,5 @@ mod tests {
         assert!((per_second - 1024.0).abs() < 1e-6, "{per_second}");
         assert_eq!(slope(&samples[..1]), None);
         assert_eq!(slope(&[at(5, 1), at(5, 2)]), None, "no time between them");
-    }
-
-    #[test]
-    fn the_resident_memory_is_read_from_the_metrics_text() {
-        let text = "# HELP tether_resident_memory_bytes x\n# TYPE tether_resident_memory_bytes gauge\n\
-                    tether_resident_memory_bytes_other 5\ntether_resident_memory_bytes 123456\n# EOF\n";
-        assert_eq!(
-            parse_metric(text, "tether_resident_memory_bytes"),
-            Some(123_456)
-        );
-        assert_eq!(
-            parse_metric("# EOF\n", "tether_resident_memory_bytes"),
-            None
-        );
     }
 }

@@ -83,6 +83,10 @@ pub struct Part {
     pub cpu_us: u64,
     /// Its RSS, bytes.
     pub rss: u64,
+    /// What a scenario counts beyond these (`churn`: its figures and the
+    /// ledger's verdict for the worker's clients), one per worker.
+    #[serde(default)]
+    pub extras: Vec<Value>,
 }
 
 impl Part {
@@ -105,6 +109,7 @@ impl Part {
             last_delivery_us: None,
             cpu_us: 0,
             rss: 0,
+            extras: Vec::new(),
         })
     }
 
@@ -144,6 +149,7 @@ impl Part {
         self.last_delivery_us = self.last_delivery_us.max(o.last_delivery_us);
         self.cpu_us += o.cpu_us;
         self.rss += o.rss;
+        self.extras.extend(o.extras);
     }
 
     /// The setup failures by reason, most frequent first (as

@@ -24,8 +24,31 @@ pub struct IdleOptions {
     pub channels: Option<usize>,
     pub settle: Duration,
     pub broker_pids: Vec<u32>,
+    /// The nodes' APIs, to read their memory from GET /metrics when no PID
+    /// is given.
+    pub metrics: Vec<reqwest::Url>,
     /// Prefix of the channel names.
     pub channel_prefix: String,
+}
+
+/// The broker's memory now: from /proc for the PIDs given, else from the
+/// APIs' GET /metrics (every node must answer), else unknown.
+async fn broker_rss(broker: &Brokers, apis: &[reqwest::Url]) -> Result<Option<u64>> {
+    if let Some(rss) = broker.rss()? {
+        return Ok(Some(rss));
+    }
+    if apis.is_empty() {
+        return Ok(None);
+    }
+    let http = crate::publisher::api_client(None, 2)?;
+    let mut sum = 0;
+    for api in apis {
+        match proc::metrics_rss(&http, api).await {
+            Some(b) => sum += b,
+            None => bail!("{api}: no tether_resident_memory_bytes in its GET /metrics"),
+        }
+    }
+    Ok(Some(sum))
 }
 
 pub async fn run(
@@ -42,7 +65,12 @@ pub async fn run(
         true => Brokers::default(),
         false => Brokers::new(opts.broker_pids.clone(), "memory")?,
     };
-    let rss_before = broker.rss()?;
+    let apis = if role.is_member() {
+        Vec::new()
+    } else {
+        opts.metrics.clone()
+    };
+    let rss_before = broker_rss(&broker, &apis).await?;
 
     let prefix = opts.channel_prefix.clone();
     let (transport, encoding) = (fleet_opts.transport.clone(), fleet_opts.encoding);
@@ -74,7 +102,7 @@ pub async fn run(
         Duration::from_micros(s.settled_at_us.saturating_sub(start_us))
     });
     let rss_after = match settled {
-        Some(_) => broker.rss()?,
+        Some(_) => broker_rss(&broker, &apis).await?,
         None => None,
     };
     role.tell(&serde_json::Value::Null).await?;
@@ -181,7 +209,7 @@ pub async fn run(
                     "broker RSS per idle subscribed connection",
                 ),
             ] {
-                r.missing(k, l, "no --broker-pid");
+                r.missing(k, l, "no --broker-pid or --api");
             }
         }
     }

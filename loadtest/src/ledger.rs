@@ -29,13 +29,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use tether_protocol::{ChannelName, Epoch};
 
 /// Examples of each kind of anomaly kept for the report.
 pub const EXAMPLES: usize = 5;
 
-/// Accepted publications: per channel and epoch, their offsets.
-#[derive(Debug, Default)]
+/// Accepted publications: per channel and epoch, their offsets. With
+/// `--workers` the leader sends it to the members, which check their own
+/// clients against it.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Ledger {
     channels: HashMap<ChannelName, BTreeMap<Epoch, Vec<u64>>>,
     /// Per channel, the epoch of the answer recorded last.
@@ -184,7 +187,7 @@ pub struct Trail {
 }
 
 /// An anomaly, for the report's examples.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Example {
     pub subscriber: usize,
     pub channel: ChannelName,
@@ -363,7 +366,7 @@ fn push_example(v: &mut Vec<Example>, e: Example) {
 }
 
 /// The ledger's findings for one channel.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelVerdict {
     pub delivered: u64,
     pub duplicated: u64,
@@ -372,8 +375,9 @@ pub struct ChannelVerdict {
     pub silently_lost: u64,
 }
 
-/// The ledger's findings over all subscriptions.
-#[derive(Debug, Default)]
+/// The ledger's findings over all subscriptions (with `--workers`, each
+/// worker's for its clients, added up by the leader).
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Verdict {
     pub subscriptions: u64,
     pub delivered: u64,
@@ -399,6 +403,37 @@ impl Verdict {
             t.check(ledger, &mut v);
         }
         v
+    }
+
+    /// Adds another worker's findings (its clients, the same ledger).
+    pub fn absorb(&mut self, o: Verdict) {
+        self.subscriptions += o.subscriptions;
+        self.delivered += o.delivered;
+        self.duplicated += o.duplicated;
+        self.reordered += o.reordered;
+        self.declared_lost += o.declared_lost;
+        self.silently_lost += o.silently_lost;
+        self.unexpected += o.unexpected;
+        self.epoch_changes += o.epoch_changes;
+        for (mine, theirs) in [
+            (&mut self.lost_examples, o.lost_examples),
+            (&mut self.duplicate_examples, o.duplicate_examples),
+            (&mut self.reorder_examples, o.reorder_examples),
+        ] {
+            for e in theirs {
+                if mine.len() < EXAMPLES {
+                    mine.push(e);
+                }
+            }
+        }
+        for (channel, c) in o.channels {
+            let m = self.channels.entry(channel).or_default();
+            m.delivered += c.delivered;
+            m.duplicated += c.duplicated;
+            m.reordered += c.reordered;
+            m.declared_lost += c.declared_lost;
+            m.silently_lost += c.silently_lost;
+        }
     }
 
     /// True when the contract was kept: nothing silently lost, duplicated
@@ -469,6 +504,44 @@ mod tests {
         assert!(r.insert(6));
         assert_eq!(r.0, vec![(1, 9)]);
         assert!(r.contains(1) && r.contains(9) && !r.contains(10) && !r.contains(0));
+    }
+
+    /// Workers check their own clients against the leader's ledger (sent
+    /// as JSON); their verdicts added up are the one-process verdict.
+    #[test]
+    fn verdicts_of_workers_add_up_to_the_whole() {
+        let mut l = ledger("a", "e", 1..=6);
+        for o in 1..=3 {
+            l.record(ch("b"), Epoch::new("f"), o);
+        }
+        let trail = |sub: usize, channel: &str, epoch: &str, got: &[u64]| {
+            let mut t = Trail::new(sub, ch(channel), Epoch::new(epoch), 0);
+            for &o in got {
+                t.deliver(&Epoch::new(epoch), o);
+            }
+            t
+        };
+        let trails = [
+            trail(0, "a", "e", &[1, 2, 3, 4, 5, 6]),
+            trail(1, "a", "e", &[1, 2, 2, 4, 5, 6]),
+            trail(2, "b", "f", &[1, 3]),
+            trail(3, "b", "f", &[1, 2, 3]),
+        ];
+        let whole = Verdict::of(&mut l, trails.iter());
+        let sent = serde_json::to_string(&l).expect("in a test");
+        let mut theirs: Ledger = serde_json::from_str(&sent).expect("in a test");
+        let mut merged = Verdict::of(&mut l, trails[..2].iter());
+        let part = Verdict::of(&mut theirs, trails[2..].iter());
+        let part: Verdict = serde_json::from_str(&serde_json::to_string(&part).expect("in a test"))
+            .expect("in a test");
+        merged.absorb(part);
+        assert_eq!(
+            (merged.delivered, merged.duplicated, merged.silently_lost),
+            (whole.delivered, whole.duplicated, whole.silently_lost)
+        );
+        assert_eq!((merged.duplicated, merged.silently_lost), (1, 2));
+        assert_eq!(merged.channels, whole.channels);
+        assert_eq!(merged.lost_examples.len(), whole.lost_examples.len());
     }
 
     #[test]

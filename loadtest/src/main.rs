@@ -108,10 +108,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "N")]
     max_connect_failures: Option<u64>,
     /// Spread the clients over N processes of this binary (idle, fanout,
-    /// connect-rate): each under its own file-descriptor limit (~19,900
-    /// sockets on a default Linux box) and on its own threads. This process
-    /// publishes, measures the broker and reports; the histograms of all
-    /// are merged.
+    /// connect-rate, churn, soak, cluster): each under its own
+    /// file-descriptor limit (~19,900 sockets on a default Linux box) and
+    /// on its own threads. This process publishes, measures the broker and
+    /// reports; the histograms of all are merged, and each worker checks
+    /// its clients against this one's ledger.
     #[arg(long, global = true, default_value_t = 1, value_name = "N")]
     workers: usize,
     /// Which worker this process is (set by the first one for the others).
@@ -136,6 +137,11 @@ enum Scenario {
         /// Seconds to wait, answering heartbeats, before reading the RSS again.
         #[arg(long, default_value_t = 5.0)]
         settle: f64,
+        /// Backend API base URLs, one per node: without --broker-pid the
+        /// broker's memory is read from their GET /metrics
+        /// (`tether_resident_memory_bytes`, summed), from any machine.
+        #[arg(long, value_delimiter = ',')]
+        api: Vec<String>,
     },
     /// One channel fanned out to many subscribers: latency and broker CPU.
     Fanout {
@@ -665,10 +671,15 @@ fn seconds(v: f64, what: &str) -> Result<Duration> {
 async fn run(scenario: Scenario, share: Share) -> Result<Report> {
     let spread = matches!(
         scenario,
-        Scenario::Idle { .. } | Scenario::Fanout { .. } | Scenario::ConnectRate { .. }
+        Scenario::Idle { .. }
+            | Scenario::Fanout { .. }
+            | Scenario::ConnectRate { .. }
+            | Scenario::Churn { .. }
+            | Scenario::Soak { .. }
+            | Scenario::Cluster { .. }
     );
     if share.of > 1 && !spread {
-        anyhow::bail!("--workers is for idle, fanout and connect-rate");
+        anyhow::bail!("--workers is for idle, fanout, connect-rate, churn, soak and cluster");
     }
     if share.index >= share.of.max(1) {
         anyhow::bail!("--worker-index {} of --workers {}", share.index, share.of);
@@ -685,12 +696,17 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             connections,
             channels,
             settle,
+            api,
         } => {
             let opts = idle::IdleOptions {
                 connections,
                 channels,
                 settle: seconds(settle, "--settle")?,
                 broker_pids: common.broker_pid.clone(),
+                metrics: api
+                    .iter()
+                    .map(|a| target::parse_url(a, "--api"))
+                    .collect::<Result<_>>()?,
                 channel_prefix: common
                     .channel_prefix
                     .clone()
@@ -782,14 +798,16 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             };
             resume::run(opts, common.fleet_options(clients, share).await?).await
         }
-        Scenario::Churn { args } => churn::run(args.options(churn::Mode::Churn).await?).await,
+        Scenario::Churn { args } => {
+            churn::run(args.options(churn::Mode::Churn).await?, role, share).await
+        }
         Scenario::Cluster { args } => {
             if args.url.len() < 2 || args.api.len() < 2 {
                 anyhow::bail!(
                     "the cluster scenario needs at least two --url and two --api, one per node"
                 );
             }
-            churn::run(args.options(churn::Mode::Cluster).await?).await
+            churn::run(args.options(churn::Mode::Cluster).await?, role, share).await
         }
         Scenario::Soak {
             args,
@@ -803,7 +821,7 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             if soak.sample_every.is_zero() {
                 anyhow::bail!("--sample-every must be above 0");
             }
-            churn::run(args.options(churn::Mode::Soak(soak)).await?).await
+            churn::run(args.options(churn::Mode::Soak(soak)).await?, role, share).await
         }
         Scenario::Push {
             api,

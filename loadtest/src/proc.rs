@@ -182,9 +182,51 @@ impl Brokers {
     }
 }
 
+/// `tether_resident_memory_bytes` of one node's GET /metrics.
+pub async fn metrics_rss(http: &reqwest::Client, api: &reqwest::Url) -> Option<u64> {
+    let text = http
+        .get(api.join("/metrics").ok()?)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    parse_metric(&text, "tether_resident_memory_bytes")
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+            .map(|v| v as u64)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resident_memory_is_read_from_the_metrics_text() {
+        let text = "# HELP tether_resident_memory_bytes x\n# TYPE tether_resident_memory_bytes gauge\n\
+                    tether_resident_memory_bytes_other 5\ntether_resident_memory_bytes 123456\n# EOF\n";
+        assert_eq!(
+            parse_metric(text, "tether_resident_memory_bytes"),
+            Some(123_456)
+        );
+        assert_eq!(
+            parse_metric("# EOF\n", "tether_resident_memory_bytes"),
+            None
+        );
+    }
 
     #[test]
     fn parses_vmrss_in_bytes() {

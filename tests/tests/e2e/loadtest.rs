@@ -295,18 +295,31 @@ async fn a_reconnect_storm_is_resumed_without_loss_and_objectives_gate_the_exit(
 /// The fake drops offset 3 of `churn:1` for every subscriber.
 #[tokio::test]
 async fn a_skipped_offset_fails_the_run_and_is_named() {
+    a_skipped_offset_is_found(&[]).await;
+}
+
+/// The same with the subscribers of `churn:1` in two processes: each
+/// finds its own, the leader adds them up.
+#[tokio::test]
+async fn a_skipped_offset_is_found_by_every_worker() {
+    a_skipped_offset_is_found(&["--workers", "2"]).await;
+}
+
+async fn a_skipped_offset_is_found(workers: &[&str]) {
     let fake = LossyBroker::start(Fault::Skip {
         channel: "churn:1".into(),
         offset: 3,
     })
     .await
     .unwrap();
-    let run = loadtest(&[
+    let (ws, api) = (fake.ws_url(), fake.api_url());
+    let mut args = workers.to_vec();
+    args.extend([
         "churn",
         "--url",
-        &fake.ws_url(),
+        &ws,
         "--api",
-        &fake.api_url(),
+        &api,
         "--clients",
         "4",
         "--channels",
@@ -319,8 +332,8 @@ async fn a_skipped_offset_fails_the_run_and_is_named() {
         "0",
         "--drain-timeout",
         "2",
-    ])
-    .await;
+    ]);
+    let run = loadtest(&args).await;
     assert_eq!(run.code, Some(2), "{}\n{}", run.stdout, run.stderr);
     let v = run.json();
     assert_eq!(n(&v, "silently_lost"), 2, "two subscribers of churn:1: {v}");
@@ -728,8 +741,47 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
     assert!(v["setup_p99_ms"].as_f64().is_some(), "{v}");
     assert_eq!(accepted(&b).await, 50 + 101);
 
-    // Scenarios that keep one ledger refuse to be spread.
-    let run = loadtest(&["--workers", "2", "churn", "--url", &a.ws_url()]).await;
+    // churn over two processes: each drops and resumes its own clients
+    // and checks them against the leader's ledger; the figures add up.
+    let v = loadtest(&[
+        "--workers",
+        "2",
+        "churn",
+        "--url",
+        &a.ws_url(),
+        "--api",
+        &a.api_url(""),
+        "--clients",
+        "40",
+        "--channels",
+        "4",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--drop-rate",
+        "10",
+        "--away",
+        "0.2",
+    ])
+    .await
+    .ok();
+    assert_eq!(n(&v, "clients"), 40, "{v}");
+    assert_eq!(n(&v, "publications"), 80, "{v}");
+    assert_eq!(n(&v, "caught_up"), 40, "{v}");
+    assert_eq!(
+        n(&v, "deliveries"),
+        80 * 10,
+        "every client its channel's 20: {v}"
+    );
+    assert!(n(&v, "drops") >= 10, "both workers dropped theirs: {v}");
+    assert_eq!(n(&v, "reconnects"), n(&v, "drops"), "{v}");
+    for key in ["silently_lost", "duplicated", "reordered"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+
+    // Scenarios that are not spread refuse --workers.
+    let run = loadtest(&["--workers", "2", "resume", "--url", &a.ws_url()]).await;
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("--workers is for"), "{}", run.stderr);
 }
@@ -795,12 +847,17 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
         "100",
         "--settle",
         "0.5",
-        "--broker-pid",
-        &pid,
+        "--api",
+        &api,
     ])
     .await
     .ok();
     assert_eq!(n(&v, "connections_established"), 100, "{v}");
+    // No PID: the memory comes from the broker's GET /metrics.
+    assert!(
+        n(&v, "broker_rss_before_bytes") > 1024 * 1024,
+        "a broker's memory: {v}"
+    );
     assert!(
         v["broker_rss_per_connection_bytes"].as_f64().is_some(),
         "{v}"
