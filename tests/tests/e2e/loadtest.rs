@@ -1120,3 +1120,32 @@ async fn fake_apns_counts_pushes_until_it_is_stopped() {
     assert_eq!(n(&v, "pushes_duplicated"), 0, "{v}");
     assert_eq!(n(&v, "sink_refused"), 0, "{v}");
 }
+
+/// `floor` (no broker): one send per connection a round, and every byte
+/// sent over its loopback connections arrives.
+#[tokio::test]
+async fn floor_sends_once_per_connection_a_round_and_every_byte_arrives() {
+    let v = loadtest(&[
+        "floor",
+        "--connections",
+        "50",
+        "--rate",
+        "10",
+        "--duration",
+        "0.5",
+        "--payload",
+        "130",
+    ])
+    .await
+    .ok();
+    let sends = n(&v, "sends");
+    assert_eq!(
+        sends,
+        50 * n(&v, "rounds"),
+        "one send per connection a round: {v}"
+    );
+    assert!(sends >= 50, "{v}");
+    assert_eq!(n(&v, "bytes_received"), sends * 130, "{v}");
+    assert_eq!(n(&v, "bytes_lost"), 0, "{v}");
+    assert_eq!(n(&v, "receivers_complete"), 50, "{v}");
+}
