@@ -208,11 +208,11 @@ impl Tally {
     /// A client is on `node` now (`up`) or left it.
     fn on_node(&self, node: usize, up: bool) {
         let i = node % self.node_online.len().max(1);
+        let step = if up { 1 } else { -1 };
         if let Some(n) = self.node_online.get(i) {
-            n.fetch_add(if up { 1 } else { -1 }, Ordering::Relaxed);
+            n.fetch_add(step, Ordering::Relaxed);
         }
-        let o = &self.online;
-        o.fetch_add(if up { 1 } else { -1 }, Ordering::Relaxed);
+        self.online.fetch_add(step, Ordering::Relaxed);
     }
 
     fn failure(&self, e: &anyhow::Error) {
@@ -1223,19 +1223,13 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
         );
         crate::plot::svg(
             path,
-            &crate::plot::Series {
-                title: &title,
-                p99_ms: timeline
+            &crate::plot::Series::of_seconds(
+                &title,
+                &latency,
+                timeline
                     .iter()
-                    .filter_map(|s| s.p99_us.map(|us| (at(s), us as f64 / 1000.0)))
-                    .collect(),
-                deliveries_per_second: timeline
-                    .iter()
-                    .map(|s| (at(s), s.deliveries_per_second))
-                    .collect(),
-                online: timeline.iter().map(|s| (at(s), s.online as f64)).collect(),
-                latency: &latency,
-            },
+                    .map(|s| (at(s), s.p99_us, s.deliveries_per_second, s.online as f64)),
+            ),
         )?;
         r.text("plot", "picture", path.display().to_string());
     }

@@ -647,22 +647,18 @@ pub async fn run(
         );
         crate::plot::svg(
             path,
-            &crate::plot::Series {
-                title: &title,
-                p99_ms: seconds
-                    .iter()
-                    .filter_map(|s| s.p99_us.map(|us| (s.at, us as f64 / 1000.0)))
-                    .collect(),
-                deliveries_per_second: seconds
-                    .iter()
-                    .map(|s| (s.at, s.deliveries_per_second))
-                    .collect(),
-                online: seconds
-                    .iter()
-                    .map(|s| (s.at, s.subscribers as f64))
-                    .collect(),
-                latency: &latency,
-            },
+            &crate::plot::Series::of_seconds(
+                &title,
+                &latency,
+                seconds.iter().map(|s| {
+                    (
+                        s.at,
+                        s.p99_us,
+                        s.deliveries_per_second,
+                        s.subscribers as f64,
+                    )
+                }),
+            ),
         )?;
         r.text("plot", "picture", path.display().to_string());
     }

@@ -18,6 +18,32 @@ pub struct Series<'a> {
     pub latency: &'a Histogram<u64>,
 }
 
+impl<'a> Series<'a> {
+    /// The series of a run's seconds: `(seconds in, p99 µs of that second,
+    /// deliveries per second, clients connected)` each.
+    pub fn of_seconds(
+        title: &'a str,
+        latency: &'a Histogram<u64>,
+        seconds: impl IntoIterator<Item = (f64, Option<u64>, f64, f64)>,
+    ) -> Series<'a> {
+        let mut s = Series {
+            title,
+            p99_ms: Vec::new(),
+            deliveries_per_second: Vec::new(),
+            online: Vec::new(),
+            latency,
+        };
+        for (t, p99_us, per_second, online) in seconds {
+            if let Some(us) = p99_us {
+                s.p99_ms.push((t, us as f64 / 1000.0));
+            }
+            s.deliveries_per_second.push((t, per_second));
+            s.online.push((t, online));
+        }
+        s
+    }
+}
+
 fn upper(points: &[(f64, f64)]) -> f64 {
     points.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.1
 }

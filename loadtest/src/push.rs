@@ -279,6 +279,11 @@ pub async fn run(opts: PushOptions) -> Result<Report> {
         "provider requests refused or unreadable",
         seen.refused,
     );
+    r.count(
+        "sink_untracked",
+        "pushes past the sink's 1,000,000 keys (not matched)",
+        seen.untracked,
+    );
     if opts.provider == Provider::Fcm {
         r.count("sink_grants", "FCM access tokens issued", seen.grants);
     }

@@ -51,8 +51,13 @@ const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 pub const PROJECT: &str = "loadtest";
 /// Largest request body read (APNs takes 4 KiB payloads, FCM 4 KiB data).
 const MAX_BODY: usize = 64 * 1024;
-/// Access tokens remembered at most (a broker asks for one an hour).
+/// Access tokens remembered at most (a broker asks for one an hour); past
+/// it they are forgotten and the broker asks again (401).
 const MAX_ACCESS_TOKENS: usize = 10_000;
+/// (channel, offset) keys remembered at most (~150 B each): past it pushes
+/// of new keys are counted, not matched (`untracked`), so that a sink left
+/// running for hours does not grow without end.
+const MAX_KEYS: usize = 1_000_000;
 
 /// One push as the provider saw it.
 #[derive(Debug, Clone)]
@@ -64,8 +69,11 @@ pub struct Arrival {
 /// What the sink saw.
 #[derive(Debug, Default)]
 pub struct Arrivals {
-    /// Per (channel, offset), every push that named it.
+    /// Per (channel, offset), every push that named it (at most
+    /// [`MAX_KEYS`] keys).
     pub by_key: HashMap<(String, u64), Vec<Arrival>>,
+    /// Pushes of keys past [`MAX_KEYS`]: counted, not checked for repeats.
+    pub untracked: u64,
     /// Requests refused (bad path, token, payload or credentials).
     pub refused: u64,
     /// Access tokens issued (FCM).
@@ -77,7 +85,7 @@ pub struct Arrivals {
 impl Arrivals {
     /// Pushes received, all keys.
     pub fn pushes(&self) -> u64 {
-        self.by_key.values().map(|v| v.len() as u64).sum()
+        self.by_key.values().map(|v| v.len() as u64).sum::<u64>() + self.untracked
     }
 
     /// Pushes that repeat one already received for the same device.
@@ -230,16 +238,16 @@ impl State {
     }
 
     fn arrived(&self, channel: &str, offset: u64, at: Instant, device: &str) {
-        self.arrivals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_key
-            .entry((channel.to_owned(), offset))
-            .or_default()
-            .push(Arrival {
-                at,
-                device: device.to_owned(),
-            });
+        let mut a = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (channel.to_owned(), offset);
+        if a.by_key.len() >= MAX_KEYS && !a.by_key.contains_key(&key) {
+            a.untracked += 1;
+            return;
+        }
+        a.by_key.entry(key).or_default().push(Arrival {
+            at,
+            device: device.to_owned(),
+        });
     }
 
     fn apns(&self, at: Instant, device: &str, body: &[u8]) -> Response<Full<Bytes>> {
@@ -536,6 +544,11 @@ pub async fn serve(
         "sink_refused",
         "requests refused or unreadable",
         seen.refused,
+    );
+    r.count(
+        "sink_untracked",
+        "pushes past the first 1,000,000 keys (counted, not checked)",
+        seen.untracked,
     );
     r.count("sink_grants", "FCM access tokens issued", seen.grants);
     if seen.duplicated() > 0 {

@@ -208,32 +208,33 @@ fn rest_of(frame: &Frame, header: &[u8], written: usize) -> Bytes {
     }
 }
 
-/// A close frame with `code` and its reason.
+/// A whole (small) frame: its header and the payload made of `parts`.
+fn whole_frame(opcode: u8, parts: &[&[u8]]) -> Bytes {
+    let len = parts.iter().map(|p| p.len()).sum();
+    let (h, hl) = frame_header(opcode, len);
+    let mut b = BytesMut::with_capacity(hl + len);
+    b.extend_from_slice(&h[..hl]);
+    for p in parts {
+        b.extend_from_slice(p);
+    }
+    b.freeze()
+}
+
 /// The Close frame answering a client's: its status code echoed (RFC 6455
 /// §5.5.1), or an empty body when it gave none.
 fn close_reply(code: Option<u16>) -> Bytes {
     match code {
-        Some(c) => {
-            let (h, hl) = frame_header(OPCODE_CLOSE, 2);
-            let mut b = BytesMut::with_capacity(hl + 2);
-            b.extend_from_slice(&h[..hl]);
-            b.extend_from_slice(&c.to_be_bytes());
-            b.freeze()
-        }
-        None => Bytes::from_static(&[0x88, 0x00]),
+        Some(c) => whole_frame(OPCODE_CLOSE, &[&c.to_be_bytes()]),
+        None => whole_frame(OPCODE_CLOSE, &[]),
     }
 }
 
+/// A close frame with `code` and its reason.
 fn close_frame(code: CloseCode) -> Bytes {
     let reason = code.reason().as_bytes();
     // Control frame payloads are at most 125 bytes.
     let reason = &reason[..reason.len().min(123)];
-    let (h, hl) = frame_header(OPCODE_CLOSE, 2 + reason.len());
-    let mut b = BytesMut::with_capacity(hl + 2 + reason.len());
-    b.extend_from_slice(&h[..hl]);
-    b.extend_from_slice(&code.code().to_be_bytes());
-    b.extend_from_slice(reason);
-    b.freeze()
+    whole_frame(OPCODE_CLOSE, &[&code.code().to_be_bytes(), reason])
 }
 
 /// An upgraded WebSocket connection.
@@ -263,11 +264,7 @@ fn read_error(e: ReadError) -> TransportError {
 
 /// The pong owed for a ping with this payload (≤ 125 bytes).
 fn pong(payload: &[u8]) -> Bytes {
-    let (h, hl) = frame_header(OPCODE_PONG, payload.len());
-    let mut b = BytesMut::with_capacity(hl + payload.len());
-    b.extend_from_slice(&h[..hl]);
-    b.extend_from_slice(payload);
-    b.freeze()
+    whole_frame(OPCODE_PONG, &[payload])
 }
 
 fn gone(e: io::Error) -> TransportError {
