@@ -1,16 +1,18 @@
 //! Scenario `churn`: steady publishing while clients drop abruptly and come
 //! back with their resume token, checked by the correctness ledger.
 //!
-//! 1. Opens `--clients` WebSocket clients, client `i` on node `i mod
-//!    nodes` of `--url` (several URLs: a cluster) and subscribed to
-//!    `<prefix><i mod channels>`.
+//! 1. Opens `--clients` clients, WebSocket or QUIC (`--transport`), client
+//!    `i` on node `i mod nodes` of `--url` or `--quic-addr` (several: a
+//!    cluster) and subscribed to `<prefix><i mod channels>`.
 //! 2. Publishes `--rate` publications a second for `--duration` seconds,
 //!    round-robin over the channels and over the `--api` URLs, each with an
 //!    idempotency key; a failed request is retried on the next API URL with
 //!    the same key. Every accepted answer (epoch, offset) goes into the
 //!    ledger ([`crate::ledger`]).
 //! 3. Meanwhile `--drop-rate` clients a second (round-robin) drop their
-//!    connection abruptly (no close handshake), stay away `--away` seconds,
+//!    connection abruptly (no WebSocket close handshake; over QUIC the
+//!    connection is dropped, which sends only QUIC's own CONNECTION_CLOSE),
+//!    stay away `--away` seconds,
 //!    and reconnect on the *next* node with `connect.resume` naming the last
 //!    offset they received; `--storm-at S` drops every client at once S
 //!    seconds in (a reconnect storm). A connection the server closes (4000
@@ -47,12 +49,12 @@ use tokio::task::JoinSet;
 
 use crate::client::{Client, Event, kind};
 use crate::crew::{Part, Role, Share};
+use crate::fleet::Transport;
 use crate::fleet::{backoff, failure_reason};
 use crate::ledger::{Ledger, Trail, Verdict};
 use crate::proc::{self, Pid};
 use crate::publisher::unix_micros;
 use crate::report::{self, Latency, Report};
-use crate::target::Target;
 
 /// Publish requests in flight at most.
 const PUBLISH_IN_FLIGHT: usize = 64;
@@ -95,8 +97,9 @@ pub struct Soak {
 #[derive(Debug, Clone)]
 pub struct ChurnOptions {
     pub mode: Mode,
-    /// WebSocket endpoints, one per node.
-    pub urls: Vec<Target>,
+    /// Where the clients connect, one address per node (WebSocket URLs or
+    /// QUIC addresses).
+    pub transport: Transport,
     /// Backend API base URLs, one per node.
     pub apis: Vec<Url>,
     pub api_key: Option<String>,
@@ -269,8 +272,10 @@ impl ClientCtx {
     }
 
     async fn open(&self, node: usize, attempt: usize) -> Result<Client> {
-        let target = &self.opts.urls[node % self.opts.urls.len()];
-        Client::open(target, self.source(attempt), self.opts.encoding).await
+        self.opts
+            .transport
+            .open_on(node, self.index, self.source(attempt), self.opts.encoding)
+            .await
     }
 
     /// First connection: `connect`, then `subscribe` with no `since`.
@@ -414,7 +419,7 @@ impl ClientCtx {
 
     async fn run(self, template: Arc<Histogram<u32>>) -> Outcome {
         let mut latency = (*template).clone();
-        let mut node = self.index % self.opts.urls.len();
+        let mut node = self.index % self.opts.transport.nodes();
         let mut trail: Option<Trail> = None;
         let Some(mut session) = self.reconnect(&mut node, None, &mut trail).await else {
             return Outcome {
@@ -800,7 +805,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     if opts.clients == 0 || opts.channels == 0 {
         bail!("--clients and --channels must be at least 1");
     }
-    if opts.urls.is_empty() || opts.apis.is_empty() {
+    if opts.transport.nodes() == 0 || opts.apis.is_empty() {
         bail!("at least one --url and one --api are needed");
     }
     for (v, what) in [(opts.rate, "--rate"), (opts.connect_rate, "--connect-rate")] {
@@ -830,7 +835,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     let opts = Arc::new(opts);
     let token_life = opts.duration + opts.drain_timeout + Duration::from_secs(3600);
     let template = Arc::new(report::latency_histogram::<u32>()?);
-    let tally = Arc::new(Tally::new(&template, opts.urls.len()));
+    let tally = Arc::new(Tally::new(&template, opts.transport.nodes()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (targets_tx, targets_rx) = watch::channel::<Targets>(None);
     let mut drops = Vec::with_capacity(mine.len());
@@ -1047,9 +1052,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     let connected = f.connected;
 
     let mut r = Report::new(opts.mode.name());
-    let secure = opts.urls.iter().any(|u| u.tls.is_some());
-    r.text("transport", "transport", if secure { "wss" } else { "ws" });
-    r.count("nodes", "nodes (WebSocket URLs)", opts.urls.len() as u64);
+    opts.transport.describe(opts.encoding, &mut r);
     r.count(
         "clients_requested",
         "clients requested",
@@ -1180,15 +1183,15 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
         ],
     );
     report::own_cpu(&mut r, own_cpu, window);
-    if opts.urls.len() > 1 {
-        let per_node: Vec<String> = opts
-            .urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
+    let nodes = opts.transport.nodes();
+    if nodes > 1 {
+        let per_node: Vec<String> = (0..nodes)
+            .map(|i| {
                 format!(
                     "node {i} {}: {} on it at the end, {} connections ended",
-                    u.url, f.node_online[i], f.node_ended[i]
+                    opts.transport.node_name(i),
+                    f.node_online[i],
+                    f.node_ended[i]
                 )
             })
             .collect();
@@ -1196,10 +1199,10 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
             "nodes_detail",
             "per node",
             Value::Array(
-                (0..opts.urls.len())
+                (0..nodes)
                     .map(|i| {
                         json!({
-                            "url": opts.urls[i].url.clone(),
+                            "url": opts.transport.node_name(i),
                             "online_at_end": f.node_online[i],
                             "connections_ended": f.node_ended[i],
                         })

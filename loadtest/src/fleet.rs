@@ -31,32 +31,64 @@ use crate::target::Target;
 pub enum Transport {
     /// Client `i` on node `i mod n`.
     Ws(Arc<[Target]>),
+    /// Client `i` on node `i mod n` too (one `--quic-addr` per node).
     Quic(QuicTarget),
 }
 
 impl Transport {
-    /// `ws` or `quic`, for reports.
+    /// `ws`, `wss` or `quic`, for reports.
     pub fn name(&self) -> &'static str {
         match self {
+            Transport::Ws(targets) if targets.iter().any(|t| t.tls.is_some()) => "wss",
             Transport::Ws(_) => "ws",
             Transport::Quic(_) => "quic",
         }
     }
 
-    /// Opens client `index`'s connection.
+    /// How many nodes the clients are spread over.
+    pub fn nodes(&self) -> usize {
+        match self {
+            Transport::Ws(targets) => targets.len(),
+            Transport::Quic(q) => q.addrs.len(),
+        }
+    }
+
+    /// Node `node`'s address as given (its URL, or its QUIC address).
+    pub fn node_name(&self, node: usize) -> String {
+        match self {
+            Transport::Ws(targets) => targets
+                .get(node % targets.len().max(1))
+                .map_or_else(String::new, |t| t.url.to_string()),
+            Transport::Quic(q) => format!("quic://{}", q.addr(node)),
+        }
+    }
+
+    /// Opens client `index`'s connection, on node `index mod nodes`.
     pub async fn open(
         &self,
         index: usize,
         source: Option<IpAddr>,
         encoding: Encoding,
     ) -> Result<Client> {
+        self.open_on(index, index, source, encoding).await
+    }
+
+    /// Opens client `client`'s connection on node `node mod nodes` (over
+    /// QUIC, through the client's endpoint).
+    pub async fn open_on(
+        &self,
+        node: usize,
+        client: usize,
+        source: Option<IpAddr>,
+        encoding: Encoding,
+    ) -> Result<Client> {
         match self {
-            Transport::Ws(targets) => match targets.get(index % targets.len().max(1)) {
+            Transport::Ws(targets) => match targets.get(node % targets.len().max(1)) {
                 Some(target) => Client::open(target, source, encoding).await,
                 None => anyhow::bail!("no WebSocket URL to connect to"),
             },
             Transport::Quic(q) => {
-                Client::open_quic(q.endpoint(index), q.addr, &q.server_name).await
+                Client::open_quic(q.endpoint(client), q.addr(node), &q.server_name).await
             }
         }
     }
@@ -79,6 +111,7 @@ impl Transport {
             }
             Transport::Quic(q) => {
                 r.text("encoding", "encoding", "msgpack");
+                r.count("nodes", "nodes (QUIC addresses)", q.addrs.len() as u64);
                 r.count(
                     "quic_endpoints",
                     "client QUIC endpoints (UDP sockets)",

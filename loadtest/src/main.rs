@@ -395,6 +395,12 @@ enum Scenario {
 /// The options of `churn`, `soak` and `cluster`.
 #[derive(Debug, Args)]
 struct ChurnArgs {
+    /// Transport of the clients (QUIC: --quic-addr, one per node, and
+    /// --quic-fingerprint).
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: TransportArg,
+    #[command(flatten)]
+    quic: QuicArgs,
     /// WebSocket URLs (ws:// or wss://), one per node (comma-separated or repeated).
     #[arg(
         long,
@@ -402,7 +408,8 @@ struct ChurnArgs {
         default_value = "ws://127.0.0.1:8080/v1/ws"
     )]
     url: Vec<String>,
-    /// For wss://: trust these PEM certificates instead of the system's roots.
+    /// For wss:// and QUIC without --quic-fingerprint: trust these PEM
+    /// certificates instead of the system's roots.
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
     /// Backend API base URLs, one per node.
@@ -473,18 +480,29 @@ struct ChurnArgs {
 }
 
 impl ChurnArgs {
-    async fn options(self, mode: churn::Mode) -> Result<churn::ChurnOptions> {
+    /// The options of this worker's share of the run.
+    async fn options(self, mode: churn::Mode, share: Share) -> Result<churn::ChurnOptions> {
         let soak = matches!(mode, churn::Mode::Soak(_));
-        let mut urls = Vec::with_capacity(self.url.len());
-        for u in &self.url {
-            let t = Target::resolve_with(u, self.tls_ca.as_deref()).await?;
-            target::check_source_ips(&self.source_ips, t.addr)?;
-            urls.push(t);
-        }
+        let transport = match self.transport {
+            TransportArg::Ws => {
+                let mut urls = Vec::with_capacity(self.url.len());
+                for u in &self.url {
+                    let t = Target::resolve_with(u, self.tls_ca.as_deref()).await?;
+                    target::check_source_ips(&self.source_ips, t.addr)?;
+                    urls.push(t);
+                }
+                Transport::Ws(urls.into())
+            }
+            TransportArg::Quic => Transport::Quic(self.quic.target(
+                share.range(self.clients).len(),
+                &self.source_ips,
+                self.tls_ca.as_deref(),
+            )?),
+        };
         let duration = self.duration.unwrap_or(if soak { 3600.0 } else { 10.0 });
         Ok(churn::ChurnOptions {
             mode,
-            urls,
+            transport,
             apis: self
                 .api
                 .iter()
@@ -556,32 +574,17 @@ struct Common {
         default_value = "ws://127.0.0.1:8080/v1/ws"
     )]
     url: Vec<String>,
-    /// For wss://: trust these PEM certificates (a staging CA or a
-    /// self-signed certificate) instead of the system's roots.
+    /// For wss:// and QUIC without --quic-fingerprint: trust these PEM
+    /// certificates (a staging CA or a self-signed certificate) instead of
+    /// the system's roots.
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
     /// WebSocket subprotocol: tether.v1.json or tether.v1.msgpack (QUIC
     /// always carries MessagePack).
     #[arg(long, value_enum, default_value = "json")]
     encoding: EncodingArg,
-    /// QUIC address of the broker (UDP).
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    quic_addr: SocketAddr,
-    /// SHA-256 fingerprint (hex) of the broker's self-signed certificate, as
-    /// it logs it at start (`fingerprint=<hex>`); required with `--transport quic`.
-    #[arg(long, value_name = "HEX")]
-    quic_fingerprint: Option<String>,
-    /// TLS server name for QUIC.
-    #[arg(long, default_value = "localhost")]
-    quic_server_name: String,
-    /// QUIC clients per client endpoint (UDP socket); clients are spread
-    /// round-robin over ceil(clients / this) endpoints.
-    #[arg(long, default_value_t = 1000)]
-    quic_clients_per_endpoint: usize,
-    /// Kernel receive and send buffer asked for each QUIC endpoint's socket,
-    /// in bytes (capped by net.core.rmem_max / wmem_max; 0: kernel default).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
-    quic_socket_buffer: usize,
+    #[command(flatten)]
+    quic: QuicArgs,
     /// Source addresses to bind client sockets to, round-robin
     /// (each has ~28k ephemeral ports; with QUIC, the endpoints'
     /// addresses).
@@ -626,21 +629,11 @@ impl Common {
                 }
                 Transport::Ws(targets.into())
             }
-            TransportArg::Quic => {
-                let fingerprint = self.quic_fingerprint.clone().context(
-                    "--transport quic needs --quic-fingerprint (the broker logs it at start: \
-                     fingerprint=<hex>)",
-                )?;
-                Transport::Quic(quic::QuicTarget::new(quic::QuicSetup {
-                    addr: self.quic_addr,
-                    fingerprint,
-                    server_name: self.quic_server_name.clone(),
-                    clients: share.range(clients).len(),
-                    clients_per_endpoint: self.quic_clients_per_endpoint,
-                    source_ips: self.source_ips.clone(),
-                    socket_buffer: self.quic_socket_buffer,
-                })?)
-            }
+            TransportArg::Quic => Transport::Quic(self.quic.target(
+                share.range(clients).len(),
+                &self.source_ips,
+                self.tls_ca.as_deref(),
+            )?),
         };
         if !self.connect_rate.is_finite() || self.connect_rate <= 0.0 {
             anyhow::bail!("--connect-rate must be above 0");
@@ -655,6 +648,59 @@ impl Common {
             retries: self.connect_retries,
             attempt_timeout: seconds(self.attempt_timeout, "--attempt-timeout")?,
             shards: None,
+        })
+    }
+}
+
+/// How QUIC clients reach the broker (`--transport quic`).
+#[derive(Debug, Args)]
+struct QuicArgs {
+    /// QUIC addresses of the broker (UDP), one per node (comma-separated or
+    /// repeated): client i on node i mod nodes.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8443")]
+    quic_addr: Vec<SocketAddr>,
+    /// SHA-256 fingerprint (hex) of the broker's self-signed certificate, as
+    /// it logs it at start (`fingerprint=<hex>`). Without it the broker's
+    /// certificate (--tls-cert) is verified against --tls-ca, or else the
+    /// system's roots, for the name --quic-server-name.
+    #[arg(long, value_name = "HEX")]
+    quic_fingerprint: Option<String>,
+    /// TLS server name for QUIC (the name the certificate is checked for).
+    #[arg(long, default_value = "localhost")]
+    quic_server_name: String,
+    /// QUIC clients per client endpoint (UDP socket); clients are spread
+    /// round-robin over ceil(clients / this) endpoints.
+    #[arg(long, default_value_t = 1000)]
+    quic_clients_per_endpoint: usize,
+    /// Kernel receive and send buffer asked for each QUIC endpoint's socket,
+    /// in bytes (capped by net.core.rmem_max / wmem_max; 0: kernel default).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    quic_socket_buffer: usize,
+}
+
+impl QuicArgs {
+    /// The endpoints for `clients` clients, trusting the pinned fingerprint
+    /// or else `ca` (or the system's roots). Must run inside the runtime.
+    fn target(
+        &self,
+        clients: usize,
+        source_ips: &[IpAddr],
+        ca: Option<&std::path::Path>,
+    ) -> Result<quic::QuicTarget> {
+        let cert = match &self.quic_fingerprint {
+            Some(fp) => tether_client::ServerCert::Pinned(quic::check_fingerprint(fp)?),
+            None => tether_client::ServerCert::Roots(target::root_certs(ca).context(
+                "--transport quic: no --quic-fingerprint, so the certificate is verified",
+            )?),
+        };
+        quic::QuicTarget::new(quic::QuicSetup {
+            addrs: self.quic_addr.clone(),
+            cert,
+            server_name: self.quic_server_name.clone(),
+            clients,
+            clients_per_endpoint: self.quic_clients_per_endpoint,
+            source_ips: source_ips.to_vec(),
+            socket_buffer: self.quic_socket_buffer,
         })
     }
 }
@@ -799,15 +845,25 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             resume::run(opts, common.fleet_options(clients, share).await?).await
         }
         Scenario::Churn { args } => {
-            churn::run(args.options(churn::Mode::Churn).await?, role, share).await
+            churn::run(args.options(churn::Mode::Churn, share).await?, role, share).await
         }
         Scenario::Cluster { args } => {
-            if args.url.len() < 2 || args.api.len() < 2 {
+            let nodes = match args.transport {
+                TransportArg::Ws => args.url.len(),
+                TransportArg::Quic => args.quic.quic_addr.len(),
+            };
+            if nodes < 2 || args.api.len() < 2 {
                 anyhow::bail!(
-                    "the cluster scenario needs at least two --url and two --api, one per node"
+                    "the cluster scenario needs at least two --url (or --quic-addr) and two \
+                     --api, one per node"
                 );
             }
-            churn::run(args.options(churn::Mode::Cluster).await?, role, share).await
+            churn::run(
+                args.options(churn::Mode::Cluster, share).await?,
+                role,
+                share,
+            )
+            .await
         }
         Scenario::Soak {
             args,
@@ -821,7 +877,12 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             if soak.sample_every.is_zero() {
                 anyhow::bail!("--sample-every must be above 0");
             }
-            churn::run(args.options(churn::Mode::Soak(soak)).await?, role, share).await
+            churn::run(
+                args.options(churn::Mode::Soak(soak), share).await?,
+                role,
+                share,
+            )
+            .await
         }
         Scenario::Push {
             api,

@@ -20,7 +20,8 @@ use tether_client::{QuicOptions, ServerCert};
 /// How QUIC clients reach the broker.
 #[derive(Debug, Clone)]
 pub struct QuicTarget {
-    pub addr: SocketAddr,
+    /// The nodes' QUIC addresses: client `i` on node `i mod n`.
+    pub addrs: Vec<SocketAddr>,
     /// The TLS server name (the self-signed certificate is for `localhost`).
     pub server_name: String,
     endpoints: Vec<quinn::Endpoint>,
@@ -32,8 +33,10 @@ pub struct QuicTarget {
 /// What the QUIC endpoints are made from.
 #[derive(Debug, Clone)]
 pub struct QuicSetup {
-    pub addr: SocketAddr,
-    pub fingerprint: String,
+    /// One per node (at least one, all of one address family).
+    pub addrs: Vec<SocketAddr>,
+    /// The pinned certificate's fingerprint, or the roots to verify it by.
+    pub cert: ServerCert,
     pub server_name: String,
     /// Clients in all.
     pub clients: usize,
@@ -64,11 +67,18 @@ pub fn check_fingerprint(fp: &str) -> Result<String> {
 impl QuicTarget {
     /// Creates the endpoints. Must run inside the Tokio runtime.
     pub fn new(setup: QuicSetup) -> Result<QuicTarget> {
-        crate::target::check_source_ips(&setup.source_ips, setup.addr)?;
-        let fingerprint = check_fingerprint(&setup.fingerprint)?;
+        let Some(&first) = setup.addrs.first() else {
+            bail!("no QUIC address (--quic-addr) to connect to");
+        };
+        if setup.addrs.iter().any(|a| a.is_ipv4() != first.is_ipv4()) {
+            bail!("the --quic-addr addresses mix IPv4 and IPv6; give one family");
+        }
+        for &addr in &setup.addrs {
+            crate::target::check_source_ips(&setup.source_ips, addr)?;
+        }
         let count = endpoint_count(setup.clients, setup.clients_per_endpoint);
         // Loopback for a loopback target, else any address of the family.
-        let default_ip = match (setup.addr.is_ipv4(), setup.addr.ip().is_loopback()) {
+        let default_ip = match (first.is_ipv4(), first.ip().is_loopback()) {
             (true, true) => IpAddr::V4(Ipv4Addr::LOCALHOST),
             (true, false) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             (false, true) => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -85,10 +95,10 @@ impl QuicTarget {
             let bind = SocketAddr::new(ip, 0);
             let options = QuicOptions {
                 server_name: setup.server_name.clone(),
-                cert: ServerCert::Pinned(fingerprint.clone()),
+                cert: setup.cert.clone(),
                 bind: Some(bind),
             };
-            let endpoint = tether_client::quic_endpoint(setup.addr, &options)
+            let endpoint = tether_client::quic_endpoint(first, &options)
                 .with_context(|| format!("creating a QUIC endpoint on {bind}"))?;
             if setup.socket_buffer > 0 {
                 let (socket, sizes) = buffered_socket(bind, setup.socket_buffer)?;
@@ -100,7 +110,7 @@ impl QuicTarget {
             endpoints.push(endpoint);
         }
         Ok(QuicTarget {
-            addr: setup.addr,
+            addrs: setup.addrs,
             server_name: setup.server_name,
             endpoints,
             socket_buffers,
@@ -110,6 +120,11 @@ impl QuicTarget {
     /// The endpoint client `index` connects through.
     pub fn endpoint(&self, index: usize) -> quinn::Endpoint {
         self.endpoints[index % self.endpoints.len()].clone()
+    }
+
+    /// The address of node `node` (`node mod` the nodes).
+    pub fn addr(&self, node: usize) -> SocketAddr {
+        self.addrs[node % self.addrs.len()]
     }
 
     pub fn endpoints(&self) -> usize {
@@ -206,7 +221,7 @@ pub fn udp_drops(transport: &crate::fleet::Transport) -> Option<UdpDrops> {
         return None;
     };
     Some(UdpDrops {
-        broker: udp_socket_drops(&[q.addr.port()])?,
+        broker: udp_socket_drops(&q.addrs.iter().map(|a| a.port()).collect::<Vec<_>>())?,
         clients: udp_socket_drops(&q.local_ports())?,
         machine: udp_rcvbuf_errors()?,
     })
@@ -304,8 +319,8 @@ mod tests {
     #[tokio::test]
     async fn a_remote_target_gets_endpoints_on_any_address_and_a_family_check() {
         let setup = QuicSetup {
-            addr: "10.0.0.1:8443".parse().expect("addr"),
-            fingerprint: "ab".repeat(32),
+            addrs: vec!["10.0.0.1:8443".parse().expect("addr")],
+            cert: ServerCert::Pinned("ab".repeat(32)),
             server_name: "localhost".into(),
             clients: 10,
             clients_per_endpoint: 1_000,
@@ -316,17 +331,41 @@ mod tests {
         assert_eq!(t.endpoints(), 1);
         let v6 = QuicSetup {
             source_ips: vec!["::1".parse().expect("ip")],
-            ..setup
+            ..setup.clone()
         };
         let e = QuicTarget::new(v6).expect_err("family");
         assert!(e.to_string().contains("address family"), "{e}");
+        // Several nodes: client i on node i mod n, one family for all.
+        let two = QuicSetup {
+            addrs: vec![
+                "10.0.0.1:8443".parse().expect("addr"),
+                "10.0.0.2:8443".parse().expect("addr"),
+            ],
+            ..setup.clone()
+        };
+        let t = QuicTarget::new(two).expect("endpoints");
+        assert_eq!(t.addr(3), "10.0.0.2:8443".parse().expect("addr"));
+        let mixed = QuicSetup {
+            addrs: vec![
+                "10.0.0.1:8443".parse().expect("addr"),
+                "[::1]:8443".parse().expect("addr"),
+            ],
+            ..setup.clone()
+        };
+        let e = QuicTarget::new(mixed).expect_err("mixed");
+        assert!(e.to_string().contains("mix IPv4 and IPv6"), "{e}");
+        let none = QuicSetup {
+            addrs: Vec::new(),
+            ..setup
+        };
+        assert!(QuicTarget::new(none).is_err());
     }
 
     #[tokio::test]
     async fn makes_buffered_endpoints_on_loopback() {
         let setup = QuicSetup {
-            addr: "127.0.0.1:9".parse().expect("addr"),
-            fingerprint: "ab".repeat(32),
+            addrs: vec!["127.0.0.1:9".parse().expect("addr")],
+            cert: ServerCert::Pinned("ab".repeat(32)),
             server_name: "localhost".into(),
             clients: 2_500,
             clients_per_endpoint: 1_000,

@@ -63,26 +63,10 @@ impl std::fmt::Debug for Tls {
 /// or else the system's roots.
 pub fn tls_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector> {
     let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("--tls-ca {}: cannot read it", path.display()))?
-            {
-                let cert = cert.with_context(|| format!("--tls-ca {}: not PEM", path.display()))?;
-                roots.add(cert).with_context(|| {
-                    format!("--tls-ca {}: not a usable certificate", path.display())
-                })?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                bail!("no system root certificates found: give --tls-ca FILE");
-            }
-        }
+    for cert in root_certs(ca)? {
+        roots
+            .add(cert)
+            .context("--tls-ca: not a usable certificate")?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -91,6 +75,32 @@ pub fn tls_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The certificates to trust: those of `ca` (PEM, one or more), or else
+/// the system's roots (an error when there are none).
+pub fn root_certs(ca: Option<&Path>) -> Result<Vec<CertificateDer<'static>>> {
+    match ca {
+        Some(path) => {
+            let mut certs = Vec::new();
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("--tls-ca {}: cannot read it", path.display()))?
+            {
+                certs.push(cert.with_context(|| format!("--tls-ca {}: not PEM", path.display()))?);
+            }
+            if certs.is_empty() {
+                bail!("--tls-ca {}: no certificate in it", path.display());
+            }
+            Ok(certs)
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs().certs;
+            if found.is_empty() {
+                bail!("no system root certificates found: give --tls-ca FILE");
+            }
+            Ok(found)
+        }
+    }
 }
 
 impl Target {

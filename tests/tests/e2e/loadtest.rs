@@ -185,6 +185,153 @@ async fn churn_over_wss_verifies_the_certificate() {
     );
 }
 
+/// Over QUIC, pinning the broker's self-signed certificate: every drop is
+/// resumed on a new QUIC connection and the ledger finds nothing missing.
+#[tokio::test]
+async fn churn_over_quic_resumes_every_drop_and_loses_nothing() {
+    let broker = TestBroker::start(&["--quic-addr", "127.0.0.1:0"]).unwrap();
+    let quic = broker.quic_addr.unwrap().to_string();
+    let fingerprint = broker.quic_fingerprint.clone().unwrap();
+    let api = broker.api_url("");
+    let v = loadtest(&[
+        "churn",
+        "--transport",
+        "quic",
+        "--quic-addr",
+        &quic,
+        "--quic-fingerprint",
+        &fingerprint,
+        "--api",
+        &api,
+        "--clients",
+        "20",
+        "--channels",
+        "4",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--drop-rate",
+        "5",
+        "--away",
+        "0.2",
+    ])
+    .await
+    .ok();
+    assert_eq!(v["transport"], "quic", "{v}");
+    assert_eq!(n(&v, "clients"), 20, "{v}");
+    assert_eq!(n(&v, "publications"), 80, "{v}");
+    // 20 per channel, five clients on each.
+    assert_eq!(n(&v, "deliveries"), 400, "{v}");
+    let drops = n(&v, "drops");
+    assert!(drops >= 5, "{v}");
+    assert_eq!(n(&v, "resumed"), drops, "{v}");
+    assert_eq!(n(&v, "recovered"), drops, "{v}");
+    for key in ["silently_lost", "duplicated", "reordered", "declared_lost"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+
+    // The wrong fingerprint: no client connects, and the run says why.
+    let wrong = "0".repeat(64);
+    let run = loadtest(&[
+        "churn",
+        "--transport",
+        "quic",
+        "--quic-addr",
+        &quic,
+        "--quic-fingerprint",
+        &wrong,
+        "--api",
+        &api,
+        "--clients",
+        "2",
+        "--duration",
+        "1",
+    ])
+    .await;
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("QUIC connect"), "{}", run.stderr);
+}
+
+/// A cluster of two nodes over QUIC, both serving the operator's
+/// certificate (`--tls-cert`), which the load tester verifies against
+/// `--tls-ca` for the name `localhost`: clients move between the nodes'
+/// QUIC addresses as they resume, and nothing is lost.
+#[tokio::test]
+async fn a_cluster_over_quic_verifies_the_certificate_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = super::tls::certificate(dir.path());
+    let redis = TestRedis::start().unwrap();
+    let url = redis.url();
+    let nodes: Vec<TestBroker> = (0..2)
+        .map(|i| {
+            let id = format!("ltq-{i}");
+            TestBroker::start(&[
+                "--redis-url",
+                &url,
+                "--resume-secret",
+                "loadtest-cluster-secret-0123456789",
+                "--node-id",
+                &id,
+                "--quic-addr",
+                "127.0.0.1:0",
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--quic-ticket-key",
+                &"ab".repeat(32),
+            ])
+            .unwrap()
+        })
+        .collect();
+    let join =
+        |f: &dyn Fn(&TestBroker) -> String| nodes.iter().map(f).collect::<Vec<_>>().join(",");
+    let quic = join(&|b| b.quic_addr.unwrap().to_string());
+    let apis = join(&|b| b.api_url(""));
+    let v = loadtest(&[
+        "cluster",
+        "--transport",
+        "quic",
+        "--quic-addr",
+        &quic,
+        "--tls-ca",
+        &cert,
+        "--api",
+        &apis,
+        "--clients",
+        "20",
+        "--channels",
+        "4",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--drop-rate",
+        "5",
+        "--away",
+        "0.2",
+    ])
+    .await
+    .ok();
+    assert_eq!(v["transport"], "quic", "{v}");
+    assert_eq!(n(&v, "nodes"), 2, "{v}");
+    assert_eq!(n(&v, "deliveries"), 400, "{v}");
+    assert!(n(&v, "resumed") >= 5, "{v}");
+    for key in ["silently_lost", "duplicated", "reordered"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+    let detail = v["nodes_detail"].as_array().unwrap();
+    assert_eq!(detail.len(), 2, "{v}");
+    for (node, b) in detail.iter().zip(&nodes) {
+        assert_eq!(
+            node["url"],
+            format!("quic://{}", b.quic_addr.unwrap()),
+            "{v}"
+        );
+    }
+}
+
 /// Client tokens signed with a private key (ES256) the broker has the
 /// public half of.
 #[tokio::test]
