@@ -55,6 +55,7 @@ use crate::ledger::{Ledger, Trail, Verdict};
 use crate::proc::{self, Pid};
 use crate::publisher::unix_micros;
 use crate::report::{self, Latency, Report};
+use crate::timeline::{Second, Ticker, Timeline};
 
 /// Publish requests in flight at most.
 const PUBLISH_IN_FLIGHT: usize = 64;
@@ -197,15 +198,15 @@ impl Tally {
         }
     }
 
-    /// The window's p99 (µs) since the last call, and resets it.
-    fn window_p99(&self, merged: &mut Histogram<u64>) -> Option<u64> {
-        merged.reset();
+    /// The live latencies since the last call, emptying the window.
+    fn window_take(&self) -> Result<Histogram<u64>> {
+        let mut merged = report::latency_histogram::<u64>()?;
         for shard in &self.window {
             let mut h = shard.lock().unwrap_or_else(|p| p.into_inner());
-            report::merge_into(merged, &h);
+            report::merge_into(&mut merged, &h);
             h.reset();
         }
-        (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
+        Ok(merged)
     }
 
     /// A client is on `node` now (`up`) or left it.
@@ -917,6 +918,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
             run_id,
         ))
     });
+    let origin_us = unix_micros();
     let progress = tokio::spawn(progress(
         tally.clone(),
         stop_rx.clone(),
@@ -1008,7 +1010,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     let window = t0.elapsed();
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let _ = stop_tx.send(true);
-    let timeline = progress.await.context("the progress task failed")??;
+    let seconds = progress.await.context("the progress task failed")??;
     let memory = match memory {
         Some(m) => Some(m.await.context("the memory sampler failed")??),
         None => None,
@@ -1032,6 +1034,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     // Step 3: every worker's figures to the leader.
     let mut part = Part::new()?;
     part.latency = latency;
+    part.seconds = seconds;
     part.cpu_us = u64::try_from(own_cpu.as_micros()).unwrap_or(u64::MAX);
     let figures = Figures::of(&tally, disconnected_at_end, verdict);
     if role.is_member() {
@@ -1212,11 +1215,11 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
             per_node.join("; "),
         );
     }
+    let timeline = Timeline::of(total.seconds);
     if let Some(samples) = &memory {
-        add_drift(&mut r, samples, &timeline);
+        add_drift(&mut r, samples, &timeline.to_vec());
     }
     if let Some(path) = &opts.plot {
-        let at = |s: &Sample| s.at.as_secs_f64();
         let title = format!(
             "loadtest {}: {connected} clients, {} channels, {}/s, {} drops/s",
             opts.mode.name(),
@@ -1226,125 +1229,87 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
         );
         crate::plot::svg(
             path,
-            &crate::plot::Series::of_seconds(
-                &title,
-                &latency,
-                timeline
-                    .iter()
-                    .map(|s| (at(s), s.p99_us, s.deliveries_per_second, s.online as f64)),
-            ),
+            &crate::plot::Series::of_seconds(&title, &latency, timeline.points(origin_us)),
         )?;
         r.text("plot", "picture", path.display().to_string());
     }
     r.value(
         "timeline",
         "progress samples (one a second)",
-        timeline_json(&timeline),
+        timeline.json(origin_us, "deliveries_per_second", "online"),
         format!("{} (in the JSON report)", timeline.len()),
     );
     Ok(r)
 }
 
-/// One progress line's figures.
-#[derive(Debug, Clone)]
-struct Sample {
-    at: Duration,
-    online: i64,
-    deliveries_per_second: f64,
-    p99_us: Option<u64>,
-    published: u64,
-    publish_failed: u64,
-    drops: u64,
-    reconnects: u64,
-    /// Clients on each node (cluster runs).
-    online_per_node: Vec<i64>,
-}
-
-/// One line a second on stderr while the run goes on; the samples for the
-/// report's `timeline`.
+/// One line a second on stderr while the run goes on (this worker's
+/// clients); the seconds for the report's `timeline`, which the leader
+/// merges with the members' ([`crate::timeline`]).
 async fn progress(
     tally: Arc<Tally>,
     mut stop: watch::Receiver<bool>,
     name: &'static str,
     worker: usize,
-) -> Result<Vec<Sample>> {
+) -> Result<Vec<Second>> {
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    let mut merged = report::latency_histogram::<u64>()?;
-    let (mut last_delivered, mut last_at) = (0u64, started);
+    let mut ticker = Ticker::new();
+    let mut last_delivered = 0u64;
     let mut out = Vec::new();
     let live = crate::live::Live::new(worker);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return Ok(out),
-        }
-        let now = Instant::now();
-        let delivered = Tally::get(&tally.delivered);
-        let s = Sample {
-            at: now - started,
-            online: tally.online.load(Ordering::Relaxed),
-            deliveries_per_second: delivered.saturating_sub(last_delivered) as f64
-                / (now - last_at).as_secs_f64().max(1e-9),
-            p99_us: tally.window_p99(&mut merged),
-            published: Tally::get(&tally.published),
-            publish_failed: Tally::get(&tally.publish_failed),
-            drops: Tally::get(&tally.drops),
-            reconnects: Tally::get(&tally.reconnects),
-            online_per_node: if tally.node_online.len() > 1 {
-                tally
-                    .node_online
-                    .iter()
-                    .map(|n| n.load(Ordering::Relaxed))
-                    .collect()
-            } else {
-                Vec::new()
-            },
+        // The stop ends a last, partial second: every delivery is in one.
+        let (unix_s, last) = tokio::select! {
+            s = ticker.tick() => (s, false),
+            _ = stop.wait_for(|s| *s) => (unix_micros() / 1_000_000 + 1, true),
         };
-        (last_delivered, last_at) = (delivered, now);
+        let delivered = Tally::get(&tally.delivered);
+        let mut s = Second::new(
+            unix_s,
+            delivered.saturating_sub(last_delivered),
+            tally.online.load(Ordering::Relaxed),
+            tally.window_take()?,
+        );
+        last_delivered = delivered;
+        for (key, c) in [
+            ("published", &tally.published),
+            ("publish_failed", &tally.publish_failed),
+            ("drops", &tally.drops),
+            ("reconnects", &tally.reconnects),
+        ] {
+            s.totals.insert(key.to_owned(), Tally::get(c));
+        }
+        if tally.node_online.len() > 1 {
+            s.per_node = tally
+                .node_online
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect();
+        }
+        let total = |k: &str| s.totals.get(k).copied().unwrap_or(0);
         live.line(&format!(
-            "{name} {:>4.0}s: {} online{}, {:.0} deliveries/s, p99 {}, {} published ({} failed), {} drops, {} reconnects",
-            s.at.as_secs_f64(),
+            "{name} {:>4.0}s: {} online{}, {} deliveries/s, p99 {}, {} published ({} failed), {} drops, {} reconnects",
+            started.elapsed().as_secs_f64(),
             s.online,
-            if s.online_per_node.is_empty() {
+            if s.per_node.is_empty() {
                 String::new()
             } else {
-                format!(" {:?}", s.online_per_node)
+                format!(" {:?}", s.per_node)
             },
-            s.deliveries_per_second,
-            s.p99_us.map_or_else(
+            s.count,
+            s.p99_us().map_or_else(
                 || "-".to_owned(),
                 |us| format!("{:.1} ms", us as f64 / 1000.0)
             ),
-            s.published,
-            s.publish_failed,
-            s.drops,
-            s.reconnects
+            total("published"),
+            total("publish_failed"),
+            total("drops"),
+            total("reconnects")
         ));
         out.push(s);
+        if last {
+            return Ok(out);
+        }
     }
-}
-
-fn timeline_json(samples: &[Sample]) -> Value {
-    Value::Array(
-        samples
-            .iter()
-            .map(|s| {
-                json!({
-                    "t": (s.at.as_secs_f64() * 10.0).round() / 10.0,
-                    "online": s.online,
-                    "deliveries_per_second": s.deliveries_per_second.round(),
-                    "p99_ms": s.p99_us.map(|us| us as f64 / 1000.0),
-                    "published": s.published,
-                    "publish_failed": s.publish_failed,
-                    "drops": s.drops,
-                    "reconnects": s.reconnects,
-                    "online_per_node": s.online_per_node,
-                })
-            })
-            .collect(),
-    )
 }
 
 /// One reading of the broker's resident memory (all nodes summed).
@@ -1414,8 +1379,8 @@ fn slope(samples: &[MemorySample]) -> Option<f64> {
 }
 
 /// The median of the per-second p99s in a slice of the timeline, in ms.
-fn median_p99_ms(samples: &[Sample]) -> Option<f64> {
-    let mut v: Vec<u64> = samples.iter().filter_map(|s| s.p99_us).collect();
+fn median_p99_ms(samples: &[&Second]) -> Option<f64> {
+    let mut v: Vec<u64> = samples.iter().filter_map(|s| s.p99_us()).collect();
     if v.is_empty() {
         return None;
     }
@@ -1425,7 +1390,7 @@ fn median_p99_ms(samples: &[Sample]) -> Option<f64> {
 
 /// Soak's drift figures: memory at the start and end and its growth per
 /// hour, p99 over the first and the last tenth of the run.
-fn add_drift(r: &mut Report, memory: &[MemorySample], timeline: &[Sample]) {
+fn add_drift(r: &mut Report, memory: &[MemorySample], timeline: &[&Second]) {
     r.count(
         "memory_samples",
         "broker memory samples",

@@ -23,6 +23,8 @@ pub struct ConnectRateOptions {
     /// Distinct channels; `None`: one per connection.
     pub channels: Option<usize>,
     pub channel_prefix: String,
+    /// Draw the run here (SVG).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Holds the connection until the fleet stops; returns the setup time.
@@ -55,7 +57,7 @@ pub async fn run(
         move |i| Ok(ChannelName::new(format!("{prefix}{}", i % channels))?),
         hold,
     );
-    fleet.wait_settled("connect-rate").await;
+    let (_, seconds) = fleet.wait_settled("connect-rate", share.index).await?;
     let udp_drops1 = crate::quic::udp_drops(&transport);
     // Every worker holds its connections until all have settled.
     let step = role.step(Part::counted(&fleet.counters)?).await?;
@@ -63,6 +65,7 @@ pub async fn run(
     let setups = fleet.stop().await;
     transport.finish().await;
     let mut mine = Part::new()?;
+    mine.seconds = seconds;
     for d in &setups {
         mine.setup
             .saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
@@ -140,5 +143,14 @@ pub async fn run(
         ],
     );
     crate::quic::UdpDrops::add_to(&mut r, udp_drops0, udp_drops1, "while connecting");
+    let title =
+        format!("loadtest connect-rate: {established} connections, --connect-rate {rate}/s");
+    crate::timeline::add_setups(
+        &mut r,
+        total.seconds,
+        start_us,
+        opts.plot.as_deref(),
+        &title,
+    )?;
     Ok(r)
 }

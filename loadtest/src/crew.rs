@@ -30,6 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use crate::fleet::Counters;
+use crate::timeline::Second;
 
 /// This process's share of a run of `of` workers: worker `index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,9 @@ pub struct Part {
     /// ledger's verdict for the worker's clients), one per worker.
     #[serde(default)]
     pub extras: Vec<Value>,
+    /// The worker's seconds ([`crate::timeline`]), merged by the leader.
+    #[serde(default)]
+    pub seconds: Vec<Second>,
 }
 
 impl Part {
@@ -110,6 +114,7 @@ impl Part {
             cpu_us: 0,
             rss: 0,
             extras: Vec::new(),
+            seconds: Vec::new(),
         })
     }
 
@@ -150,6 +155,7 @@ impl Part {
         self.cpu_us += o.cpu_us;
         self.rss += o.rss;
         self.extras.extend(o.extras);
+        self.seconds.extend(o.seconds);
     }
 
     /// The setup failures by reason, most frequent first (as
@@ -163,7 +169,7 @@ impl Part {
 
 /// A histogram as its recorded buckets, `[[value, count], …]`, read back
 /// into a histogram with the bounds of [`crate::report::latency_histogram`].
-mod buckets {
+pub(crate) mod buckets {
     use hdrhistogram::Histogram;
     use serde::{Deserialize, Deserializer, Serializer};
 

@@ -42,6 +42,7 @@ use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self, PublishPlan, unix_micros};
 use crate::quic::{UdpDrops, udp_drops};
 use crate::report::{self, Latency, Report};
+use crate::timeline::{Second, Ticker, Timeline};
 
 #[derive(Debug, Clone)]
 pub struct FanoutOptions {
@@ -104,25 +105,16 @@ impl Progress {
             .sum()
     }
 
-    /// The p99 (µs) of the latencies since the last call, emptying them.
-    fn window_p99(&self, merged: &mut Histogram<u64>) -> Option<u64> {
-        merged.reset();
+    /// The latencies since the last call, emptying the window.
+    fn window_take(&self) -> Result<Histogram<u64>> {
+        let mut merged = report::latency_histogram::<u64>()?;
         for slot in &self.slots {
             let mut w = slot.window.lock().unwrap_or_else(|p| p.into_inner());
-            report::merge_into(merged, &w);
+            report::merge_into(&mut merged, &w);
             w.reset();
         }
-        (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
+        Ok(merged)
     }
-}
-
-/// One second of a fanout run, for `timeline` and `--plot`.
-#[derive(Debug, Clone, Copy)]
-struct Second {
-    at: f64,
-    deliveries_per_second: f64,
-    p99_us: Option<u64>,
-    subscribers: u64,
 }
 
 /// What one subscriber saw.
@@ -146,7 +138,8 @@ struct SubscriberStats {
 
 /// One line a second on stderr while deliveries come in (this process's
 /// subscribers; each worker prints its own): deliveries per second and the
-/// p99 over the last second, received so far; the seconds, when stopped.
+/// p99 over the last second, received so far; the seconds, when stopped,
+/// which the leader merges with the members' ([`crate::timeline`]).
 async fn tick_deliveries(
     progress: Arc<Progress>,
     counters: Arc<Counters>,
@@ -154,37 +147,39 @@ async fn tick_deliveries(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<Second>> {
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    let (mut last, mut last_at) = (progress.total(), Instant::now());
-    let mut merged = report::latency_histogram::<u64>()?;
+    let mut ticker = Ticker::new();
+    let mut last = progress.total();
     let mut out = Vec::new();
     let live = crate::live::Live::new(worker);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return Ok(out),
-        }
-        let (now, total) = (Instant::now(), progress.total());
-        let second = Second {
-            at: (now - started).as_secs_f64(),
-            deliveries_per_second: total.saturating_sub(last) as f64
-                / (now - last_at).as_secs_f64().max(1e-9),
-            p99_us: progress.window_p99(&mut merged),
-            subscribers: Counters::get(&counters.established)
-                .saturating_sub(Counters::get(&counters.dropped)),
+        // The stop ends a last, partial second: every delivery is in one.
+        let (unix_s, stopped) = tokio::select! {
+            s = ticker.tick() => (s, false),
+            _ = stop.wait_for(|s| *s) => (unix_micros() / 1_000_000 + 1, true),
         };
+        let total = progress.total();
+        let subscribers =
+            Counters::get(&counters.established).saturating_sub(Counters::get(&counters.dropped));
+        let second = Second::new(
+            unix_s,
+            total.saturating_sub(last),
+            i64::try_from(subscribers).unwrap_or(i64::MAX),
+            progress.window_take()?,
+        );
         live.line(&format!(
-            "fanout {:>4.0}s (worker {worker}): {:.0} deliveries/s, p99 {}, {total} received",
-            second.at,
-            second.deliveries_per_second,
-            second.p99_us.map_or_else(
+            "fanout {:>4.0}s (worker {worker}): {} deliveries/s, p99 {}, {total} received",
+            started.elapsed().as_secs_f64(),
+            second.count,
+            second.p99_us().map_or_else(
                 || "-".to_owned(),
                 |us| format!("{:.1} ms", us as f64 / 1000.0)
             ),
         ));
         out.push(second);
-        (last, last_at) = (total, now);
+        if stopped {
+            return Ok(out);
+        }
+        last = total;
     }
 }
 
@@ -325,7 +320,9 @@ pub async fn run(
         )
     };
     let start_us = unix_micros();
-    fleet.wait_settled("fanout").await;
+    // (The subscribers' setup seconds are not fanout's timeline, which is
+    // of deliveries.)
+    fleet.wait_settled("fanout", share.index).await?;
     let mine_subscribed = Counters::get(&fleet.counters.established);
     let (ticker_stop, ticker_rx) = tokio::sync::watch::channel(false);
     let ticker = tokio::spawn(tick_deliveries(
@@ -397,6 +394,7 @@ pub async fn run(
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let udp_drops = udp_drops(&transport);
     let mut mine = Part::counted(&fleet.counters)?;
+    mine.seconds = seconds;
     mine.rss = proc::rss_bytes(Pid::Current)?;
     mine.cpu_us = u64::try_from(own_cpu.as_micros()).unwrap_or(u64::MAX);
     let stats = fleet.stop().await;
@@ -414,11 +412,12 @@ pub async fn run(
         }
     }
     // The members' final parts arrive once their own drains are over.
-    let (Some(total), Some((settled, setup_time)), Some(published)) =
+    let (Some(mut total), Some((settled, setup_time)), Some(published)) =
         (role.last(mine).await?, settled, published)
     else {
         return Ok(Report::new("fanout"));
     };
+    let timeline = Timeline::of(std::mem::take(&mut total.seconds));
     let window = t0.elapsed();
     let broker_cpu = match (broker_cpu0, broker.cpu()?) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
@@ -636,49 +635,20 @@ pub async fn run(
     UdpDrops::add_to(&mut r, udp_drops0, udp_drops, "in the measured window");
     if let Some(path) = &opts.plot {
         let title = format!(
-            "loadtest fanout: {subscribed} subscribers, {}/s, {} B{}",
-            opts.plan.rate,
-            opts.plan.payload,
-            if share.of > 1 {
-                " (per second: the first worker's share)"
-            } else {
-                ""
-            }
+            "loadtest fanout: {subscribed} subscribers, {}/s, {} B",
+            opts.plan.rate, opts.plan.payload,
         );
         crate::plot::svg(
             path,
-            &crate::plot::Series::of_seconds(
-                &title,
-                &latency,
-                seconds.iter().map(|s| {
-                    (
-                        s.at,
-                        s.p99_us,
-                        s.deliveries_per_second,
-                        s.subscribers as f64,
-                    )
-                }),
-            ),
+            &crate::plot::Series::of_seconds(&title, &latency, timeline.points(start_us)),
         )?;
         r.text("plot", "picture", path.display().to_string());
     }
     r.value(
         "timeline",
-        "progress samples (one a second)",
-        serde_json::Value::Array(
-            seconds
-                .iter()
-                .map(|s| {
-                    serde_json::json!({
-                        "t": (s.at * 10.0).round() / 10.0,
-                        "deliveries_per_second": s.deliveries_per_second.round(),
-                        "p99_ms": s.p99_us.map(|us| us as f64 / 1000.0),
-                        "subscribers": s.subscribers,
-                    })
-                })
-                .collect(),
-        ),
-        format!("{} (in the JSON report)", seconds.len()),
+        "progress samples (one a second, all workers)",
+        timeline.json(start_us, "deliveries_per_second", "subscribers"),
+        format!("{} (in the JSON report)", timeline.len()),
     );
     Ok(r)
 }

@@ -18,6 +18,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use hdrhistogram::Histogram;
 use tether_protocol::{ChannelName, Connected, Encoding, Subscribed};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -25,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::client::{Client, Event};
 use crate::quic::QuicTarget;
 use crate::target::Target;
+use crate::timeline::{Second, Ticker};
 
 /// Where clients connect, and over what.
 #[derive(Debug, Clone)]
@@ -236,6 +238,8 @@ pub struct Counters {
     pub dropped: AtomicU64,
     /// Why setups failed, and how often.
     reasons: Mutex<BTreeMap<String, u64>>,
+    /// Setup times (µs) since [`Fleet::wait_settled`] last looked.
+    setups: Mutex<Option<Histogram<u64>>>,
 }
 
 impl Counters {
@@ -264,6 +268,27 @@ impl Counters {
 
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Notes one client's setup time for the second it ends in.
+    fn record_setup(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let mut w = self.setups.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            *w = crate::report::latency_histogram().ok();
+        }
+        if let Some(h) = w.as_mut() {
+            h.saturating_record(us);
+        }
+    }
+
+    /// The setup times since the last call, emptying the window.
+    fn take_setups(&self) -> Result<Histogram<u64>> {
+        let taken = self.setups.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(h) => Ok(h),
+            None => crate::report::latency_histogram(),
+        }
     }
 }
 
@@ -499,6 +524,7 @@ impl<T: Send + 'static> Fleet<T> {
                 };
                 match setup.await {
                     Ok((client, connected, subscribed, setup)) => {
+                        counters.record_setup(setup);
                         counters.established.fetch_add(1, Ordering::Relaxed);
                         let ready = Ready {
                             index,
@@ -540,23 +566,53 @@ impl<T: Send + 'static> Fleet<T> {
         Counters::get(&self.counters.established) + Counters::get(&self.counters.failed)
     }
 
-    /// Waits until every client is subscribed or has failed, logging progress;
-    /// returns the time since launch.
-    pub async fn wait_settled(&self, what: &str) -> Duration {
-        let mut last_log = Instant::now();
+    /// Waits until every client is subscribed or has failed, with a line a
+    /// second ([`crate::live`]: clients subscribed, setups per second, the
+    /// p99 setup time of that second, failures); returns the time since
+    /// launch and the seconds ([`crate::timeline`]: setups done, clients
+    /// online, setup times; the totals `failed` and `retried`).
+    pub async fn wait_settled(&self, what: &str, worker: usize) -> Result<(Duration, Vec<Second>)> {
+        let live = crate::live::Live::new(worker);
+        let mut ticker = Ticker::new();
+        let mut seconds = Vec::new();
+        let mut last = 0u64;
+        let mut sample = |unix_s: u64, live: &crate::live::Live| -> Result<()> {
+            let c = &self.counters;
+            let established = Counters::get(&c.established);
+            let mut s = Second::new(
+                unix_s,
+                established.saturating_sub(last),
+                i64::try_from(established.saturating_sub(Counters::get(&c.dropped)))
+                    .unwrap_or(i64::MAX),
+                c.take_setups()?,
+            );
+            last = established;
+            s.totals.insert("failed".into(), Counters::get(&c.failed));
+            s.totals.insert("retried".into(), Counters::get(&c.retried));
+            live.line(&format!(
+                "{what} {:>4.0}s: {established} of {} subscribed, {} setups/s, setup p99 {}, {} failed",
+                self.started.elapsed().as_secs_f64(),
+                self.size,
+                s.count,
+                s.p99_us().map_or_else(
+                    || "-".to_owned(),
+                    |us| format!("{:.1} ms", us as f64 / 1000.0)
+                ),
+                Counters::get(&c.failed),
+            ));
+            seconds.push(s);
+            Ok(())
+        };
         while self.settled() < self.size as u64 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if last_log.elapsed() >= Duration::from_secs(1) {
-                last_log = Instant::now();
-                tracing::info!(
-                    "{what}: {} of {} subscribed, {} failed",
-                    Counters::get(&self.counters.established),
-                    self.size,
-                    Counters::get(&self.counters.failed)
-                );
+            tokio::select! {
+                unix_s = ticker.tick() => sample(unix_s, &live)?,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-        self.started.elapsed()
+        let elapsed = self.started.elapsed();
+        // The last, partial second: the setups since the last tick.
+        sample((crate::publisher::unix_micros() / 1_000_000) + 1, &live)?;
+        Ok((elapsed, seconds))
     }
 
     /// Tells every client to stop and collects what their tasks returned.

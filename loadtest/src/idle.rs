@@ -29,6 +29,8 @@ pub struct IdleOptions {
     pub metrics: Vec<reqwest::Url>,
     /// Prefix of the channel names.
     pub channel_prefix: String,
+    /// Draw the connecting here (SVG).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// The broker's memory now: from /proc for the PIDs given, else from the
@@ -82,7 +84,7 @@ pub async fn run(
         |client, mut ready| async move { fleet::hold(client, &mut ready).await },
     );
     let start_us = crate::publisher::unix_micros();
-    fleet.wait_settled("idle").await;
+    let (_, seconds) = fleet.wait_settled("idle", share.index).await?;
     // Every worker's share settled, then the settle time, then the RSS.
     let settled = match role.step(Part::counted(&fleet.counters)?).await? {
         Ok(all) => {
@@ -107,6 +109,7 @@ pub async fn run(
     };
     role.tell(&serde_json::Value::Null).await?;
     let mut mine = Part::counted(&fleet.counters)?;
+    mine.seconds = seconds;
     mine.rss = proc::rss_bytes(Pid::Current)?;
     let udp_drops1 = crate::quic::udp_drops(&transport);
     let held = fleet.stop().await;
@@ -229,5 +232,13 @@ pub async fn run(
         udp_drops1,
         "from the first connect to the measurement",
     );
+    let title = format!("loadtest idle: {established} connections");
+    crate::timeline::add_setups(
+        &mut r,
+        total.seconds,
+        start_us,
+        opts.plot.as_deref(),
+        &title,
+    )?;
     Ok(r)
 }

@@ -58,6 +58,7 @@ mod report;
 mod resume;
 mod sink;
 mod target;
+mod timeline;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -142,6 +143,11 @@ enum Scenario {
         /// (`tether_resident_memory_bytes`, summed), from any machine.
         #[arg(long, value_delimiter = ',')]
         api: Vec<String>,
+        /// Also draw the connecting as an SVG picture: setup time p99 and
+        /// setups of each second, clients connected, the setup time
+        /// distribution.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// One channel fanned out to many subscribers: latency and broker CPU.
     Fanout {
@@ -189,6 +195,10 @@ enum Scenario {
         /// Distinct channels (default: one per connection).
         #[arg(long)]
         channels: Option<usize>,
+        /// Also draw the run as an SVG picture: setup time p99 and setups
+        /// of each second, clients connected, the setup time distribution.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// Clients dropped at once and resumed: recovery and time to reconnect
     /// (WebSocket only).
@@ -743,8 +753,10 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             channels,
             settle,
             api,
+            plot,
         } => {
             let opts = idle::IdleOptions {
+                plot,
                 connections,
                 channels,
                 settle: seconds(settle, "--settle")?,
@@ -796,8 +808,10 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             common,
             connections,
             channels,
+            plot,
         } => {
             let opts = connect_rate::ConnectRateOptions {
+                plot,
                 connections,
                 channels,
                 channel_prefix: common

@@ -1,6 +1,8 @@
 //! `--plot FILE.svg`: the run as a picture for a review — latency p99 per
 //! second, deliveries per second and clients online over time, and the
-//! latency distribution of the whole run.
+//! latency distribution of the whole run (for the connecting scenarios:
+//! setup time p99 per second, setups per second and clients connected, the
+//! setup time distribution).
 
 use std::path::Path;
 
@@ -16,7 +18,23 @@ pub struct Series<'a> {
     pub deliveries_per_second: Vec<(f64, f64)>,
     pub online: Vec<(f64, f64)>,
     pub latency: &'a Histogram<u64>,
+    /// The three charts' captions, top to bottom.
+    pub captions: [&'a str; 3],
 }
+
+/// The captions of a run measured by its deliveries.
+const DELIVERIES: [&str; 3] = [
+    "publish → deliver p99 of each second (live deliveries)",
+    "deliveries per second (red) and clients online (blue)",
+    "latency distribution of the run (live deliveries)",
+];
+
+/// The captions of a run measured by its setups.
+pub const SETUPS: [&str; 3] = [
+    "setup time p99 of each second (TCP connect → subscribed)",
+    "setups per second (red) and clients connected (blue)",
+    "setup time distribution of the run",
+];
 
 impl<'a> Series<'a> {
     /// The series of a run's seconds: `(seconds in, p99 µs of that second,
@@ -32,6 +50,7 @@ impl<'a> Series<'a> {
             deliveries_per_second: Vec::new(),
             online: Vec::new(),
             latency,
+            captions: DELIVERIES,
         };
         for (t, p99_us, per_second, online) in seconds {
             if let Some(us) = p99_us {
@@ -41,6 +60,11 @@ impl<'a> Series<'a> {
             s.online.push((t, online));
         }
         s
+    }
+
+    /// The same picture with other captions (such as [`SETUPS`]).
+    pub fn captioned(self, captions: [&'a str; 3]) -> Series<'a> {
+        Series { captions, ..self }
     }
 }
 
@@ -64,10 +88,7 @@ pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
 
     // 1. p99 of each second.
     let mut c = ChartBuilder::on(&areas[0])
-        .caption(
-            "publish → deliver p99 of each second (live deliveries)",
-            ("sans-serif", 16),
-        )
+        .caption(s.captions[0], ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
@@ -89,10 +110,7 @@ pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
 
     // 2. Deliveries per second and clients online.
     let mut c = ChartBuilder::on(&areas[1])
-        .caption(
-            "deliveries per second (red) and clients online (blue)",
-            ("sans-serif", 16),
-        )
+        .caption(s.captions[1], ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
@@ -102,7 +120,7 @@ pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
         .set_secondary_coord(0.0..t_max, 0.0..upper(&s.online));
     c.configure_mesh()
         .x_desc("s")
-        .y_desc("deliveries/s")
+        .y_desc("per second")
         .draw()
         .map_err(e)?;
     c.configure_secondary_axes()
@@ -125,10 +143,7 @@ pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
         })
         .collect();
     let mut c = ChartBuilder::on(&areas[2])
-        .caption(
-            "latency distribution of the run (live deliveries)",
-            ("sans-serif", 16),
-        )
+        .caption(s.captions[2], ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)

@@ -350,7 +350,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         move |i| Ok(ChannelName::new(format!("{prefix}{i}"))?),
         hold_then_drop,
     );
-    let setup_time = fleet.wait_settled("resume").await;
+    let (setup_time, _) = fleet.wait_settled("resume", 0).await?;
     let established = Counters::get(&fleet.counters.established);
     let setup_failed = Counters::get(&fleet.counters.failed);
     let setup_reasons = fleet.counters.failure_reasons();
@@ -417,18 +417,21 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
             stop.subscribe(),
         )));
     }
-    let mut last_log = Instant::now();
+    let live = crate::live::Live::new(0);
+    let mut last_line = Instant::now();
     while wave.settled.load(Ordering::Relaxed) < away.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        if last_log.elapsed() >= Duration::from_secs(2) {
-            last_log = Instant::now();
-            tracing::info!(
-                "resume: {} of {} clients settled",
+        if last_line.elapsed() >= Duration::from_secs(1) {
+            last_line = Instant::now();
+            live.line(&format!(
+                "resume {:>4.0}s into the wave: {} of {} clients back (resumed and caught up, or failed)",
+                wave_start.elapsed().as_secs_f64(),
                 wave.settled.load(Ordering::Relaxed),
                 away.len()
-            );
+            ));
         }
     }
+    drop(live);
     let wave_window = wave_start.elapsed();
     let broker_cpu = match (broker_cpu0, broker.cpu()?) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),

@@ -72,6 +72,16 @@ async fn loadtest(args: &[&str]) -> Run {
     .unwrap()
 }
 
+/// The sum of `key` over the report's per-second `timeline`.
+fn per_second_sum(v: &Value, key: &str) -> u64 {
+    v["timeline"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no timeline in {v}"))
+        .iter()
+        .map(|s| s[key].as_u64().unwrap_or_else(|| panic!("{key} in {s}")))
+        .sum()
+}
+
 fn n(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -706,11 +716,20 @@ async fn churn_across_a_cluster_through_a_redis_restart_loses_nothing_silently()
 }
 
 /// A loopback address nothing listens on (yet).
+/// A port for a fake provider the broker is told of before it listens.
+/// Taken below the kernel's ephemeral range (32768–60999 here): a port 0
+/// bind would hand out one that the thousands of client connections of
+/// the tests running alongside may take as their source port before the
+/// fake binds it again.
 fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::hash::{BuildHasher, RandomState};
+    for _ in 0..1000 {
+        let port = 20_000 + (RandomState::new().hash_one(0u8) % 12_000) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    panic!("no free port in 20000..32000")
 }
 
 /// A broker with APNs configured (a fresh .p8 key) and pointed at
@@ -842,6 +861,17 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
     assert_eq!(n(&v, "latency_samples"), 20 * 61, "{v}");
     assert_eq!(n(&v, "lost"), 0, "{v}");
     assert_eq!(accepted(&a).await, 61);
+    // The seconds of all three workers, merged: every delivery is in one,
+    // and while publishing a second counts the subscribers of all three.
+    assert_eq!(per_second_sum(&v, "deliveries_per_second"), 20 * 61, "{v}");
+    assert!(
+        v["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["subscribers"] == 61),
+        "{v}"
+    );
 
     // Two processes over two nodes: each node holds half the connections,
     // and the memory is read from both brokers.
@@ -869,6 +899,7 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
         v["broker_rss_per_connection_bytes"].as_f64().is_some(),
         "{v}"
     );
+    assert_eq!(per_second_sum(&v, "setups_per_second"), 100, "{v}");
     assert_eq!(accepted(&a).await, 61 + 50);
     assert_eq!(accepted(&b).await, 50);
 
@@ -886,6 +917,7 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
     assert_eq!(n(&v, "connections_established"), 101, "{v}");
     assert_eq!(n(&v, "connect_failures"), 0, "{v}");
     assert!(v["setup_p99_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(per_second_sum(&v, "setups_per_second"), 101, "{v}");
     assert_eq!(accepted(&b).await, 50 + 101);
 
     // churn over two processes: each drops and resumes its own clients
@@ -921,6 +953,7 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
         80 * 10,
         "every client its channel's 20: {v}"
     );
+    assert_eq!(per_second_sum(&v, "deliveries_per_second"), 80 * 10, "{v}");
     assert!(n(&v, "drops") >= 10, "both workers dropped theirs: {v}");
     assert_eq!(n(&v, "reconnects"), n(&v, "drops"), "{v}");
     for key in ["silently_lost", "duplicated", "reordered"] {
@@ -986,6 +1019,8 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
     let picture = std::fs::read_to_string(fanout_svg).unwrap();
     assert!(picture.starts_with("<svg") && picture.contains("latency distribution"));
 
+    let idle_svg = dir.path().join("idle.svg");
+    let idle_svg = idle_svg.to_str().unwrap();
     let v = loadtest(&[
         "idle",
         "--url",
@@ -996,10 +1031,19 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
         "0.5",
         "--api",
         &api,
+        "--plot",
+        idle_svg,
     ])
     .await
     .ok();
     assert_eq!(n(&v, "connections_established"), 100, "{v}");
+    // Connecting, second by second: every setup in one of them; pictured.
+    assert_eq!(per_second_sum(&v, "setups_per_second"), 100, "{v}");
+    let last = v["timeline"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["connections"], 100, "{v}");
+    assert!(last["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{v}");
+    let picture = std::fs::read_to_string(idle_svg).unwrap();
+    assert!(picture.starts_with("<svg") && picture.contains("setup time distribution"));
     // No PID: the memory comes from the broker's GET /metrics.
     assert!(
         n(&v, "broker_rss_before_bytes") > 1024 * 1024,
@@ -1032,6 +1076,8 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(n(&v, "connections_established"), 100, "{v}");
     assert_eq!(n(&v, "connect_failures"), 0, "{v}");
+    // A progress line a second (at least the last one), plain in a pipe.
+    assert!(run.stderr.contains("setups/s, setup p99"), "{}", run.stderr);
 
     let v = loadtest(&[
         "resume",
