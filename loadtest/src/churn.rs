@@ -47,6 +47,7 @@ use tether_protocol::{
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::Signer;
 use crate::client::{Client, Event, kind};
 use crate::crew::{Part, Role, Share};
 use crate::fleet::Transport;
@@ -564,61 +565,6 @@ async fn subscribe(
     match client.request(&msg, id).await? {
         ServerMessage::Subscribed(s) => Ok(s),
         other => bail!("expected subscribed, got {}", kind(&other)),
-    }
-}
-
-/// How client tokens are signed: a shared secret (HS256) or a private key
-/// (RS256 or ES256, PEM) whose public half the broker has.
-#[derive(Clone)]
-pub struct Signer {
-    key: jsonwebtoken::EncodingKey,
-    alg: jsonwebtoken::Algorithm,
-}
-
-impl std::fmt::Debug for Signer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("alg", &self.alg)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Signer {
-    pub fn secret(secret: &str) -> Signer {
-        Signer {
-            key: jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-            alg: jsonwebtoken::Algorithm::HS256,
-        }
-    }
-
-    /// A PEM private key: `es256` (EC P-256) or `rs256` (RSA). Checked by
-    /// signing one token now, so that a wrong key fails before the run.
-    pub fn key(pem: &[u8], alg: &str) -> Result<Signer> {
-        let (key, alg) = match alg {
-            "es256" => (
-                jsonwebtoken::EncodingKey::from_ec_pem(pem)
-                    .context("--jwt-key is not an EC PEM key")?,
-                jsonwebtoken::Algorithm::ES256,
-            ),
-            "rs256" => (
-                jsonwebtoken::EncodingKey::from_rsa_pem(pem)
-                    .context("--jwt-key is not an RSA PEM key")?,
-                jsonwebtoken::Algorithm::RS256,
-            ),
-            other => bail!("--jwt-alg {other}: es256 or rs256"),
-        };
-        let s = Signer { key, alg };
-        s.mint(0, Duration::from_secs(60))
-            .context("--jwt-key cannot sign with --jwt-alg")?;
-        Ok(s)
-    }
-
-    /// A token for simulated user `i`, valid for `valid`.
-    fn mint(&self, i: usize, valid: Duration) -> Result<String> {
-        let exp = unix_micros() / 1_000_000 + valid.as_secs();
-        let claims = json!({"sub": format!("loadtest-{i}"), "exp": exp});
-        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.alg), &claims, &self.key)
-            .context("minting a client token")
     }
 }
 

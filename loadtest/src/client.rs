@@ -187,15 +187,17 @@ impl Client {
         })
     }
 
-    /// Sends `connect`, waits for `connected`, then subscribes to `channel`;
-    /// returns both replies.
+    /// Sends `connect` (with `token`, for a broker with client auth), waits
+    /// for `connected`, then subscribes to `channel`; returns both replies.
     pub async fn connect_and_subscribe(
         &mut self,
         channel: &ChannelName,
+        token: Option<String>,
     ) -> Result<(Connected, Subscribed)> {
         let id = self.fresh_id();
         let connect = ClientMessage::Connect(Connect {
             id,
+            token,
             ..Connect::default()
         });
         let connected = match self.request(&connect, id).await? {

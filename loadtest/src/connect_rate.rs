@@ -75,6 +75,12 @@ pub async fn run(
     };
     let (established, failed, retried) = (settled.established, settled.failed, settled.retried);
     let reasons = settled.top_reasons();
+    if established == 0 {
+        bail!(
+            "no connection could subscribe: {}",
+            fleet::top_reason(&reasons)
+        );
+    }
     let elapsed = std::time::Duration::from_micros(settled.settled_at_us.saturating_sub(start_us));
     let hist = total.setup;
     let mut r = Report::new("connect-rate");

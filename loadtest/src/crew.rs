@@ -158,6 +158,11 @@ impl Part {
         self.seconds.extend(o.seconds);
     }
 
+    /// The most frequent setup failure, as `N × reason`.
+    pub fn top_reason(&self) -> String {
+        crate::fleet::top_reason(&self.top_reasons())
+    }
+
     /// The setup failures by reason, most frequent first (as
     /// [`Counters::failure_reasons`]).
     pub fn top_reasons(&self) -> Vec<(String, u64)> {

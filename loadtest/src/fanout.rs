@@ -51,8 +51,10 @@ pub struct FanoutOptions {
     /// How long to wait for deliveries after the last publication was answered.
     pub drain_timeout: Duration,
     pub broker_pids: Vec<u32>,
-    /// Draw the run here (SVG; with `--workers`, the first worker's share).
+    /// Draw the run here (SVG).
     pub plot: Option<std::path::PathBuf>,
+    /// Key the backend API requires.
+    pub api_key: Option<String>,
 }
 
 /// Deliveries received so far, counted in a few slots, one per cache line:
@@ -276,10 +278,7 @@ pub async fn run(
         bail!("--rate must be a number above 0");
     }
     let channel = Arc::new(ChannelName::new(opts.plan.channel.clone())?);
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(opts.plan.max_in_flight)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let http = publisher::api_client(opts.api_key.as_deref(), opts.plan.max_in_flight)?;
     if !role.is_member() {
         publisher::check_ready(&http, &opts.plan.api).await?;
     }
@@ -337,10 +336,7 @@ pub async fn run(
     let (settled, accepted, published, t0, t0_us, broker_cpu0, udp_drops0) = match step {
         Ok(all) => {
             if all.established == 0 {
-                bail!(
-                    "no subscriber could subscribe: {:?}",
-                    all.top_reasons().first()
-                );
+                bail!("no subscriber could subscribe: {}", all.top_reason());
             }
             let setup_time = Duration::from_micros(all.settled_at_us.saturating_sub(start_us));
             tracing::info!(
@@ -355,6 +351,14 @@ pub async fn run(
             let udp_drops0 = udp_drops(&transport);
             let (t0, t0_us) = (Instant::now(), unix_micros());
             let published = publisher::run(http, &opts.plan).await?;
+            if published.ok == 0 {
+                // Nothing to measure: the run could not be made (exit 1).
+                let top = published.errors.iter().max_by_key(|(_, n)| **n);
+                bail!(
+                    "no publication was accepted: {}",
+                    top.map_or("no answer".to_owned(), |(r, n)| format!("{n} × {r}"))
+                );
+            }
             role.tell(&serde_json::json!({ "accepted": published.ok }))
                 .await?;
             let accepted = published.ok;

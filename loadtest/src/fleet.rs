@@ -23,6 +23,7 @@ use tether_protocol::{ChannelName, Connected, Encoding, Subscribed};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::{FLEET_TOKEN_LIFE, Signer};
 use crate::client::{Client, Event};
 use crate::quic::QuicTarget;
 use crate::target::Target;
@@ -161,6 +162,9 @@ pub struct FleetOptions {
     /// Runtimes to run the clients on (client `i` on shard `i mod n`);
     /// `None`: the caller's runtime.
     pub shards: Option<Arc<Shards>>,
+    /// Mints client `i` its `connect.token` (user `loadtest-<i>`), for a
+    /// broker with client auth.
+    pub signer: Option<Signer>,
 }
 
 /// Single-threaded tokio runtimes, one OS thread each, over which the
@@ -290,6 +294,15 @@ impl Counters {
             None => crate::report::latency_histogram(),
         }
     }
+}
+
+/// The first of `reasons` (most frequent first), as `N × reason`.
+pub fn top_reason(reasons: &[(String, u64)]) -> String {
+    reasons
+        .first()
+        .map_or("no reason recorded".to_owned(), |(r, n)| {
+            format!("{n} × {r}")
+        })
 }
 
 /// The text a failure is counted under: the outermost context says which
@@ -652,8 +665,13 @@ async fn open_with_retries(
     let mut attempt = 0;
     loop {
         let once = async {
+            let token = opts
+                .signer
+                .as_ref()
+                .map(|s| s.mint(index, FLEET_TOKEN_LIFE))
+                .transpose()?;
             let mut client = opts.transport.open(index, source, opts.encoding).await?;
-            let subscribed = client.connect_and_subscribe(channel).await?;
+            let subscribed = client.connect_and_subscribe(channel, token).await?;
             anyhow::Ok((client, subscribed))
         };
         let result = match tokio::time::timeout(opts.attempt_timeout, once).await {

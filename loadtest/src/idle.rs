@@ -88,14 +88,15 @@ pub async fn run(
     // Every worker's share settled, then the settle time, then the RSS.
     let settled = match role.step(Part::counted(&fleet.counters)?).await? {
         Ok(all) => {
+            if all.established == 0 {
+                bail!("no connection could subscribe: {}", all.top_reason());
+            }
             tracing::info!(
                 "idle: {} connections subscribed; settling for {:?}",
                 all.established,
                 opts.settle
             );
-            if all.established > 0 {
-                tokio::time::sleep(opts.settle).await;
-            }
+            tokio::time::sleep(opts.settle).await;
             Some(all)
         }
         Err(_) => None,

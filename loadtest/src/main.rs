@@ -39,6 +39,7 @@
 // The report is this binary's output, and it goes to stdout.
 #![allow(clippy::print_stdout)]
 
+mod auth;
 mod churn;
 mod client;
 mod connect_rate;
@@ -425,24 +426,8 @@ struct ChurnArgs {
     /// Backend API base URLs, one per node.
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8081")]
     api: Vec<String>,
-    /// Key the backend API requires (Authorization: Bearer).
-    #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// Shared secret to mint each client an HS256 token (sub = loadtest-<i>).
-    #[arg(
-        long,
-        env = "TETHER_JWT_SECRET",
-        hide_env_values = true,
-        conflicts_with = "jwt_key"
-    )]
-    jwt_secret: Option<String>,
-    /// Private key (PEM) to mint each client a token instead (the broker
-    /// has the public key: --jwt-public-key).
-    #[arg(long, value_name = "FILE")]
-    jwt_key: Option<std::path::PathBuf>,
-    /// The algorithm of --jwt-key.
-    #[arg(long, default_value = "es256", value_parser = ["es256", "rs256"])]
-    jwt_alg: String,
+    #[command(flatten)]
+    auth: AuthArgs,
     /// WebSocket subprotocol.
     #[arg(long, value_enum, default_value = "json")]
     encoding: EncodingArg,
@@ -518,16 +503,8 @@ impl ChurnArgs {
                 .iter()
                 .map(|a| target::parse_url(a, "--api"))
                 .collect::<Result<_>>()?,
-            api_key: self.api_key,
-            signer: match (self.jwt_secret, self.jwt_key) {
-                (Some(s), _) => Some(churn::Signer::secret(&s)),
-                (None, Some(path)) => {
-                    let pem = std::fs::read(&path)
-                        .with_context(|| format!("--jwt-key {}", path.display()))?;
-                    Some(churn::Signer::key(&pem, &self.jwt_alg)?)
-                }
-                (None, None) => None,
-            },
+            signer: self.auth.signer()?,
+            api_key: self.auth.api_key,
             encoding: self.encoding.into(),
             source_ips: self.source_ips,
             clients: self.clients,
@@ -624,6 +601,8 @@ struct Common {
     /// connect-rate: `connect:`, resume: `resume:`).
     #[arg(long)]
     channel_prefix: Option<String>,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 impl Common {
@@ -658,6 +637,46 @@ impl Common {
             retries: self.connect_retries,
             attempt_timeout: seconds(self.attempt_timeout, "--attempt-timeout")?,
             shards: None,
+            signer: self.auth.signer()?,
+        })
+    }
+}
+
+/// Who the load tester is to the broker: the API key and the simulated
+/// users' tokens (PROTOCOL.md §9, §10).
+#[derive(Debug, Args)]
+struct AuthArgs {
+    /// Key the backend API requires (Authorization: Bearer).
+    #[arg(long, env = "TETHER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Shared secret to mint each client an HS256 token (sub = loadtest-<i>).
+    #[arg(
+        long,
+        env = "TETHER_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_key"
+    )]
+    jwt_secret: Option<String>,
+    /// Private key (PEM) to mint each client a token instead (the broker
+    /// has the public key: --jwt-public-key).
+    #[arg(long, value_name = "FILE")]
+    jwt_key: Option<std::path::PathBuf>,
+    /// The algorithm of --jwt-key.
+    #[arg(long, default_value = "es256", value_parser = ["es256", "rs256"])]
+    jwt_alg: String,
+}
+
+impl AuthArgs {
+    /// How to sign the clients' tokens, if they need any.
+    fn signer(&self) -> Result<Option<auth::Signer>> {
+        Ok(match (&self.jwt_secret, &self.jwt_key) {
+            (Some(s), _) => Some(auth::Signer::secret(s)),
+            (None, Some(path)) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("--jwt-key {}", path.display()))?;
+                Some(auth::Signer::key(&pem, &self.jwt_alg)?)
+            }
+            (None, None) => None,
         })
     }
 }
@@ -788,6 +807,7 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
         } => {
             let opts = fanout::FanoutOptions {
                 plot,
+                api_key: common.auth.api_key.clone(),
                 subscribers,
                 plan: publisher::PublishPlan {
                     api: target::parse_url(&api, "--api")?,
@@ -841,6 +861,7 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
                 anyhow::bail!("--reconnect-rate must be above 0");
             }
             let opts = resume::ResumeOptions {
+                api_key: common.auth.api_key.clone(),
                 api: target::parse_url(&api, "--api")?,
                 clients,
                 missed,

@@ -33,6 +33,7 @@ use reqwest::Url;
 use tether_protocol::{ChannelName, ClientMessage, Connect, Epoch, Resume, ServerMessage};
 use tokio::sync::{Semaphore, watch};
 
+use crate::auth::{FLEET_TOKEN_LIFE, Signer};
 use crate::client::{Client, Event, kind};
 use crate::fleet::{self, Counters, Fleet, FleetOptions, Transport};
 use crate::proc::{self, Brokers, Pid};
@@ -59,6 +60,8 @@ pub struct ResumeOptions {
     pub message_timeout: Duration,
     pub broker_pids: Vec<u32>,
     pub channel_prefix: String,
+    /// Key the backend API requires.
+    pub api_key: Option<String>,
 }
 
 /// The most publications one batch request may carry (PROTOCOL.md §10).
@@ -140,6 +143,8 @@ struct Wave {
     permits: Semaphore,
     /// Clients done with their missed messages (or failed).
     settled: AtomicU64,
+    /// Mints the token of the client's user again (auth configured).
+    signer: Option<Signer>,
 }
 
 /// One attempt: TCP connect, upgrade, `connect` with the resume token,
@@ -149,10 +154,16 @@ async fn resume_once(
     away: &Away,
     source: Option<std::net::IpAddr>,
 ) -> Result<(Client, tether_protocol::Connected)> {
+    let token = wave
+        .signer
+        .as_ref()
+        .map(|s| s.mint(away.index, FLEET_TOKEN_LIFE))
+        .transpose()?;
     let mut client = Client::open(&wave.target, source, wave.encoding).await?;
     let id = client.fresh_id();
     let connect = ClientMessage::Connect(Connect {
         id,
+        token,
         resume: Some(Resume {
             token: away.token.clone(),
             channels: None,
@@ -323,10 +334,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         bail!("the resume scenario runs against one node (one --url)");
     };
     let target = target.clone();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(PUBLISH_IN_FLIGHT)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let http = publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
     publisher::check_ready(&http, &opts.api).await?;
     let broker = Brokers::new(opts.broker_pids.clone(), "CPU")?;
     let (setup_rate, setup_concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
@@ -340,6 +348,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         message_timeout: opts.message_timeout,
         permits: Semaphore::new(opts.reconnect_concurrency),
         settled: AtomicU64::new(0),
+        signer: fleet_opts.signer.clone(),
     });
 
     // 1. Connect and subscribe.
@@ -356,8 +365,8 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     let setup_reasons = fleet.counters.failure_reasons();
     if established == 0 {
         bail!(
-            "no client could connect and subscribe: {:?}",
-            setup_reasons.first()
+            "no client could connect and subscribe: {}",
+            fleet::top_reason(&setup_reasons)
         );
     }
     tracing::info!(

@@ -1097,6 +1097,112 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
     assert_eq!(n(&v, "messages_lost"), 0, "{v}");
 }
 
+/// Against a broker that wants an API key and client tokens, every
+/// scenario signs in: each simulated user gets its own token, the
+/// publisher sends the key. Without a token, no client gets in, and the
+/// run says why.
+#[tokio::test]
+async fn every_scenario_signs_in_to_a_broker_with_auth() {
+    const SECRET: &str = "lt-jwt-secret-0123456789abcdef-0123";
+    let broker = TestBroker::start(&["--api-key", "lt-key", "--jwt-secret", SECRET]).unwrap();
+    let (ws, api) = (broker.ws_url(), broker.api_url(""));
+    let (ws, api) = (ws.as_str(), api.as_str());
+    let signed = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api-key", "lt-key", "--jwt-secret", SECRET]);
+        all.into_iter().map(str::to_owned).collect::<Vec<String>>()
+    };
+    async fn run(args: Vec<String>) -> Run {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        loadtest(&refs).await
+    }
+
+    let v = run(signed(&[
+        "idle",
+        "--url",
+        ws,
+        "--connections",
+        "20",
+        "--settle",
+        "0.1",
+    ]))
+    .await
+    .ok();
+    assert_eq!(n(&v, "connections_established"), 20, "{v}");
+    let v = run(signed(&[
+        "connect-rate",
+        "--url",
+        ws,
+        "--connections",
+        "20",
+    ]))
+    .await
+    .ok();
+    assert_eq!(n(&v, "connections_established"), 20, "{v}");
+    let v = run(signed(&[
+        "fanout",
+        "--url",
+        ws,
+        "--api",
+        api,
+        "--subscribers",
+        "10",
+        "--rate",
+        "10",
+        "--duration",
+        "1",
+    ]))
+    .await
+    .ok();
+    assert_eq!(n(&v, "deliveries"), 100, "{v}");
+    let v = run(signed(&[
+        "resume",
+        "--url",
+        ws,
+        "--api",
+        api,
+        "--clients",
+        "10",
+        "--missed",
+        "2",
+    ]))
+    .await
+    .ok();
+    assert_eq!(n(&v, "resumed"), 10, "{v}");
+    assert_eq!(n(&v, "messages_received"), 20, "{v}");
+
+    // No token: refused with 4003 (PROTOCOL.md §9), counted by reason.
+    let r = loadtest(&[
+        "idle",
+        "--url",
+        ws,
+        "--connections",
+        "5",
+        "--connect-retries",
+        "0",
+    ])
+    .await;
+    assert_eq!(r.code, Some(1), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("4003"), "{}", r.stderr);
+    // Tokens but no API key: the publisher is refused, and says so.
+    let r = loadtest(&[
+        "fanout",
+        "--url",
+        ws,
+        "--api",
+        api,
+        "--subscribers",
+        "2",
+        "--duration",
+        "1",
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
+    assert_ne!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("401"), "{}", r.stderr);
+}
+
 /// `cluster` refuses a single node: it is the multi-node scenario.
 #[tokio::test]
 async fn the_cluster_scenario_needs_two_nodes() {
