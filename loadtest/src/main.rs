@@ -202,7 +202,7 @@ enum Scenario {
         plot: Option<std::path::PathBuf>,
     },
     /// Clients dropped at once and resumed: recovery and time to reconnect
-    /// (WebSocket only).
+    /// (one node).
     Resume {
         #[command(flatten)]
         common: Common,
@@ -854,9 +854,6 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             drop_timeout,
             message_timeout,
         } => {
-            if common.transport != TransportArg::Ws {
-                anyhow::bail!("the resume scenario runs over WebSocket only");
-            }
             if !reconnect_rate.is_finite() || reconnect_rate <= 0.0 {
                 anyhow::bail!("--reconnect-rate must be above 0");
             }

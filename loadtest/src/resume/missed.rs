@@ -24,12 +24,13 @@ pub fn connections_gauge(metrics: &str, transport: &str) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// Polls `GET /metrics` until the broker counts no WebSocket connection, at
-/// most `limit`; returns the time it took (None: not within `limit`) and
-/// the last value read.
+/// Polls `GET /metrics` until the broker counts no connection of
+/// `transport` (`ws` or `quic`), at most `limit`; returns the time it took
+/// (None: not within `limit`) and the last value read.
 pub(super) async fn wait_gone(
     http: &reqwest::Client,
     api: &Url,
+    transport: &str,
     limit: Duration,
 ) -> Result<(Option<Duration>, Option<f64>)> {
     let url = api.join("/metrics")?;
@@ -44,7 +45,7 @@ pub(super) async fn wait_gone(
             .text()
             .await
             .with_context(|| format!("GET {url}"))?;
-        last = connections_gauge(&text, "ws").or(last);
+        last = connections_gauge(&text, transport).or(last);
         if last == Some(0.0) {
             return Ok((Some(t0.elapsed()), last));
         }

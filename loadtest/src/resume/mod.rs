@@ -1,12 +1,16 @@
 //! Scenario `resume`: many clients dropped at once and resumed.
 //!
-//! 1. Opens `--clients` WebSocket clients (paced by `--connect-rate`); client
+//! 1. Opens `--clients` clients, WebSocket or QUIC (paced by
+//!    `--connect-rate`); client
 //!    `i` connects, subscribes to its own channel `resume:<i>` and keeps the
 //!    `resume_token` of its `connected`.
 //! 2. Drops them all at once: the sockets are simply closed, with no
-//!    WebSocket close handshake, as when a network goes away.
-//! 3. Polls `GET /metrics` until the broker counts no WebSocket connection
-//!    (`tether_connections{transport="ws"} 0`), at most `--drop-timeout`.
+//!    WebSocket close handshake (over QUIC the connections are dropped,
+//!    which sends only QUIC's own CONNECTION_CLOSE), as when a network
+//!    goes away.
+//! 3. Polls `GET /metrics` until the broker counts no connection of the
+//!    transport (`tether_connections{transport="ws"} 0`, or `"quic"`), at
+//!    most `--drop-timeout`.
 //! 4. Publishes `--missed` messages to every client's channel through
 //!    `POST /v1/publish/batch` (`--batch` per request; a client's messages
 //!    all in one request, so their offsets are in order).
@@ -39,7 +43,6 @@ use crate::fleet::{self, Counters, Fleet, FleetOptions, Transport};
 use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self};
 use crate::report::{self, Latency, Report};
-use crate::target::Target;
 
 mod missed;
 
@@ -133,7 +136,7 @@ async fn hold_then_drop(mut client: Client, mut ready: fleet::Ready) -> Option<A
 /// How the reconnect wave runs.
 #[derive(Debug)]
 struct Wave {
-    target: Target,
+    transport: Transport,
     encoding: tether_protocol::Encoding,
     source_ips: Vec<std::net::IpAddr>,
     retries: u32,
@@ -159,7 +162,10 @@ async fn resume_once(
         .as_ref()
         .map(|s| s.mint(away.index, FLEET_TOKEN_LIFE))
         .transpose()?;
-    let mut client = Client::open(&wave.target, source, wave.encoding).await?;
+    let mut client = wave
+        .transport
+        .open_on(0, away.index, source, wave.encoding)
+        .await?;
     let id = client.fresh_id();
     let connect = ClientMessage::Connect(Connect {
         id,
@@ -327,19 +333,21 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     if opts.missed > MAX_BATCH {
         bail!("--missed must be at most {MAX_BATCH}");
     }
-    let Transport::Ws(targets) = fleet_opts.transport.clone() else {
-        bail!("the resume scenario runs over WebSocket only");
+    let transport = fleet_opts.transport.clone();
+    if transport.nodes() != 1 {
+        bail!("the resume scenario runs against one node (one --url or --quic-addr)");
+    }
+    // The broker's gauge of this transport's connections.
+    let gauge_label = match &transport {
+        Transport::Ws(_) => "ws",
+        Transport::Quic(_) => "quic",
     };
-    let [target] = &*targets else {
-        bail!("the resume scenario runs against one node (one --url)");
-    };
-    let target = target.clone();
     let http = publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
     publisher::check_ready(&http, &opts.api).await?;
     let broker = Brokers::new(opts.broker_pids.clone(), "CPU")?;
     let (setup_rate, setup_concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
     let wave = Arc::new(Wave {
-        target,
+        transport: transport.clone(),
         encoding: fleet_opts.encoding,
         source_ips: fleet_opts.source_ips.clone(),
         retries: fleet_opts.retries,
@@ -381,7 +389,8 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     let lost_before_drop = established - away.len() as u64;
 
     // 3. Until the broker has seen them go.
-    let (gone_after, gauge) = wait_gone(&http, &opts.api, opts.drop_timeout).await?;
+    transport.finish().await;
+    let (gone_after, gauge) = wait_gone(&http, &opts.api, gauge_label, opts.drop_timeout).await?;
     match gone_after {
         Some(d) => tracing::info!(
             "resume: the broker counts no WebSocket connection after {:.2} s",
@@ -488,7 +497,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     }
     let expected = published.ok;
     let mut r = Report::new("resume");
-    r.text("transport", "transport", "ws");
+    transport.describe(wave.encoding, &mut r);
     r.count(
         "clients_requested",
         "clients requested",
@@ -535,14 +544,14 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     match gone_after {
         Some(d) => r.number(
             "broker_saw_drop_seconds",
-            "until the broker counted 0 ws connections",
+            "until the broker counted none of the transport's connections",
             d.as_secs_f64(),
             "s",
             2,
         ),
         None => r.missing(
             "broker_saw_drop_seconds",
-            "until the broker counted 0 ws connections",
+            "until the broker counted none of the transport's connections",
             &format!("still {gauge:?} after {:?}", opts.drop_timeout),
         ),
     }

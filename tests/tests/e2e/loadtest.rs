@@ -195,10 +195,11 @@ async fn churn_over_wss_verifies_the_certificate() {
     );
 }
 
-/// Over QUIC, pinning the broker's self-signed certificate: every drop is
+/// Over QUIC, pinning the broker's self-signed certificate: every drop (of
+/// churn, and resume's all at once) is
 /// resumed on a new QUIC connection and the ledger finds nothing missing.
 #[tokio::test]
-async fn churn_over_quic_resumes_every_drop_and_loses_nothing() {
+async fn churn_and_resume_over_quic_lose_nothing() {
     let broker = TestBroker::start(&["--quic-addr", "127.0.0.1:0"]).unwrap();
     let quic = broker.quic_addr.unwrap().to_string();
     let fingerprint = broker.quic_fingerprint.clone().unwrap();
@@ -240,6 +241,30 @@ async fn churn_over_quic_resumes_every_drop_and_loses_nothing() {
     for key in ["silently_lost", "duplicated", "reordered", "declared_lost"] {
         assert_eq!(n(&v, key), 0, "{key}: {v}");
     }
+
+    // Every client of the node dropped at once and resumed over QUIC.
+    let v = loadtest(&[
+        "resume",
+        "--transport",
+        "quic",
+        "--quic-addr",
+        &quic,
+        "--quic-fingerprint",
+        &fingerprint,
+        "--api",
+        &api,
+        "--clients",
+        "20",
+        "--missed",
+        "3",
+    ])
+    .await
+    .ok();
+    assert_eq!(v["transport"], "quic", "{v}");
+    assert_eq!(n(&v, "resumed"), 20, "{v}");
+    assert_eq!(n(&v, "messages_received"), 60, "{v}");
+    assert_eq!(n(&v, "messages_duplicated"), 0, "{v}");
+    assert!(v["broker_saw_drop_seconds"].as_f64().is_some(), "{v}");
 
     // The wrong fingerprint: no client connects, and the run says why.
     let wrong = "0".repeat(64);
