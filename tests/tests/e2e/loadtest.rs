@@ -196,8 +196,8 @@ async fn churn_over_wss_verifies_the_certificate() {
 }
 
 /// Over QUIC, pinning the broker's self-signed certificate: every drop (of
-/// churn, and resume's all at once) is
-/// resumed on a new QUIC connection and the ledger finds nothing missing.
+/// churn, and resume's all at once) is resumed on a new QUIC connection
+/// and nothing is missing.
 #[tokio::test]
 async fn churn_and_resume_over_quic_lose_nothing() {
     let broker = TestBroker::start(&["--quic-addr", "127.0.0.1:0"]).unwrap();
