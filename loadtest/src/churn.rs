@@ -124,6 +124,8 @@ pub struct ChurnOptions {
     pub drain_timeout: Duration,
     /// Draw the run here (SVG).
     pub plot: Option<std::path::PathBuf>,
+    /// Done by the leader to the deployment during the run.
+    pub faults: Vec<crate::faults::Fault>,
 }
 
 /// Shards of the last second's latency histogram (client `i` records into
@@ -865,6 +867,7 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
         ))
     });
     let origin_us = unix_micros();
+    let faults = leader.then(|| crate::faults::Schedule::start(opts.faults.clone(), t0));
     let progress = tokio::spawn(progress(
         tally.clone(),
         stop_rx.clone(),
@@ -956,6 +959,9 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     let window = t0.elapsed();
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
     let _ = stop_tx.send(true);
+    let faults = faults
+        .map(crate::faults::Schedule::finish)
+        .unwrap_or_default();
     let seconds = progress.await.context("the progress task failed")??;
     let memory = match memory {
         Some(m) => Some(m.await.context("the memory sampler failed")??),
@@ -1175,9 +1181,42 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
         );
         crate::plot::svg(
             path,
-            &crate::plot::Series::of_seconds(&title, &latency, timeline.points(origin_us)),
+            &crate::plot::Series::of_seconds(&title, &latency, timeline.points(origin_us)).marked(
+                faults
+                    .iter()
+                    .filter_map(|d| Some((d.started_s?, format!("fault {}", d.command))))
+                    .collect(),
+            ),
         )?;
         r.text("plot", "picture", path.display().to_string());
+    }
+    if !faults.is_empty() {
+        let text = faults
+            .iter()
+            .map(|d| match (d.started_s, d.ok) {
+                (Some(s), true) => format!("{s:.1} s `{}`: exit 0", d.command),
+                (Some(s), false) => format!(
+                    "{s:.1} s `{}`: FAILED ({}) {}",
+                    d.command,
+                    d.status
+                        .map_or("no exit code".to_owned(), |c| format!("exit {c}")),
+                    d.output
+                ),
+                (None, _) => format!("{:.1} s `{}`: {}", d.at_s, d.command, d.output),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        r.value(
+            "faults",
+            "faults done to the deployment",
+            serde_json::to_value(&faults)?,
+            text,
+        );
+        r.count(
+            "faults_failed",
+            "fault commands that failed or never ran",
+            faults.iter().filter(|d| !d.ok).count() as u64,
+        );
     }
     r.value(
         "timeline",

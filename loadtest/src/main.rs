@@ -45,6 +45,7 @@ mod client;
 mod connect_rate;
 mod crew;
 mod fanout;
+mod faults;
 mod fleet;
 mod floor;
 mod idle;
@@ -468,6 +469,12 @@ struct ChurnArgs {
     /// Seconds to wait, after publishing, for every client to catch up.
     #[arg(long, default_value_t = 20.0)]
     drain_timeout: f64,
+    /// Do this to the deployment SECS seconds into publishing: COMMAND runs
+    /// with `sh -c` on this machine (`kill -KILL PID`, `ssh node3 sudo
+    /// systemctl restart tether`, …); repeat for several. Each one's time,
+    /// exit status and output are reported and marked on --plot.
+    #[arg(long = "fault", value_name = "SECS:COMMAND")]
+    faults: Vec<faults::Fault>,
     /// Also draw the run as an SVG picture: p99 per second, deliveries/s
     /// and clients online over time, the latency distribution.
     #[arg(long, value_name = "FILE.svg")]
@@ -522,6 +529,7 @@ impl ChurnArgs {
             away: seconds(self.away, "--away")?,
             drain_timeout: seconds(self.drain_timeout, "--drain-timeout")?,
             plot: self.plot,
+            faults: self.faults,
         })
     }
 }

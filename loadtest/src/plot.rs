@@ -20,6 +20,8 @@ pub struct Series<'a> {
     pub latency: &'a Histogram<u64>,
     /// The three charts' captions, top to bottom.
     pub captions: [&'a str; 3],
+    /// Moments to mark on the time charts (seconds, label): the faults.
+    pub marks: Vec<(f64, String)>,
 }
 
 /// The captions of a run measured by its deliveries.
@@ -51,6 +53,7 @@ impl<'a> Series<'a> {
             online: Vec::new(),
             latency,
             captions: DELIVERIES,
+            marks: Vec::new(),
         };
         for (t, p99_us, per_second, online) in seconds {
             if let Some(us) = p99_us {
@@ -60,6 +63,11 @@ impl<'a> Series<'a> {
             s.online.push((t, online));
         }
         s
+    }
+
+    /// The same picture with these moments marked.
+    pub fn marked(self, marks: Vec<(f64, String)>) -> Series<'a> {
+        Series { marks, ..self }
     }
 
     /// The same picture with other captions (such as [`SETUPS`]).
@@ -103,6 +111,19 @@ pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
         .map_err(e)?
         .label("p99")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    let top = upper(&s.p99_ms);
+    c.draw_series(
+        s.marks
+            .iter()
+            .map(|(t, _)| PathElement::new(vec![(*t, 0.0), (*t, top)], BLACK.mix(0.4))),
+    )
+    .map_err(e)?;
+    c.draw_series(
+        s.marks
+            .iter()
+            .map(|(t, label)| Text::new(label.clone(), (*t, top * 0.97), ("sans-serif", 12))),
+    )
+    .map_err(e)?;
     c.configure_series_labels()
         .border_style(BLACK)
         .draw()
@@ -134,6 +155,13 @@ pub fn svg(path: &Path, s: &Series<'_>) -> Result<()> {
     .map_err(e)?;
     c.draw_secondary_series(LineSeries::new(s.online.iter().copied(), &BLUE))
         .map_err(e)?;
+    let top = upper(&s.deliveries_per_second);
+    c.draw_series(
+        s.marks
+            .iter()
+            .map(|(t, _)| PathElement::new(vec![(*t, 0.0), (*t, top)], BLACK.mix(0.4))),
+    )
+    .map_err(e)?;
 
     // 3. The latency distribution: the value at each percentile.
     let dist: Vec<(f64, f64)> = (0..=999)

@@ -572,6 +572,7 @@ async fn a_duplicated_offset_fails_the_run_and_is_named() {
 /// finished run.
 async fn churn_across_a_cluster(
     scenario: &str,
+    extra: impl FnOnce(&[TestBroker]) -> Vec<String>,
     fault: impl FnOnce(&mut [TestBroker], &mut TestRedis),
 ) -> Run {
     let mut redis = TestRedis::start().unwrap();
@@ -600,7 +601,8 @@ async fn churn_across_a_cluster(
         .map(|b| b.api_url(""))
         .collect::<Vec<_>>()
         .join(",");
-    let mut child = command(&[
+    let extra = extra(&nodes);
+    let mut args = vec![
         scenario,
         "--url",
         &urls,
@@ -618,9 +620,9 @@ async fn churn_across_a_cluster(
         "10",
         "--away",
         "0.2",
-    ])
-    .spawn()
-    .unwrap();
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let mut child = command(&args).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -659,17 +661,39 @@ async fn churn_across_a_cluster(
     }
 }
 
-/// A third of the clients are on the node that is killed (SIGKILL) while
-/// publishing goes on through all three APIs. They resume on the others;
-/// publications whose node died are retried elsewhere with their
-/// idempotency key. Nothing lost, nothing twice, nothing even declared lost;
-/// the `cluster` report shows the clients moved off the dead node.
+/// A third of the clients are on the node that is killed (SIGKILL, by the
+/// load tester's own `--fault` as publishing starts) while publishing
+/// goes on through all three APIs. They resume on the others; publications
+/// whose node died are retried elsewhere with their idempotency key.
+/// Nothing lost, nothing twice, nothing even declared lost; the `cluster`
+/// report shows the clients moved off the dead node, and the fault done.
 #[tokio::test]
 async fn a_cluster_run_with_a_node_killed_loses_nothing() {
-    let v = churn_across_a_cluster("cluster", |nodes, _| nodes[2].kill())
-        .await
-        .ok();
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("cluster.svg");
+    let svg_arg = svg.to_str().unwrap().to_owned();
+    let v = churn_across_a_cluster(
+        "cluster",
+        |nodes| {
+            vec![
+                "--fault".into(),
+                format!("0:kill -KILL {}", nodes[2].pid()),
+                "--plot".into(),
+                svg_arg,
+            ]
+        },
+        |_, _| {},
+    )
+    .await
+    .ok();
     assert_eq!(v["scenario"], "cluster", "{v}");
+    let faults = v["faults"].as_array().expect("faults");
+    assert_eq!(faults.len(), 1, "{v}");
+    assert_eq!(faults[0]["ok"], true, "{v}");
+    assert!(faults[0]["started_s"].as_f64().is_some(), "{v}");
+    assert_eq!(n(&v, "faults_failed"), 0, "{v}");
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.contains("fault kill -KILL"), "the fault is marked");
     assert_eq!(n(&v, "nodes"), 3, "{v}");
     let per_node = v["nodes_detail"].as_array().expect("nodes_detail");
     assert_eq!(per_node.len(), 3, "{v}");
@@ -717,7 +741,7 @@ async fn a_cluster_run_with_a_node_killed_loses_nothing() {
 /// delivered twice, and every client is connected at the end.
 #[tokio::test]
 async fn churn_across_a_cluster_through_a_redis_restart_loses_nothing_silently() {
-    let v = churn_across_a_cluster("churn", |_, redis| redis.restart().unwrap())
+    let v = churn_across_a_cluster("churn", |_| Vec::new(), |_, redis| redis.restart().unwrap())
         .await
         .ok();
     assert_eq!(n(&v, "clients"), 60, "{v}");
