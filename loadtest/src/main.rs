@@ -757,12 +757,17 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
         Scenario::Idle { .. }
             | Scenario::Fanout { .. }
             | Scenario::ConnectRate { .. }
+            | Scenario::Resume { .. }
             | Scenario::Churn { .. }
             | Scenario::Soak { .. }
             | Scenario::Cluster { .. }
     );
     if share.of > 1 && !spread {
-        anyhow::bail!("--workers is for idle, fanout, connect-rate, churn, soak and cluster");
+        anyhow::bail!(
+            "--workers is for idle, connect-rate, fanout, resume, churn, soak and cluster: \
+             push holds no client connection (its load is HTTP publishes and the fake \
+             provider, one process each), floor measures this machine"
+        );
     }
     if share.index >= share.of.max(1) {
         anyhow::bail!("--worker-index {} of --workers {}", share.index, share.of);
@@ -882,7 +887,13 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
                     .clone()
                     .unwrap_or_else(|| "resume:".into()),
             };
-            resume::run(opts, common.fleet_options(clients, share).await?).await
+            resume::run(
+                opts,
+                common.fleet_options(clients, share).await?,
+                role,
+                share,
+            )
+            .await
         }
         Scenario::Churn { args } => {
             churn::run(args.options(churn::Mode::Churn, share).await?, role, share).await

@@ -22,6 +22,15 @@
 //!    stay connected (answering pings) until every one is done, so that a
 //!    late duplicate is seen too.
 //!
+//! With `--workers N` each worker opens its share of the clients; they all
+//! drop on the leader's word, the leader (which alone talks to the API)
+//! waits for the broker to see them go and publishes what every worker's
+//! clients miss (the members send it their clients' channels and offsets;
+//! the resume tokens stay with them), then each worker reconnects its own
+//! at its share of `--reconnect-rate` and `--reconnect-concurrency`, and
+//! the leader adds up their figures (times as Unix µs, the connect times'
+//! histograms merged).
+//!
 //! Reported: clients resumed, failures by reason, messages lost and
 //! duplicated, the time from the first reconnect attempt to the last
 //! `connected` (and to the last missed message), and the distribution of
@@ -32,17 +41,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use reqwest::Url;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tether_protocol::{ChannelName, ClientMessage, Connect, Epoch, Resume, ServerMessage};
 use tokio::sync::{Semaphore, watch};
 
 use crate::auth::{FLEET_TOKEN_LIFE, Signer};
 use crate::client::{Client, Event, kind};
-use crate::fleet::{self, Counters, Fleet, FleetOptions, Transport};
+use crate::crew::{Part, Role, Share};
+use crate::fleet::{self, Fleet, FleetOptions, Transport};
 use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self};
-use crate::report::{self, Latency, Report};
+use crate::report::{Latency, Report};
 
 mod missed;
 
@@ -326,7 +338,112 @@ async fn reconnect(
     back
 }
 
-pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report> {
+/// What one worker's wave came to, in a form that adds up across workers
+/// (its connect latencies travel as the part's histogram).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WaveFigures {
+    clients: u64,
+    resumed: u64,
+    retries: u64,
+    received: u64,
+    duplicates: u64,
+    unexpected: u64,
+    reordered: u64,
+    reasons: BTreeMap<String, u64>,
+    /// Unix µs: the first reconnect attempt, the last `connected`, the
+    /// last missed message.
+    first_attempt_us: Option<u64>,
+    last_connected_us: Option<u64>,
+    last_complete_us: Option<u64>,
+}
+
+impl WaveFigures {
+    fn of(backs: &[Back]) -> WaveFigures {
+        let unix = |i: Instant| {
+            let ago = Instant::now().saturating_duration_since(i);
+            publisher::unix_micros().saturating_sub(u64::try_from(ago.as_micros()).unwrap_or(0))
+        };
+        let mut f = WaveFigures {
+            clients: backs.len() as u64,
+            ..WaveFigures::default()
+        };
+        for b in backs {
+            f.first_attempt_us = min_some(f.first_attempt_us, b.first_attempt.map(unix));
+            f.last_connected_us = f.last_connected_us.max(b.connected_at.map(unix));
+            f.last_complete_us = f.last_complete_us.max(b.complete_at.map(unix));
+            f.retries += b.retries;
+            f.received += b.received;
+            f.duplicates += b.duplicates;
+            f.unexpected += b.unexpected;
+            f.reordered += b.reordered;
+            match &b.failure {
+                None => f.resumed += 1,
+                Some(reason) => *f.reasons.entry(reason.clone()).or_default() += 1,
+            }
+        }
+        f
+    }
+
+    fn absorb(&mut self, o: WaveFigures) {
+        self.clients += o.clients;
+        self.resumed += o.resumed;
+        self.retries += o.retries;
+        self.received += o.received;
+        self.duplicates += o.duplicates;
+        self.unexpected += o.unexpected;
+        self.reordered += o.reordered;
+        for (k, n) in o.reasons {
+            *self.reasons.entry(k).or_default() += n;
+        }
+        self.first_attempt_us = min_some(self.first_attempt_us, o.first_attempt_us);
+        self.last_connected_us = self.last_connected_us.max(o.last_connected_us);
+        self.last_complete_us = self.last_complete_us.max(o.last_complete_us);
+    }
+}
+
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Seconds from unix µs `a` to `b`.
+fn span(a: u64, b: u64) -> f64 {
+    b.saturating_sub(a) as f64 / 1e6
+}
+
+/// A member's clients as the leader needs them to publish what they miss
+/// (their resume tokens stay with the member).
+fn away_json(away: &[Away]) -> Value {
+    Value::Array(
+        away.iter()
+            .map(|a| json!([a.index, a.channel.as_str(), a.base]))
+            .collect(),
+    )
+}
+
+fn away_of_json(v: &Value) -> Result<Vec<Away>> {
+    let rows: Vec<(usize, String, u64)> =
+        serde_json::from_value(v.clone()).context("a worker's dropped clients")?;
+    rows.into_iter()
+        .map(|(index, channel, base)| {
+            Ok(Away {
+                index,
+                channel: ChannelName::new(channel)?,
+                token: String::new(),
+                base,
+            })
+        })
+        .collect()
+}
+
+pub async fn run(
+    opts: ResumeOptions,
+    fleet_opts: FleetOptions,
+    mut role: Role,
+    share: Share,
+) -> Result<Report> {
     if opts.clients == 0 {
         bail!("--clients must be at least 1");
     }
@@ -343,9 +460,19 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         Transport::Quic(_) => "quic",
     };
     let http = publisher::api_client(opts.api_key.as_deref(), PUBLISH_IN_FLIGHT)?;
-    publisher::check_ready(&http, &opts.api).await?;
-    let broker = Brokers::new(opts.broker_pids.clone(), "CPU")?;
-    let (setup_rate, setup_concurrency) = (fleet_opts.connect_rate, fleet_opts.concurrency);
+    let leader = !role.is_member();
+    if leader {
+        publisher::check_ready(&http, &opts.api).await?;
+    }
+    let broker = match leader {
+        true => Brokers::new(opts.broker_pids.clone(), "CPU")?,
+        false => Brokers::default(),
+    };
+    // Over all workers (each worker's fleet options are its share).
+    let (setup_rate, setup_concurrency) = (
+        fleet_opts.connect_rate * share.of as f64,
+        fleet_opts.concurrency * share.of,
+    );
     let wave = Arc::new(Wave {
         transport: transport.clone(),
         encoding: fleet_opts.encoding,
@@ -354,90 +481,123 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         attempt_timeout: fleet_opts.attempt_timeout,
         missed: opts.missed as u64,
         message_timeout: opts.message_timeout,
-        permits: Semaphore::new(opts.reconnect_concurrency),
+        permits: Semaphore::new(opts.reconnect_concurrency.div_ceil(share.of.max(1)).max(1)),
         settled: AtomicU64::new(0),
         signer: fleet_opts.signer.clone(),
     });
 
-    // 1. Connect and subscribe.
+    // 1. Connect and subscribe (every worker its share).
     let prefix = opts.channel_prefix.clone();
+    let start_us = publisher::unix_micros();
     let fleet = Fleet::launch(
-        0..opts.clients,
+        share.range(opts.clients),
         fleet_opts,
         move |i| Ok(ChannelName::new(format!("{prefix}{i}"))?),
         hold_then_drop,
     );
-    let (setup_time, _) = fleet.wait_settled("resume", 0).await?;
-    let established = Counters::get(&fleet.counters.established);
-    let setup_failed = Counters::get(&fleet.counters.failed);
-    let setup_reasons = fleet.counters.failure_reasons();
-    if established == 0 {
-        bail!(
-            "no client could connect and subscribe: {}",
-            fleet::top_reason(&setup_reasons)
-        );
-    }
-    tracing::info!(
-        "resume: {established} clients subscribed in {:.1} s; dropping them all",
-        setup_time.as_secs_f64()
-    );
+    fleet.wait_settled("resume", share.index).await?;
+    let setup = role.step(Part::counted(&fleet.counters)?).await?;
+    let setup = match setup {
+        Ok(all) => {
+            if all.established == 0 {
+                bail!(
+                    "no client could connect and subscribe: {}",
+                    all.top_reason()
+                );
+            }
+            tracing::info!(
+                "resume: {} clients subscribed in {:.1} s; dropping them all",
+                all.established,
+                span(start_us, all.settled_at_us)
+            );
+            role.tell(&json!("drop")).await?;
+            Some(all)
+        }
+        Err(_) => None,
+    };
 
-    // 2. Drop them all at once.
+    // 2. Drop them all at once (every worker on the leader's word).
     let dropped_at = Instant::now();
-    let away: Vec<Away> = fleet.stop().await.into_iter().flatten().collect();
+    let dropped_at_us = publisher::unix_micros();
+    let mut away: Vec<Away> = fleet.stop().await.into_iter().flatten().collect();
     let drop_spread = dropped_at.elapsed();
-    let lost_before_drop = established - away.len() as u64;
-
-    // 3. Until the broker has seen them go.
     transport.finish().await;
-    let (gone_after, gauge) = wait_gone(&http, &opts.api, gauge_label, opts.drop_timeout).await?;
-    match gone_after {
-        Some(d) => tracing::info!(
-            "resume: the broker counts no WebSocket connection after {:.2} s",
-            d.as_secs_f64()
-        ),
-        None => tracing::warn!(
-            "resume: the broker still counts {gauge:?} WebSocket connections after {:?}; going on",
-            opts.drop_timeout
-        ),
+    let mut gone = Part::new()?;
+    gone.extras.push(away_json(&away));
+    // The members' clients, for the leader to publish what they miss.
+    let (all_away, word) = match role.step(gone).await? {
+        Ok(all) => {
+            let mut every: Vec<Away> = away.clone();
+            // The leader's own part comes first in `extras`.
+            for extra in all.extras.iter().skip(1) {
+                every.extend(away_of_json(extra)?);
+            }
+            (Some(every), None)
+        }
+        Err(word) => (None, Some(word)),
+    };
+
+    // 3–4. The leader waits until the broker has seen them go and
+    // publishes what they miss; the members wait for its word.
+    let mut middle = None;
+    if let (Some(every), Some(setup)) = (&all_away, &setup) {
+        let (gone_after, gauge) =
+            wait_gone(&http, &opts.api, gauge_label, opts.drop_timeout).await?;
+        match gone_after {
+            Some(d) => tracing::info!(
+                "resume: the broker counts no {gauge_label} connection after {:.2} s",
+                d.as_secs_f64()
+            ),
+            None => tracing::warn!(
+                "resume: the broker still counts {gauge:?} {gauge_label} connections after {:?}; going on",
+                opts.drop_timeout
+            ),
+        }
+        let published = publish_missed(
+            &http,
+            &opts.api,
+            every,
+            opts.missed,
+            opts.payload,
+            opts.batch,
+        )
+        .await?;
+        tracing::info!(
+            "resume: {} missed messages published in {:.2} s ({} failed); reconnecting {} clients",
+            published.ok,
+            published.elapsed.as_secs_f64(),
+            published.failed,
+            every.len()
+        );
+        role.tell(&json!("reconnect")).await?;
+        middle = Some((setup.clone(), gone_after, gauge, published));
+    }
+    if let Some(word) = word {
+        // A member's clients are reconnected on the leader's word.
+        if word != json!("reconnect") {
+            bail!("the leader said {word} instead of reconnect");
+        }
     }
 
-    // 4. Publish what they miss.
-    let published = publish_missed(
-        &http,
-        &opts.api,
-        &away,
-        opts.missed,
-        opts.payload,
-        opts.batch,
-    )
-    .await?;
-    tracing::info!(
-        "resume: {} missed messages published in {:.2} s ({} failed); reconnecting {} clients",
-        published.ok,
-        published.elapsed.as_secs_f64(),
-        published.failed,
-        away.len()
-    );
-
-    // 5. Reconnect them all.
+    // 5. Reconnect them all, every worker its own at its share of the rate.
     let broker_cpu0 = broker.cpu()?;
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let (stop, _) = watch::channel(false);
     let wave_start = Instant::now();
+    let reconnect_rate = share.rate(opts.reconnect_rate);
     let mut handles = Vec::with_capacity(away.len());
-    for (n, a) in away.iter().enumerate() {
-        let slot = wave_start + Duration::from_secs_f64(n as f64 / opts.reconnect_rate);
+    for (n, a) in away.drain(..).enumerate() {
+        let slot = wave_start + Duration::from_secs_f64(n as f64 / reconnect_rate);
         handles.push(tokio::spawn(reconnect(
             wave.clone(),
-            a.clone(),
+            a,
             slot,
             stop.subscribe(),
         )));
     }
-    let live = crate::live::Live::new(0);
+    let live = crate::live::Live::new(share.index);
     let mut last_line = Instant::now();
-    while wave.settled.load(Ordering::Relaxed) < away.len() as u64 {
+    while wave.settled.load(Ordering::Relaxed) < handles.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
         if last_line.elapsed() >= Duration::from_secs(1) {
             last_line = Instant::now();
@@ -445,17 +605,22 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
                 "resume {:>4.0}s into the wave: {} of {} clients back (resumed and caught up, or failed)",
                 wave_start.elapsed().as_secs_f64(),
                 wave.settled.load(Ordering::Relaxed),
-                away.len()
+                handles.len()
             ));
         }
     }
     drop(live);
+    // Every worker's wave settled; then the broker's CPU is read.
+    let settled = role.step(Part::new()?).await?;
     let wave_window = wave_start.elapsed();
     let broker_cpu = match (broker_cpu0, broker.cpu()?) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
+    if settled.is_ok() {
+        role.tell(&json!("close")).await?;
+    }
     // A short grace for late duplicates, then everyone closes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = stop.send(true);
@@ -466,38 +631,46 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
             Err(e) => tracing::warn!(error = %e, "a client task failed"),
         }
     }
-
-    // The figures.
-    let mut latency = report::latency_histogram::<u64>()?;
-    let mut reasons = BTreeMap::<String, u64>::new();
-    let (mut resumed, mut retries, mut received, mut duplicates, mut unexpected, mut reordered) =
-        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut first_attempt: Option<Instant> = None;
-    let mut last_connected: Option<Instant> = None;
-    let mut last_complete: Option<Instant> = None;
+    let mut mine = Part::new()?;
+    mine.cpu_us = u64::try_from(own_cpu.as_micros()).unwrap_or(u64::MAX);
     for b in &backs {
         if let Some(l) = b.latency {
-            latency.saturating_record(u64::try_from(l.as_micros()).unwrap_or(u64::MAX).max(1));
-        }
-        first_attempt = match (first_attempt, b.first_attempt) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        last_connected = last_connected.max(b.connected_at);
-        last_complete = last_complete.max(b.complete_at);
-        retries += b.retries;
-        received += b.received;
-        duplicates += b.duplicates;
-        unexpected += b.unexpected;
-        reordered += b.reordered;
-        match &b.failure {
-            None => resumed += 1,
-            Some(reason) => *reasons.entry(reason.clone()).or_default() += 1,
+            mine.latency
+                .saturating_record(u64::try_from(l.as_micros()).unwrap_or(u64::MAX).max(1));
         }
     }
+    mine.extras
+        .push(serde_json::to_value(WaveFigures::of(&backs))?);
+    let (Some(total), Some((setup, gone_after, gauge, published)), Some(all_away)) =
+        (role.last(mine).await?, middle, all_away)
+    else {
+        return Ok(Report::new("resume"));
+    };
+
+    // The figures.
+    let mut f = WaveFigures::default();
+    for extra in total.extras {
+        f.absorb(serde_json::from_value(extra).context("a worker's wave")?);
+    }
+    let latency = total.latency;
+    let own_cpu = Duration::from_micros(total.cpu_us);
+    let (established, setup_failed) = (setup.established, setup.failed);
+    let setup_reasons = setup.top_reasons();
+    let setup_time = span(start_us, setup.settled_at_us);
+    let lost_before_drop = established.saturating_sub(all_away.len() as u64);
+    let (resumed, retries, received, duplicates, unexpected, reordered) = (
+        f.resumed,
+        f.retries,
+        f.received,
+        f.duplicates,
+        f.unexpected,
+        f.reordered,
+    );
+    let reasons = f.reasons;
     let expected = published.ok;
     let mut r = Report::new("resume");
     transport.describe(wave.encoding, &mut r);
+    r.count("workers", "load tester processes", share.of as u64);
     r.count(
         "clients_requested",
         "clients requested",
@@ -524,7 +697,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     r.number(
         "setup_seconds",
         "time to subscribe them all",
-        setup_time.as_secs_f64(),
+        setup_time,
         "s",
         2,
     );
@@ -533,7 +706,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
         "connections lost before the drop",
         lost_before_drop,
     );
-    r.count("dropped", "clients dropped at once", away.len() as u64);
+    r.count("dropped", "clients dropped at once", all_away.len() as u64);
     r.number(
         "drop_spread_ms",
         "time to drop them all",
@@ -593,7 +766,7 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     r.count(
         "resume_failures",
         "clients not resumed cleanly",
-        backs.len() as u64 - resumed,
+        f.clients.saturating_sub(resumed),
     );
     let reasons_text = if reasons.is_empty() {
         "none".to_owned()
@@ -633,11 +806,11 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
     if reordered > 0 {
         r.violation(format!("{reordered} messages out of order after a resume"));
     }
-    match (first_attempt, last_connected) {
+    match (f.first_attempt_us, f.last_connected_us) {
         (Some(a), Some(b)) => r.number(
             "first_to_last_connected_seconds",
             "first reconnect attempt → last connected",
-            b.saturating_duration_since(a).as_secs_f64(),
+            span(a, b),
             "s",
             3,
         ),
@@ -647,11 +820,11 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
             "no client connected",
         ),
     }
-    match (first_attempt, last_complete) {
+    match (f.first_attempt_us, f.last_complete_us) {
         (Some(a), Some(b)) => r.number(
             "first_to_last_recovered_seconds",
             "first reconnect attempt → last missed message",
-            b.saturating_duration_since(a).as_secs_f64(),
+            span(a, b),
             "s",
             3,
         ),
@@ -661,11 +834,11 @@ pub async fn run(opts: ResumeOptions, fleet_opts: FleetOptions) -> Result<Report
             "no client recovered",
         ),
     }
-    match last_connected {
+    match f.last_connected_us {
         Some(b) => r.number(
             "drop_to_last_connected_seconds",
             "drop → last connected (resume window 120 s)",
-            b.saturating_duration_since(dropped_at).as_secs_f64(),
+            span(dropped_at_us, b),
             "s",
             2,
         ),

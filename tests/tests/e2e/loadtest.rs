@@ -969,6 +969,33 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
     assert_eq!(per_second_sum(&v, "setups_per_second"), 101, "{v}");
     assert_eq!(accepted(&b).await, 50 + 101);
 
+    // resume over two processes: all dropped at once on the leader's word,
+    // the leader publishes what every worker's clients miss, each resumes
+    // its own; the figures add up.
+    let v = loadtest(&[
+        "--workers",
+        "2",
+        "resume",
+        "--url",
+        &b.ws_url(),
+        "--api",
+        &b.api_url(""),
+        "--clients",
+        "31",
+        "--missed",
+        "3",
+    ])
+    .await
+    .ok();
+    assert_eq!(n(&v, "workers"), 2, "{v}");
+    assert_eq!(n(&v, "dropped"), 31, "{v}");
+    assert_eq!(n(&v, "published"), 31 * 3, "{v}");
+    assert_eq!(n(&v, "resumed"), 31, "{v}");
+    assert_eq!(n(&v, "messages_received"), 31 * 3, "{v}");
+    assert_eq!(n(&v, "messages_duplicated"), 0, "{v}");
+    assert!(v["connect_p99_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(accepted(&b).await, 50 + 101 + 31 * 2);
+
     // churn over two processes: each drops and resumes its own clients
     // and checks them against the leader's ledger; the figures add up.
     let v = loadtest(&[
@@ -1010,9 +1037,13 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
     }
 
     // Scenarios that are not spread refuse --workers.
-    let run = loadtest(&["--workers", "2", "resume", "--url", &a.ws_url()]).await;
+    let run = loadtest(&["--workers", "2", "push", "--api", &a.api_url("")]).await;
     assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert!(run.stderr.contains("--workers is for"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("push holds no client"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[tokio::test]
