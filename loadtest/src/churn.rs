@@ -1171,59 +1171,25 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
     if let Some(samples) = &memory {
         add_drift(&mut r, samples, &timeline.to_vec());
     }
-    if let Some(path) = &opts.plot {
-        let title = format!(
-            "loadtest {}: {connected} clients, {} channels, {}/s, {} drops/s",
-            opts.mode.name(),
-            opts.channels,
-            opts.rate,
-            opts.drop_rate
-        );
-        crate::plot::svg(
-            path,
-            &crate::plot::Series::of_seconds(&title, &latency, timeline.points(origin_us)).marked(
-                faults
-                    .iter()
-                    .filter_map(|d| Some((d.started_s?, format!("fault {}", d.command))))
-                    .collect(),
-            ),
-        )?;
-        r.text("plot", "picture", path.display().to_string());
-    }
-    if !faults.is_empty() {
-        let text = faults
-            .iter()
-            .map(|d| match (d.started_s, d.ok) {
-                (Some(s), true) => format!("{s:.1} s `{}`: exit 0", d.command),
-                (Some(s), false) => format!(
-                    "{s:.1} s `{}`: FAILED ({}) {}",
-                    d.command,
-                    d.status
-                        .map_or("no exit code".to_owned(), |c| format!("exit {c}")),
-                    d.output
-                ),
-                (None, _) => format!("{:.1} s `{}`: {}", d.at_s, d.command, d.output),
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        r.value(
-            "faults",
-            "faults done to the deployment",
-            serde_json::to_value(&faults)?,
-            text,
-        );
-        r.count(
-            "faults_failed",
-            "fault commands that failed or never ran",
-            faults.iter().filter(|d| !d.ok).count() as u64,
-        );
-    }
-    r.value(
-        "timeline",
-        "progress samples (one a second)",
-        timeline.json(origin_us, "deliveries_per_second", "online"),
-        format!("{} (in the JSON report)", timeline.len()),
+    crate::faults::add_to(&mut r, &faults)?;
+    let title = format!(
+        "loadtest {}: {connected} clients, {} channels, {}/s, {} drops/s",
+        opts.mode.name(),
+        opts.channels,
+        opts.rate,
+        opts.drop_rate
     );
+    let picture = opts.plot.as_deref().map(|p| {
+        let s = crate::plot::Series::of_seconds(&title, &latency, timeline.points(origin_us));
+        (p, s.marked(crate::faults::marks(&faults)))
+    });
+    timeline.add_to(
+        &mut r,
+        origin_us,
+        ("deliveries_per_second", "online"),
+        "progress samples (one a second, all workers)",
+        picture,
+    )?;
     Ok(r)
 }
 

@@ -637,22 +637,20 @@ pub async fn run(
         own_rss as f64,
     );
     UdpDrops::add_to(&mut r, udp_drops0, udp_drops, "in the measured window");
-    if let Some(path) = &opts.plot {
-        let title = format!(
-            "loadtest fanout: {subscribed} subscribers, {}/s, {} B",
-            opts.plan.rate, opts.plan.payload,
-        );
-        crate::plot::svg(
-            path,
-            &crate::plot::Series::of_seconds(&title, &latency, timeline.points(start_us)),
-        )?;
-        r.text("plot", "picture", path.display().to_string());
-    }
-    r.value(
-        "timeline",
-        "progress samples (one a second, all workers)",
-        timeline.json(start_us, "deliveries_per_second", "subscribers"),
-        format!("{} (in the JSON report)", timeline.len()),
+    let title = format!(
+        "loadtest fanout: {subscribed} subscribers, {}/s, {} B",
+        opts.plan.rate, opts.plan.payload,
     );
+    let picture = opts.plot.as_deref().map(|p| {
+        let s = crate::plot::Series::of_seconds(&title, &latency, timeline.points(start_us));
+        (p, s)
+    });
+    timeline.add_to(
+        &mut r,
+        start_us,
+        ("deliveries_per_second", "subscribers"),
+        "progress samples (one a second, all workers)",
+        picture,
+    )?;
     Ok(r)
 }

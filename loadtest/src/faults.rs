@@ -144,6 +144,49 @@ impl Schedule {
     }
 }
 
+/// The report's rows of the faults done: `faults` (each one's time, exit
+/// status and output) and `faults_failed`; nothing when there were none.
+pub fn add_to(r: &mut crate::report::Report, faults: &[Done]) -> anyhow::Result<()> {
+    if faults.is_empty() {
+        return Ok(());
+    }
+    let text = faults
+        .iter()
+        .map(|d| match (d.started_s, d.ok) {
+            (Some(s), true) => format!("{s:.1} s `{}`: exit 0", d.command),
+            (Some(s), false) => format!(
+                "{s:.1} s `{}`: FAILED ({}) {}",
+                d.command,
+                d.status
+                    .map_or("no exit code".to_owned(), |c| format!("exit {c}")),
+                d.output
+            ),
+            (None, _) => format!("{:.1} s `{}`: {}", d.at_s, d.command, d.output),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    r.value(
+        "faults",
+        "faults done to the deployment",
+        serde_json::to_value(faults)?,
+        text,
+    );
+    r.count(
+        "faults_failed",
+        "fault commands that failed or never ran",
+        faults.iter().filter(|d| !d.ok).count() as u64,
+    );
+    Ok(())
+}
+
+/// The faults that ran, as marks for `--plot` (seconds into publishing).
+pub fn marks(faults: &[Done]) -> Vec<(f64, String)> {
+    faults
+        .iter()
+        .filter_map(|d| Some((d.started_s?, format!("fault {}", d.command))))
+        .collect()
+}
+
 /// Runs `command` with `sh -c`: its exit code and the start of its output.
 async fn run(command: &str) -> Result<(Option<i32>, String), String> {
     let child = tokio::process::Command::new("sh")

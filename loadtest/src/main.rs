@@ -485,22 +485,15 @@ impl ChurnArgs {
     /// The options of this worker's share of the run.
     async fn options(self, mode: churn::Mode, share: Share) -> Result<churn::ChurnOptions> {
         let soak = matches!(mode, churn::Mode::Soak(_));
-        let transport = match self.transport {
-            TransportArg::Ws => {
-                let mut urls = Vec::with_capacity(self.url.len());
-                for u in &self.url {
-                    let t = Target::resolve_with(u, self.tls_ca.as_deref()).await?;
-                    target::check_source_ips(&self.source_ips, t.addr)?;
-                    urls.push(t);
-                }
-                Transport::Ws(urls.into())
-            }
-            TransportArg::Quic => Transport::Quic(self.quic.target(
-                share.range(self.clients).len(),
-                &self.source_ips,
-                self.tls_ca.as_deref(),
-            )?),
-        };
+        let transport = transport(
+            self.transport,
+            &self.url,
+            &self.quic,
+            self.tls_ca.as_deref(),
+            &self.source_ips,
+            share.range(self.clients).len(),
+        )
+        .await?;
         let duration = self.duration.unwrap_or(if soak { 3600.0 } else { 10.0 });
         Ok(churn::ChurnOptions {
             mode,
@@ -616,22 +609,15 @@ struct Common {
 impl Common {
     /// How to open this worker's share of `clients` clients.
     async fn fleet_options(&self, clients: usize, share: Share) -> Result<FleetOptions> {
-        let transport = match self.transport {
-            TransportArg::Ws => {
-                let mut targets = Vec::with_capacity(self.url.len());
-                for url in &self.url {
-                    let target = Target::resolve_with(url, self.tls_ca.as_deref()).await?;
-                    target::check_source_ips(&self.source_ips, target.addr)?;
-                    targets.push(target);
-                }
-                Transport::Ws(targets.into())
-            }
-            TransportArg::Quic => Transport::Quic(self.quic.target(
-                share.range(clients).len(),
-                &self.source_ips,
-                self.tls_ca.as_deref(),
-            )?),
-        };
+        let transport = transport(
+            self.transport,
+            &self.url,
+            &self.quic,
+            self.tls_ca.as_deref(),
+            &self.source_ips,
+            share.range(clients).len(),
+        )
+        .await?;
         if !self.connect_rate.is_finite() || self.connect_rate <= 0.0 {
             anyhow::bail!("--connect-rate must be above 0");
         }
@@ -648,6 +634,30 @@ impl Common {
             signer: self.auth.signer()?,
         })
     }
+}
+
+/// Where `clients` clients connect: the WebSocket URLs, resolved once and
+/// checked against the source addresses, or the QUIC endpoints.
+async fn transport(
+    kind: TransportArg,
+    urls: &[String],
+    quic: &QuicArgs,
+    ca: Option<&std::path::Path>,
+    source_ips: &[IpAddr],
+    clients: usize,
+) -> Result<Transport> {
+    Ok(match kind {
+        TransportArg::Ws => {
+            let mut targets = Vec::with_capacity(urls.len());
+            for url in urls {
+                let target = Target::resolve_with(url, ca).await?;
+                target::check_source_ips(source_ips, target.addr)?;
+                targets.push(target);
+            }
+            Transport::Ws(targets.into())
+        }
+        TransportArg::Quic => Transport::Quic(quic.target(clients, source_ips, ca)?),
+    })
 }
 
 /// Who the load tester is to the broker: the API key and the simulated

@@ -149,6 +149,29 @@ impl Timeline {
         )
     }
 
+    /// The report's `timeline` row ([`Timeline::json`] with `names`: the
+    /// count's and the clients'), and with `--plot` the picture.
+    pub fn add_to(
+        &self,
+        r: &mut Report,
+        origin_us: u64,
+        names: (&str, &str),
+        label: &'static str,
+        picture: Option<(&Path, crate::plot::Series<'_>)>,
+    ) -> anyhow::Result<()> {
+        if let Some((path, series)) = picture {
+            crate::plot::svg(path, &series)?;
+            r.text("plot", "picture", path.display().to_string());
+        }
+        r.value(
+            "timeline",
+            label,
+            self.json(origin_us, names.0, names.1),
+            format!("{} (in the JSON report)", self.len()),
+        );
+        Ok(())
+    }
+
     /// The points [`crate::plot::Series::of_seconds`] draws: (seconds since
     /// `origin_us`, p99 µs, count per second, online).
     pub fn points(&self, origin_us: u64) -> Vec<(f64, Option<u64>, f64, f64)> {
@@ -177,25 +200,21 @@ pub fn add_setups(
     title: &str,
 ) -> anyhow::Result<()> {
     let timeline = Timeline::of(seconds);
-    if let Some(path) = plot {
-        let mut all = crate::report::latency_histogram()?;
-        for s in timeline.seconds() {
-            let _ = all.add(&s.latency);
-        }
-        crate::plot::svg(
-            path,
-            &crate::plot::Series::of_seconds(title, &all, timeline.points(origin_us))
-                .captioned(crate::plot::SETUPS),
-        )?;
-        r.text("plot", "picture", path.display().to_string());
+    let mut all = crate::report::latency_histogram()?;
+    for s in timeline.seconds() {
+        let _ = all.add(&s.latency);
     }
-    r.value(
-        "timeline",
+    let picture = plot.map(|p| {
+        let s = crate::plot::Series::of_seconds(title, &all, timeline.points(origin_us));
+        (p, s.captioned(crate::plot::SETUPS))
+    });
+    timeline.add_to(
+        r,
+        origin_us,
+        ("setups_per_second", "connections"),
         "connecting, one sample a second (all workers)",
-        timeline.json(origin_us, "setups_per_second", "connections"),
-        format!("{} (in the JSON report)", timeline.len()),
-    );
-    Ok(())
+        picture,
+    )
 }
 
 /// A tick at every whole second of the machine's clock: every worker's
