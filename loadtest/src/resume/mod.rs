@@ -896,19 +896,7 @@ pub async fn run(
             "no --broker-pid",
         ),
     }
-    r.number(
-        "loadtest_cpu_seconds",
-        "loadtest CPU in the wave (same machine)",
-        own_cpu.as_secs_f64(),
-        "s",
-        2,
-    );
-    r.number(
-        "loadtest_cpu_cores",
-        "loadtest CPU, cores busy on average",
-        own_cpu.as_secs_f64() / secs,
-        "",
-        2,
-    );
+    // In the wave, all workers (with a warning when it is the bottleneck).
+    crate::report::own_cpu(&mut r, own_cpu, wave_window);
     Ok(r)
 }
