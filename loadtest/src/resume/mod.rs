@@ -34,7 +34,7 @@
 //! Reported: clients resumed, failures by reason, messages lost and
 //! duplicated, the time from the first reconnect attempt to the last
 //! `connected` (and to the last missed message), and the distribution of
-//! one client's TCP connect → `connected` time.
+//! one client's connect (TCP and WebSocket, or QUIC, handshake included) → `connected` time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -517,6 +517,7 @@ pub async fn run(
     };
 
     // 2. Drop them all at once (every worker on the leader's word).
+    let udp_drops0 = crate::quic::udp_drops(&transport);
     let dropped_at = Instant::now();
     let dropped_at_us = publisher::unix_micros();
     let mut away: Vec<Away> = fleet.stop().await.into_iter().flatten().collect();
@@ -618,6 +619,7 @@ pub async fn run(
         _ => None,
     };
     let own_cpu = proc::cpu_time(Pid::Current)?.saturating_sub(own_cpu0);
+    let udp_drops1 = crate::quic::udp_drops(&transport);
     if settled.is_ok() {
         role.tell(&json!("close")).await?;
     }
@@ -858,11 +860,11 @@ pub async fn run(
             "connect_max_ms",
         ],
         [
-            "TCP connect → connected p50",
-            "TCP connect → connected p90",
-            "TCP connect → connected p99",
-            "TCP connect → connected p99.9",
-            "TCP connect → connected max",
+            "connect → connected p50",
+            "connect → connected p90",
+            "connect → connected p99",
+            "connect → connected p99.9",
+            "connect → connected max",
         ],
     );
     let secs = wave_window.as_secs_f64().max(1e-9);
@@ -898,5 +900,11 @@ pub async fn run(
     }
     // In the wave, all workers (with a warning when it is the bottleneck).
     crate::report::own_cpu(&mut r, own_cpu, wave_window);
+    crate::quic::UdpDrops::add_to(
+        &mut r,
+        udp_drops0,
+        udp_drops1,
+        "from the drop to the end of the wave (this process's sockets)",
+    );
     Ok(r)
 }
