@@ -34,7 +34,8 @@
 //! Reported: clients resumed, failures by reason, messages lost and
 //! duplicated, the time from the first reconnect attempt to the last
 //! `connected` (and to the last missed message), and the distribution of
-//! one client's connect (TCP and WebSocket, or QUIC, handshake included) → `connected` time.
+//! one client's connect (TCP and WebSocket, or QUIC, handshake included)
+//! → `connected` time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
