@@ -120,12 +120,29 @@ pub struct ChurnOptions {
     pub drop_rate: f64,
     /// Drop every client at once this long after publishing starts.
     pub storm_at: Option<Duration>,
+    /// How a dropped client leaves its connection.
+    pub drop_mode: DropMode,
     pub away: Duration,
     pub drain_timeout: Duration,
     /// Draw the run here (SVG).
     pub plot: Option<std::path::PathBuf>,
     /// Done by the leader to the deployment during the run.
     pub faults: Vec<crate::faults::Fault>,
+}
+
+/// How a client drops its connection (`--drop-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DropMode {
+    /// Closed without a goodbye: the socket is dropped (TCP FIN without a
+    /// WebSocket close; over QUIC, quinn's CONNECTION_CLOSE).
+    Close,
+    /// Left open and silent (not read, pings unanswered), as a phone that
+    /// moved to another network leaves it: the client comes back on a new
+    /// connection with its resume token, which takes the session over (the
+    /// broker closes the old one with 4000) and must replay what it wrote
+    /// to the silent one. The old socket is let go once the new session is
+    /// up.
+    Silent,
 }
 
 /// Shards of the last second's latency histogram (client `i` records into
@@ -438,6 +455,9 @@ impl ClientCtx {
         let mut stop = self.stop.clone();
         let mut targets = self.targets.clone();
         let drop_now = self.drop_now.clone();
+        // A silently dropped connection, held (unread) until the next
+        // session is up.
+        let mut silent: Option<Client> = None;
         while let Some(t) = trail.as_mut() {
             if !done && self.caught_up(t) {
                 done = true;
@@ -480,10 +500,14 @@ impl ClientCtx {
                     };
                 }
                 Step::Drop => {
-                    // Abruptly: the socket is closed with no close frame.
+                    // Abruptly: no close frame, the socket closed or left
+                    // silent until the new session is up.
                     self.tally.drops.fetch_add(1, Ordering::Relaxed);
                     self.tally.on_node(node, false);
-                    drop(session.client);
+                    match self.opts.drop_mode {
+                        DropMode::Close => drop(session.client),
+                        DropMode::Silent => silent = Some(session.client),
+                    }
                     let mut stop = self.stop.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(self.opts.away) => {}
@@ -516,6 +540,8 @@ impl ClientCtx {
                         self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
                         self.tally.on_node(node, true);
                         session = s;
+                        // Taken over by now: the old one can go.
+                        drop(silent.take());
                     }
                     None => {
                         return Outcome {
@@ -1060,6 +1086,14 @@ pub async fn run(opts: ChurnOptions, mut role: Role, share: Share) -> Result<Rep
         opts.drop_rate,
         "/s",
         1,
+    );
+    r.text(
+        "drop_mode",
+        "how a drop leaves the connection",
+        match opts.drop_mode {
+            DropMode::Close => "close (no goodbye)",
+            DropMode::Silent => "silent (left open, unread, while the client resumes elsewhere)",
+        },
     );
     r.count("drops", "connections dropped abruptly", f.drops);
     let (closes, close_codes) =

@@ -463,6 +463,12 @@ struct ChurnArgs {
     /// Drop every client at once this many seconds into publishing.
     #[arg(long, value_name = "SECS")]
     storm_at: Option<f64>,
+    /// How a dropped client leaves its connection: `close` (no goodbye:
+    /// the socket is closed) or `silent` (left open, unread and unanswered,
+    /// while the client resumes on a new one, as a phone that changed
+    /// networks; the resume takes the session over).
+    #[arg(long, value_enum, default_value = "close")]
+    drop_mode: churn::DropMode,
     /// Seconds a dropped client stays away before it resumes.
     #[arg(long, default_value_t = 0.5)]
     away: f64,
@@ -520,6 +526,7 @@ impl ChurnArgs {
                 .map(|s| seconds(s, "--storm-at"))
                 .transpose()?,
             away: seconds(self.away, "--away")?,
+            drop_mode: self.drop_mode,
             drain_timeout: seconds(self.drain_timeout, "--drain-timeout")?,
             plot: self.plot,
             faults: self.faults,

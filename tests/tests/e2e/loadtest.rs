@@ -150,6 +150,84 @@ async fn churn_with_auth_resumes_every_drop_and_loses_nothing() {
     assert!(v["violations"].as_array().unwrap().is_empty(), "{v}");
 }
 
+/// A drop that leaves the old connection open and silent (a phone that
+/// moved networks): the client resumes on a new connection, which takes
+/// the session over, and what the broker wrote to the silent one is
+/// replayed: nothing lost, nothing twice. On one node, and across two
+/// (the takeover then crosses nodes).
+#[tokio::test]
+async fn silent_drops_are_taken_over_and_nothing_is_lost() {
+    let broker = TestBroker::start(&[]).unwrap();
+    let common = [
+        "--clients",
+        "30",
+        "--channels",
+        "3",
+        "--rate",
+        "60",
+        "--duration",
+        "2",
+        "--drop-rate",
+        "10",
+        "--away",
+        "0.3",
+        "--drop-mode",
+        "silent",
+    ];
+    let (ws, api) = (broker.ws_url(), broker.api_url(""));
+    let mut args = vec!["churn", "--url", &ws, "--api", &api];
+    args.extend(common);
+    let v = loadtest(&args).await.ok();
+    assert!(
+        v["drop_mode"].as_str().unwrap().starts_with("silent"),
+        "{v}"
+    );
+    let drops = n(&v, "drops");
+    assert!(drops >= 10, "{v}");
+    // The old connections were still open: each resume took one over.
+    let metrics = broker.metrics().await.unwrap();
+    let taken_over: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_disconnects_total{code=\"4000\"} "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    assert_eq!(taken_over, drops, "{metrics}");
+    assert_eq!(n(&v, "resumed"), drops, "{v}");
+    assert_eq!(n(&v, "recovered"), drops, "{v}");
+    assert_eq!(n(&v, "deliveries"), 120 * 10, "{v}");
+    for key in ["silently_lost", "duplicated", "reordered", "declared_lost"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+
+    let redis = TestRedis::start().unwrap();
+    let url = redis.url();
+    let nodes: Vec<TestBroker> = (0..2)
+        .map(|i| {
+            let id = format!("lts-{i}");
+            TestBroker::start(&[
+                "--redis-url",
+                &url,
+                "--resume-secret",
+                "loadtest-cluster-secret-0123456789",
+                "--node-id",
+                &id,
+            ])
+            .unwrap()
+        })
+        .collect();
+    let urls = format!("{},{}", nodes[0].ws_url(), nodes[1].ws_url());
+    let apis = format!("{},{}", nodes[0].api_url(""), nodes[1].api_url(""));
+    let mut args = vec!["cluster", "--url", &urls, "--api", &apis];
+    args.extend(common);
+    let v = loadtest(&args).await.ok();
+    let drops = n(&v, "drops");
+    assert!(drops >= 10, "{v}");
+    assert_eq!(n(&v, "resumed"), drops, "{v}");
+    assert_eq!(n(&v, "deliveries"), 120 * 10, "{v}");
+    for key in ["silently_lost", "duplicated", "reordered", "declared_lost"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+}
+
 /// wss://, verified against the broker's certificate given as `--tls-ca`;
 /// without it (system roots only) the handshake is refused.
 #[tokio::test]
