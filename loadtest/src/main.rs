@@ -229,12 +229,17 @@ enum Scenario {
         #[arg(long, default_value_t = 256)]
         reconnect_concurrency: usize,
         /// Seconds to wait for the broker to count the dropped connections
-        /// gone (`tether_connections{transport="ws"}` = 0 in GET /metrics).
+        /// gone (`tether_connections{transport="ws"}`, or `"quic"`, = 0 in GET /metrics).
         #[arg(long, default_value_t = 30.0)]
         drop_timeout: f64,
         /// Seconds a resumed client waits for its missed messages.
         #[arg(long, default_value_t = 20.0)]
         message_timeout: f64,
+        /// Also draw the reconnect wave as an SVG picture: connect p99 and
+        /// reconnects of each second, clients connected again, the connect
+        /// time distribution.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// Steady publishing while clients drop abruptly and resume, every
     /// delivery checked against the ledger of accepted publications.
@@ -883,11 +888,13 @@ async fn run(scenario: Scenario, share: Share) -> Result<Report> {
             reconnect_concurrency,
             drop_timeout,
             message_timeout,
+            plot,
         } => {
             if !reconnect_rate.is_finite() || reconnect_rate <= 0.0 {
                 anyhow::bail!("--reconnect-rate must be above 0");
             }
             let opts = resume::ResumeOptions {
+                plot,
                 api_key: common.auth.api_key.clone(),
                 api: target::parse_url(&api, "--api")?,
                 clients,

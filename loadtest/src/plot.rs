@@ -31,6 +31,13 @@ const DELIVERIES: [&str; 3] = [
     "latency distribution of the run (live deliveries)",
 ];
 
+/// The captions of a reconnect wave.
+pub const RECONNECTS: [&str; 3] = [
+    "connect → connected p99 of each second (the clients coming back)",
+    "reconnects per second (red) and clients connected again (blue)",
+    "connect → connected distribution of the wave",
+];
+
 /// The captions of a run measured by its setups.
 pub const SETUPS: [&str; 3] = [
     "setup time p99 of each second (TCP connect → subscribed)",

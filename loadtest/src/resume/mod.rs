@@ -38,11 +38,12 @@
 //! → `connected` time.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -55,7 +56,8 @@ use crate::crew::{Part, Role, Share};
 use crate::fleet::{self, Fleet, FleetOptions, Transport};
 use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self};
-use crate::report::{Latency, Report};
+use crate::report::{self, Latency, Report};
+use crate::timeline::{Second, Ticker, Timeline};
 
 mod missed;
 
@@ -78,6 +80,8 @@ pub struct ResumeOptions {
     pub channel_prefix: String,
     /// Key the backend API requires.
     pub api_key: Option<String>,
+    /// Draw the reconnect wave here (SVG).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// The most publications one batch request may carry (PROTOCOL.md §10).
@@ -161,6 +165,43 @@ struct Wave {
     settled: AtomicU64,
     /// Mints the token of the client's user again (auth configured).
     signer: Option<Signer>,
+    /// Clients connected again so far, and their connect times (µs) since
+    /// the last tick.
+    connected: AtomicU64,
+    window: Mutex<Option<Histogram<u64>>>,
+}
+
+impl Wave {
+    fn note_connected(&self, took: Duration) {
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            *w = report::latency_histogram().ok();
+        }
+        if let Some(h) = w.as_mut() {
+            h.saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
+        }
+    }
+
+    /// This second of the wave: clients connected in it, connected in all,
+    /// their connect times; the total settled.
+    fn second(&self, unix_s: u64, last_connected: &mut u64) -> Result<Second> {
+        let connected = self.connected.load(Ordering::Relaxed);
+        let taken = self.window.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut s = Second::new(
+            unix_s,
+            connected.saturating_sub(*last_connected),
+            i64::try_from(connected).unwrap_or(i64::MAX),
+            match taken {
+                Some(h) => h,
+                None => report::latency_histogram()?,
+            },
+        );
+        *last_connected = connected;
+        s.totals
+            .insert("settled".into(), self.settled.load(Ordering::Relaxed));
+        Ok(s)
+    }
 }
 
 /// One attempt: TCP connect, upgrade, `connect` with the resume token,
@@ -234,6 +275,7 @@ async fn reconnect(
                     let now = Instant::now();
                     back.connected_at = Some(now);
                     back.latency = Some(now - first);
+                    wave.note_connected(now - first);
                     break ok;
                 }
                 Err(e) if attempt >= wave.retries => {
@@ -485,6 +527,8 @@ pub async fn run(
         permits: Semaphore::new(opts.reconnect_concurrency.div_ceil(share.of.max(1)).max(1)),
         settled: AtomicU64::new(0),
         signer: fleet_opts.signer.clone(),
+        connected: AtomicU64::new(0),
+        window: Mutex::new(None),
     });
 
     // 1. Connect and subscribe (every worker its share).
@@ -586,6 +630,7 @@ pub async fn run(
     let own_cpu0 = proc::cpu_time(Pid::Current)?;
     let (stop, _) = watch::channel(false);
     let wave_start = Instant::now();
+    let wave_start_us = publisher::unix_micros();
     let reconnect_rate = share.rate(opts.reconnect_rate);
     let mut handles = Vec::with_capacity(away.len());
     for (n, a) in away.drain(..).enumerate() {
@@ -598,19 +643,31 @@ pub async fn run(
         )));
     }
     let live = crate::live::Live::new(share.index);
-    let mut last_line = Instant::now();
+    let mut ticker = Ticker::new();
+    let (mut seconds, mut last_connected) = (Vec::new(), 0u64);
     while wave.settled.load(Ordering::Relaxed) < handles.len() as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        if last_line.elapsed() >= Duration::from_secs(1) {
-            last_line = Instant::now();
-            live.line(&format!(
-                "resume {:>4.0}s into the wave: {} of {} clients back (resumed and caught up, or failed)",
-                wave_start.elapsed().as_secs_f64(),
-                wave.settled.load(Ordering::Relaxed),
-                handles.len()
-            ));
+        tokio::select! {
+            unix_s = ticker.tick() => {
+                let s = wave.second(unix_s, &mut last_connected)?;
+                live.line(&format!(
+                    "resume {:>4.0}s into the wave: {} connected ({}/s, connect p99 {}), {} of {} back (resumed and caught up, or failed)",
+                    wave_start.elapsed().as_secs_f64(),
+                    s.online,
+                    s.count,
+                    s.p99_us().map_or_else(|| "-".to_owned(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+                    wave.settled.load(Ordering::Relaxed),
+                    handles.len()
+                ));
+                seconds.push(s);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
     }
+    // The last, partial second: every reconnect is in one.
+    seconds.push(wave.second(
+        publisher::unix_micros() / 1_000_000 + 1,
+        &mut last_connected,
+    )?);
     drop(live);
     // Every worker's wave settled; then the broker's CPU is read.
     let settled = role.step(Part::new()?).await?;
@@ -635,6 +692,7 @@ pub async fn run(
         }
     }
     let mut mine = Part::new()?;
+    mine.seconds = seconds;
     mine.cpu_us = u64::try_from(own_cpu.as_micros()).unwrap_or(u64::MAX);
     for b in &backs {
         if let Some(l) = b.latency {
@@ -644,13 +702,14 @@ pub async fn run(
     }
     mine.extras
         .push(serde_json::to_value(WaveFigures::of(&backs))?);
-    let (Some(total), Some((setup, gone_after, gauge, published)), Some(all_away)) =
+    let (Some(mut total), Some((setup, gone_after, gauge, published)), Some(all_away)) =
         (role.last(mine).await?, middle, all_away)
     else {
         return Ok(Report::new("resume"));
     };
 
     // The figures.
+    let timeline = Timeline::of(std::mem::take(&mut total.seconds));
     let mut f = WaveFigures::default();
     for extra in total.extras {
         f.absorb(serde_json::from_value(extra).context("a worker's wave")?);
@@ -907,5 +966,21 @@ pub async fn run(
         udp_drops1,
         "from the drop to the end of the wave (this process's sockets)",
     );
+    let title = format!(
+        "loadtest resume: {} clients dropped at once, {} missed each",
+        all_away.len(),
+        opts.missed
+    );
+    let picture = opts.plot.as_deref().map(|p| {
+        let s = crate::plot::Series::of_seconds(&title, &latency, timeline.points(wave_start_us));
+        (p, s.captioned(crate::plot::RECONNECTS))
+    });
+    timeline.add_to(
+        &mut r,
+        wave_start_us,
+        ("reconnects_per_second", "connected"),
+        "the reconnect wave, one sample a second (all workers)",
+        picture,
+    )?;
     Ok(r)
 }

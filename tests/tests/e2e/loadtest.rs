@@ -1050,6 +1050,8 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
     // resume over two processes: all dropped at once on the leader's word,
     // the leader publishes what every worker's clients miss, each resumes
     // its own; the figures add up.
+    let dir = tempfile::tempdir().unwrap();
+    let wave_svg = dir.path().join("wave.svg");
     let v = loadtest(&[
         "--workers",
         "2",
@@ -1062,9 +1064,15 @@ async fn workers_share_the_clients_and_their_figures_are_merged() {
         "31",
         "--missed",
         "3",
+        "--plot",
+        wave_svg.to_str().unwrap(),
     ])
     .await
     .ok();
+    // The wave second by second, both workers' clients in it.
+    assert_eq!(per_second_sum(&v, "reconnects_per_second"), 31, "{v}");
+    let picture = std::fs::read_to_string(&wave_svg).unwrap();
+    assert!(picture.contains("reconnects per second"));
     assert_eq!(n(&v, "workers"), 2, "{v}");
     assert_eq!(n(&v, "dropped"), 31, "{v}");
     assert_eq!(n(&v, "published"), 31 * 3, "{v}");
