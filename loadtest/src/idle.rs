@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use tether_protocol::ChannelName;
 
 use crate::crew::{Part, Role, Share};
-use crate::fleet::{self, Ended, Fleet, FleetOptions};
+use crate::fleet::{self, Counters, Ended, Fleet, FleetOptions};
 use crate::proc::{self, Brokers, Pid};
 use crate::report::{self, Report};
 
@@ -96,7 +96,23 @@ pub async fn run(
                 all.established,
                 opts.settle
             );
-            tokio::time::sleep(opts.settle).await;
+            // A line a second while it settles: the leader's own clients
+            // still held (the members' are counted at the end).
+            let live = crate::live::Live::new(share.index);
+            let settled_at = tokio::time::Instant::now() + opts.settle;
+            let c = &fleet.counters;
+            while tokio::time::Instant::now() < settled_at {
+                let left = settled_at - tokio::time::Instant::now();
+                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+                let held = Counters::get(&c.established).saturating_sub(Counters::get(&c.dropped));
+                live.line(&format!(
+                    "idle: settling, {:.0} s left; {held} of this worker's {} connections held",
+                    settled_at
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .as_secs_f64(),
+                    Counters::get(&c.established)
+                ));
+            }
             Some(all)
         }
         Err(_) => None,

@@ -1187,7 +1187,7 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
 
     let idle_svg = dir.path().join("idle.svg");
     let idle_svg = idle_svg.to_str().unwrap();
-    let v = loadtest(&[
+    let run = loadtest(&[
         "idle",
         "--url",
         &ws,
@@ -1200,8 +1200,13 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
         "--plot",
         idle_svg,
     ])
-    .await
-    .ok();
+    .await;
+    let v = run.ok();
+    assert!(
+        run.stderr.contains("idle: settling") && run.stderr.contains("100 connections held"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(n(&v, "connections_established"), 100, "{v}");
     // Connecting, second by second: every setup in one of them; pictured.
     assert_eq!(per_second_sum(&v, "setups_per_second"), 100, "{v}");
