@@ -1252,7 +1252,7 @@ async fn progress(
             unix_s,
             delivered.saturating_sub(last_delivered),
             tally.online.load(Ordering::Relaxed),
-            tally.window_take()?,
+            &tally.window_take()?,
         );
         last_delivered = delivered;
         for (key, c) in [
@@ -1290,7 +1290,7 @@ async fn progress(
             total("drops"),
             total("reconnects")
         ));
-        out.push(s);
+        crate::timeline::push(&mut out, s);
         if last {
             return Ok(out);
         }

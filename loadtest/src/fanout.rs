@@ -166,7 +166,7 @@ async fn tick_deliveries(
             unix_s,
             total.saturating_sub(last),
             i64::try_from(subscribers).unwrap_or(i64::MAX),
-            progress.window_take()?,
+            &progress.window_take()?,
         );
         live.line(&format!(
             "fanout {:>4.0}s (worker {worker}): {} deliveries/s, p99 {}, {total} received",
@@ -177,7 +177,7 @@ async fn tick_deliveries(
                 |us| format!("{:.1} ms", us as f64 / 1000.0)
             ),
         ));
-        out.push(second);
+        crate::timeline::push(&mut out, second);
         if stopped {
             return Ok(out);
         }

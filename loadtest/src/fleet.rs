@@ -597,7 +597,7 @@ impl<T: Send + 'static> Fleet<T> {
                 established.saturating_sub(last),
                 i64::try_from(established.saturating_sub(Counters::get(&c.dropped)))
                     .unwrap_or(i64::MAX),
-                c.take_setups()?,
+                &c.take_setups()?,
             );
             last = established;
             s.totals.insert("failed".into(), Counters::get(&c.failed));
@@ -613,7 +613,7 @@ impl<T: Send + 'static> Fleet<T> {
                 ),
                 Counters::get(&c.failed),
             ));
-            seconds.push(s);
+            crate::timeline::push(&mut seconds, s);
             Ok(())
         };
         while self.settled() < self.size as u64 {

@@ -9,8 +9,12 @@
 //! a merged second is that of every worker's deliveries in it, not an
 //! average of p99s).
 //!
-//! Bounded: one [`Second`] a second of the run (an hour's soak: 3,600),
-//! each with the buckets of that second's latencies only.
+//! Bounded: one [`Second`] a second of the run, each with only the
+//! recorded buckets of that second's latencies (a few hundred at most at
+//! two significant digits, typically a few KiB); past [`FULL_SECONDS`] of
+//! a run a worker keeps of each older second only its p99, as one bucket
+//! (so a long soak's merged p99 of such a second is the p99 of the
+//! workers' p99s, weighted by their counts).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,26 +43,58 @@ pub struct Second {
     /// Running totals at its end (published, drops, …), summed over workers.
     #[serde(default)]
     pub totals: BTreeMap<String, u64>,
-    /// The latencies (µs) recorded in it.
-    #[serde(with = "crate::crew::buckets")]
-    pub latency: Histogram<u64>,
+    /// The latencies (µs) recorded in it, as `(value, count)` buckets of
+    /// [`crate::report::latency_histogram`], by value.
+    pub latency: Vec<(u64, u64)>,
+}
+
+/// How many of a worker's latest seconds keep all their buckets (two
+/// hours); older ones keep their p99 only.
+pub const FULL_SECONDS: usize = 7_200;
+
+/// Adds `s` to a worker's seconds, keeping them bounded ([`FULL_SECONDS`]).
+pub fn push(seconds: &mut Vec<Second>, s: Second) {
+    seconds.push(s);
+    if let Some(old) = seconds.len().checked_sub(FULL_SECONDS + 1)
+        && let Some(o) = seconds.get_mut(old)
+    {
+        let n: u64 = o.latency.iter().map(|b| b.1).sum();
+        o.latency = o.p99_us().map(|p| vec![(p, n)]).unwrap_or_default();
+    }
 }
 
 impl Second {
-    pub fn new(unix_s: u64, count: u64, online: i64, latency: Histogram<u64>) -> Second {
+    pub fn new(unix_s: u64, count: u64, online: i64, latency: &Histogram<u64>) -> Second {
         Second {
             unix_s,
             count,
             online,
             per_node: Vec::new(),
             totals: BTreeMap::new(),
-            latency,
+            latency: latency
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
         }
     }
 
-    /// The p99 of its latencies, µs (`None`: none recorded).
+    /// The p99 of its latencies, µs (`None`: none recorded): the value of
+    /// the bucket the 99th percentile falls in.
     pub fn p99_us(&self) -> Option<u64> {
-        (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(0.99))
+        let total: u64 = self.latency.iter().map(|b| b.1).sum();
+        let rank = (total * 99).div_ceil(100).max(1);
+        let mut seen = 0;
+        self.latency.iter().find_map(|&(v, n)| {
+            seen += n;
+            (seen >= rank).then_some(v)
+        })
+    }
+
+    /// Adds its latencies to `h`.
+    pub fn record_into(&self, h: &mut Histogram<u64>) {
+        for &(v, n) in &self.latency {
+            h.saturating_record_n(v, n);
+        }
     }
 
     /// Adds another worker's same second to this one.
@@ -74,8 +110,28 @@ impl Second {
         for (k, n) in o.totals {
             *self.totals.entry(k).or_default() += n;
         }
-        // Same bounds on both sides (crate::report::latency_histogram).
-        let _ = self.latency.add(&o.latency);
+        // Both sorted by value, of the same bucketing: merged in one pass.
+        let mine = std::mem::take(&mut self.latency);
+        let (mut a, mut b) = (
+            mine.into_iter().peekable(),
+            o.latency.into_iter().peekable(),
+        );
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.0 == y.0 => {
+                    let (x, y) = (a.next(), b.next());
+                    x.zip(y).map(|(x, y)| (x.0, x.1 + y.1))
+                }
+                (Some(x), Some(y)) if x.0 < y.0 => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, _) => b.next(),
+            };
+            match next {
+                Some(bucket) => self.latency.push(bucket),
+                None => break,
+            }
+        }
     }
 }
 
@@ -202,7 +258,7 @@ pub fn add_setups(
     let timeline = Timeline::of(seconds);
     let mut all = crate::report::latency_histogram()?;
     for s in timeline.seconds() {
-        let _ = all.add(&s.latency);
+        s.record_into(&mut all);
     }
     let picture = plot.map(|p| {
         let s = crate::plot::Series::of_seconds(title, &all, timeline.points(origin_us));
@@ -251,7 +307,25 @@ mod tests {
         for &us in latencies {
             h.saturating_record(us);
         }
-        Second::new(unix_s, count, online, h)
+        Second::new(unix_s, count, online, &h)
+    }
+
+    #[test]
+    fn a_long_run_keeps_its_old_seconds_to_their_p99() {
+        let mut v = Vec::new();
+        let spread: Vec<u64> = (1..=100).map(|i| i * 1_000).collect();
+        for t in 0..(FULL_SECONDS as u64 + 3) {
+            push(&mut v, second(t, 100, 1, &spread));
+        }
+        assert_eq!(v.len(), FULL_SECONDS + 3);
+        // The three oldest: one bucket, their p99, all their samples.
+        for s in &v[..3] {
+            assert_eq!(s.latency.len(), 1, "{:?}", s.latency);
+            assert_eq!(s.latency[0].1, 100);
+            assert!(s.latency[0].0.abs_diff(99_000) <= 1_000, "{:?}", s.latency);
+        }
+        assert_eq!(v[3].latency.len(), 100);
+        assert_eq!(v[3].p99_us(), v[0].p99_us());
     }
 
     #[test]
@@ -280,10 +354,17 @@ mod tests {
         assert_eq!(s[1].totals.get("drops"), Some(&3));
         // 99 at 1 ms and 1 at 50 ms: the merged p99 is 1 ms, the max 50 ms,
         // from the buckets of both workers (two significant digits).
-        assert_eq!(s[1].latency.len(), 100);
+        let mut h = crate::report::latency_histogram::<u64>().expect("histogram");
+        s[1].record_into(&mut h);
+        assert_eq!(h.len(), 100);
         let p99 = s[1].p99_us().expect("p99");
         assert!(p99.abs_diff(1_000) <= 10, "{p99}");
-        assert!(s[1].latency.max().abs_diff(50_000) <= 500); // 1 %: two digits
+        assert_eq!(p99, h.value_at_quantile(0.99));
+        assert!(h.max().abs_diff(50_000) <= 500); // 1 %: two digits
+        // One more past the 99th: the p99 moves to the slow bucket.
+        let t2 = Timeline::of([second(7, 1, 1, &[1_000; 98]), second(7, 1, 1, &[50_000; 2])]);
+        let p = t2.to_vec()[0].p99_us().expect("p99");
+        assert!(p.abs_diff(50_000) <= 500, "{p}");
 
         let v = t.json(99_500_000, "deliveries_per_second", "online");
         assert_eq!(v[0]["t"], 0.5);

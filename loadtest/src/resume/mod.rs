@@ -192,7 +192,7 @@ impl Wave {
             unix_s,
             connected.saturating_sub(*last_connected),
             i64::try_from(connected).unwrap_or(i64::MAX),
-            match taken {
+            &match taken {
                 Some(h) => h,
                 None => report::latency_histogram()?,
             },
@@ -658,16 +658,19 @@ pub async fn run(
                     wave.settled.load(Ordering::Relaxed),
                     handles.len()
                 ));
-                seconds.push(s);
+                crate::timeline::push(&mut seconds, s);
             }
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
     }
     // The last, partial second: every reconnect is in one.
-    seconds.push(wave.second(
-        publisher::unix_micros() / 1_000_000 + 1,
-        &mut last_connected,
-    )?);
+    crate::timeline::push(
+        &mut seconds,
+        wave.second(
+            publisher::unix_micros() / 1_000_000 + 1,
+            &mut last_connected,
+        )?,
+    );
     drop(live);
     // Every worker's wave settled; then the broker's CPU is read.
     let settled = role.step(Part::new()?).await?;
