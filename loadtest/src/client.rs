@@ -15,8 +15,8 @@ use futures_util::{SinkExt, StreamExt};
 use tether_client::ClientError;
 use tether_protocol::codec::{decode_server, encode_client};
 use tether_protocol::{
-    ChannelName, ClientMessage, Connect, Connected, Encoding, Publication, ServerMessage,
-    Subscribe, Subscribed,
+    ChannelName, ClientMessage, Connect, Connected, Encoding, Epoch, Offset, Publication,
+    ServerMessage, Subscribe, Subscribed,
 };
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -45,6 +45,52 @@ fn ws_config() -> WebSocketConfig {
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(4 * 1024 * 1024))
         .max_frame_size(Some(4 * 1024 * 1024))
+}
+
+/// A `message` as its fields, read straight from the frame (the `type`
+/// key is ignored: the prefix check has seen it).
+#[derive(serde::Deserialize)]
+struct MessageFrame {
+    channel: ChannelName,
+    epoch: Epoch,
+    offset: Offset,
+    data: serde_json::Value,
+    ts: u64,
+}
+
+/// The `type: "message"` entry a MessagePack frame of the broker starts
+/// with, after its map header.
+const MSGPACK_MESSAGE: &[u8] = b"\xa4type\xa7message";
+
+/// Decodes one frame. A `message` (almost every frame of a load test) is
+/// read in one pass straight into its publication; the protocol's decoder
+/// would first build the whole frame as a value tree and then type it.
+/// The broker writes `type` first, so a prefix tells; anything else, or a
+/// `message` the fast path cannot read, goes through the protocol's
+/// decoder (and its errors).
+fn decode(bytes: &[u8], encoding: Encoding) -> Result<ServerMessage> {
+    let frame = match encoding {
+        Encoding::Json if bytes.starts_with(br#"{"type":"message","#) => {
+            serde_json::from_slice::<MessageFrame>(bytes).ok()
+        }
+        Encoding::MsgPack
+            if bytes.first().is_some_and(|b| b & 0xf0 == 0x80)
+                && bytes.get(1..1 + MSGPACK_MESSAGE.len()) == Some(MSGPACK_MESSAGE) =>
+        {
+            rmp_serde::from_slice::<MessageFrame>(bytes).ok()
+        }
+        _ => None,
+    };
+    Ok(match frame {
+        Some(f) => ServerMessage::Message(Publication {
+            channel: f.channel,
+            epoch: f.epoch,
+            offset: f.offset,
+            data: f.data,
+            ts: f.ts,
+        }),
+        None => decode_server(bytes, encoding, usize::MAX)?,
+    })
 }
 
 /// What the server sent, pings aside.
@@ -250,10 +296,8 @@ impl Client {
         };
         loop {
             let msg = match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    decode_server(t.as_bytes(), Encoding::Json, usize::MAX)?
-                }
-                Some(Ok(Message::Binary(b))) => decode_server(&b, Encoding::MsgPack, usize::MAX)?,
+                Some(Ok(Message::Text(t))) => decode(t.as_bytes(), Encoding::Json)?,
+                Some(Ok(Message::Binary(b))) => decode(&b, Encoding::MsgPack)?,
                 Some(Ok(Message::Close(frame))) => {
                     return Ok(Err(Event::Closed(frame.map(|f| u16::from(f.code)))));
                 }
@@ -363,5 +407,44 @@ pub fn kind(m: &ServerMessage) -> &'static str {
         ServerMessage::Pong => "pong",
         ServerMessage::Error(_) => "error",
         ServerMessage::Disconnect(_) => "disconnect",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_protocol::codec::encode_server;
+
+    #[test]
+    fn the_fast_path_reads_a_message_as_the_protocol_does() {
+        let m = ServerMessage::Message(Publication {
+            channel: ChannelName::new("fanout").expect("channel"),
+            epoch: Epoch::new("e-1"),
+            offset: Offset(42),
+            data: serde_json::json!({"sent_us": 1_700_000_000_000_000u64, "pad": "x".repeat(100)}),
+            ts: 1_700_000_000_000,
+        });
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            let bytes = encode_server(&m, encoding);
+            let fast = decode(&bytes, encoding).expect("fast");
+            let slow = decode_server(&bytes, encoding, usize::MAX).expect("protocol");
+            assert_eq!(fast, slow, "{encoding:?}");
+            assert_eq!(fast, m, "{encoding:?}");
+        }
+        // The prefix is what the broker writes: the fast path is taken.
+        let json = encode_server(&m, Encoding::Json);
+        assert!(json.starts_with(br#"{"type":"message","#));
+        let packed = encode_server(&m, Encoding::MsgPack);
+        assert_eq!(&packed[1..1 + MSGPACK_MESSAGE.len()], MSGPACK_MESSAGE);
+        // Other frames, and a message the fast path cannot read (a bad
+        // channel name), go through the protocol's decoder and its errors.
+        let ping = encode_server(&ServerMessage::Ping, Encoding::Json);
+        assert_eq!(
+            decode(&ping, Encoding::Json).expect("ping"),
+            ServerMessage::Ping
+        );
+        let bad = br#"{"type":"message","channel":"","epoch":"e","offset":1,"data":1,"ts":1}"#;
+        assert!(decode(bad, Encoding::Json).is_err());
+        assert!(decode(b"{\"type\":\"message\",", Encoding::Json).is_err());
     }
 }
