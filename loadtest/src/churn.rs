@@ -1417,9 +1417,16 @@ fn add_drift(r: &mut Report, memory: &[MemorySample], timeline: &[&Second]) {
             "fewer than two samples",
         ),
     }
-    let tenth = timeline.len().div_ceil(10).max(1);
-    let head = &timeline[..tenth.min(timeline.len())];
-    let tail = &timeline[timeline.len().saturating_sub(tenth)..];
+    // Of the seconds with live deliveries: the last, partial second (after
+    // the drain) or a second of a node's outage may have none.
+    let live: Vec<&Second> = timeline
+        .iter()
+        .copied()
+        .filter(|s| s.p99_us().is_some())
+        .collect();
+    let tenth = live.len().div_ceil(10).max(1);
+    let head = &live[..tenth.min(live.len())];
+    let tail = &live[live.len().saturating_sub(tenth)..];
     for (key, label, part) in [
         (
             "p99_first_tenth_ms",
