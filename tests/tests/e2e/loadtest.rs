@@ -1210,9 +1210,15 @@ async fn the_other_scenarios_run_and_report_what_they_measured() {
     assert_eq!(n(&v, "connections_established"), 100, "{v}");
     // Connecting, second by second: every setup in one of them; pictured.
     assert_eq!(per_second_sum(&v, "setups_per_second"), 100, "{v}");
-    let last = v["timeline"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["connections"], 100, "{v}");
-    assert!(last["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{v}");
+    let timeline = v["timeline"].as_array().unwrap();
+    assert_eq!(timeline.last().unwrap()["connections"], 100, "{v}");
+    // (Any second: the last, partial one may have had no setup left.)
+    assert!(
+        timeline
+            .iter()
+            .any(|s| s["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0)),
+        "{v}"
+    );
     let picture = std::fs::read_to_string(idle_svg).unwrap();
     assert!(picture.starts_with("<svg") && picture.contains("setup time distribution"));
     // No PID: the memory comes from the broker's GET /metrics.
