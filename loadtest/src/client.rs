@@ -15,8 +15,8 @@ use futures_util::{SinkExt, StreamExt};
 use tether_client::ClientError;
 use tether_protocol::codec::{decode_server, encode_client};
 use tether_protocol::{
-    ChannelName, ClientMessage, Connect, Connected, Encoding, Epoch, Offset, Publication,
-    ServerMessage, Subscribe, Subscribed,
+    ChannelName, ClientMessage, Connect, Connected, Encoding, Publication, ServerMessage,
+    Subscribe, Subscribed,
 };
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -47,17 +47,6 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(4 * 1024 * 1024))
 }
 
-/// A `message` as its fields, read straight from the frame (the `type`
-/// key is ignored: the prefix check has seen it).
-#[derive(serde::Deserialize)]
-struct MessageFrame {
-    channel: ChannelName,
-    epoch: Epoch,
-    offset: Offset,
-    data: serde_json::Value,
-    ts: u64,
-}
-
 /// The `type: "message"` entry a MessagePack frame of the broker starts
 /// with, after its map header.
 const MSGPACK_MESSAGE: &[u8] = b"\xa4type\xa7message";
@@ -65,30 +54,25 @@ const MSGPACK_MESSAGE: &[u8] = b"\xa4type\xa7message";
 /// Decodes one frame. A `message` (almost every frame of a load test) is
 /// read in one pass straight into its publication; the protocol's decoder
 /// would first build the whole frame as a value tree and then type it.
-/// The broker writes `type` first, so a prefix tells; anything else, or a
+/// The broker writes `type` first, so a prefix tells (and `Publication`
+/// ignores the `type` key); anything else, or a
 /// `message` the fast path cannot read, goes through the protocol's
 /// decoder (and its errors).
 fn decode(bytes: &[u8], encoding: Encoding) -> Result<ServerMessage> {
     let frame = match encoding {
         Encoding::Json if bytes.starts_with(br#"{"type":"message","#) => {
-            serde_json::from_slice::<MessageFrame>(bytes).ok()
+            serde_json::from_slice::<Publication>(bytes).ok()
         }
         Encoding::MsgPack
             if bytes.first().is_some_and(|b| b & 0xf0 == 0x80)
                 && bytes.get(1..1 + MSGPACK_MESSAGE.len()) == Some(MSGPACK_MESSAGE) =>
         {
-            rmp_serde::from_slice::<MessageFrame>(bytes).ok()
+            rmp_serde::from_slice::<Publication>(bytes).ok()
         }
         _ => None,
     };
     Ok(match frame {
-        Some(f) => ServerMessage::Message(Publication {
-            channel: f.channel,
-            epoch: f.epoch,
-            offset: f.offset,
-            data: f.data,
-            ts: f.ts,
-        }),
+        Some(p) => ServerMessage::Message(p),
         None => decode_server(bytes, encoding, usize::MAX)?,
     })
 }
@@ -414,6 +398,7 @@ pub fn kind(m: &ServerMessage) -> &'static str {
 mod tests {
     use super::*;
     use tether_protocol::codec::encode_server;
+    use tether_protocol::{Epoch, Offset};
 
     #[test]
     fn the_fast_path_reads_a_message_as_the_protocol_does() {

@@ -174,7 +174,7 @@ impl Part {
 
 /// A histogram as its recorded buckets, `[[value, count], …]`, read back
 /// into a histogram with the bounds of [`crate::report::latency_histogram`].
-pub(crate) mod buckets {
+mod buckets {
     use hdrhistogram::Histogram;
     use serde::{Deserialize, Deserializer, Serializer};
 

@@ -18,7 +18,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use hdrhistogram::Histogram;
 use tether_protocol::{ChannelName, Connected, Encoding, Subscribed};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -27,7 +26,7 @@ use crate::auth::{FLEET_TOKEN_LIFE, Signer};
 use crate::client::{Client, Event};
 use crate::quic::QuicTarget;
 use crate::target::Target;
-use crate::timeline::{Second, Ticker};
+use crate::timeline::{Second, Ticker, Window};
 
 /// Where clients connect, and over what.
 #[derive(Debug, Clone)]
@@ -242,8 +241,8 @@ pub struct Counters {
     pub dropped: AtomicU64,
     /// Why setups failed, and how often.
     reasons: Mutex<BTreeMap<String, u64>>,
-    /// Setup times (µs) since [`Fleet::wait_settled`] last looked.
-    setups: Mutex<Option<Histogram<u64>>>,
+    /// Setup times since [`Fleet::wait_settled`] last looked.
+    setups: Window,
 }
 
 impl Counters {
@@ -272,27 +271,6 @@ impl Counters {
 
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
-    }
-
-    /// Notes one client's setup time for the second it ends in.
-    fn record_setup(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        let mut w = self.setups.lock().unwrap_or_else(|p| p.into_inner());
-        if w.is_none() {
-            *w = crate::report::latency_histogram().ok();
-        }
-        if let Some(h) = w.as_mut() {
-            h.saturating_record(us);
-        }
-    }
-
-    /// The setup times since the last call, emptying the window.
-    fn take_setups(&self) -> Result<Histogram<u64>> {
-        let taken = self.setups.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match taken {
-            Some(h) => Ok(h),
-            None => crate::report::latency_histogram(),
-        }
     }
 }
 
@@ -537,7 +515,7 @@ impl<T: Send + 'static> Fleet<T> {
                 };
                 match setup.await {
                     Ok((client, connected, subscribed, setup)) => {
-                        counters.record_setup(setup);
+                        counters.setups.record(setup);
                         counters.established.fetch_add(1, Ordering::Relaxed);
                         let ready = Ready {
                             index,
@@ -597,7 +575,7 @@ impl<T: Send + 'static> Fleet<T> {
                 established.saturating_sub(last),
                 i64::try_from(established.saturating_sub(Counters::get(&c.dropped)))
                     .unwrap_or(i64::MAX),
-                &c.take_setups()?,
+                &c.setups.take()?,
             );
             last = established;
             s.totals.insert("failed".into(), Counters::get(&c.failed));

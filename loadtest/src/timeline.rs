@@ -17,6 +17,8 @@
 //! workers' p99s, weighted by their counts).
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -25,7 +27,6 @@ use serde_json::{Value, json};
 
 use crate::publisher::unix_micros;
 use crate::report::Report;
-use std::path::Path;
 
 /// One second of one worker (or, merged, of all).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -271,6 +272,35 @@ pub fn add_setups(
         "connecting, one sample a second (all workers)",
         picture,
     )
+}
+
+/// Latencies recorded between two ticks, by many tasks: a histogram made
+/// on the first record and taken whole by the tick.
+#[derive(Debug, Default)]
+pub struct Window {
+    h: Mutex<Option<Histogram<u64>>>,
+}
+
+impl Window {
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let mut w = self.h.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            *w = crate::report::latency_histogram().ok();
+        }
+        if let Some(h) = w.as_mut() {
+            h.saturating_record(us);
+        }
+    }
+
+    /// What was recorded since the last call (empty if nothing was).
+    pub fn take(&self) -> anyhow::Result<Histogram<u64>> {
+        let taken = self.h.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(h) => Ok(h),
+            None => crate::report::latency_histogram(),
+        }
+    }
 }
 
 /// A tick at every whole second of the machine's clock: every worker's

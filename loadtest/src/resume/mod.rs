@@ -38,12 +38,11 @@
 //! → `connected` time.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hdrhistogram::Histogram;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -56,8 +55,8 @@ use crate::crew::{Part, Role, Share};
 use crate::fleet::{self, Fleet, FleetOptions, Transport};
 use crate::proc::{self, Brokers, Pid};
 use crate::publisher::{self};
-use crate::report::{self, Latency, Report};
-use crate::timeline::{Second, Ticker, Timeline};
+use crate::report::{Latency, Report};
+use crate::timeline::{Second, Ticker, Timeline, Window};
 
 mod missed;
 
@@ -165,37 +164,27 @@ struct Wave {
     settled: AtomicU64,
     /// Mints the token of the client's user again (auth configured).
     signer: Option<Signer>,
-    /// Clients connected again so far, and their connect times (µs) since
-    /// the last tick.
+    /// Clients connected again so far, and their connect times since the
+    /// last tick.
     connected: AtomicU64,
-    window: Mutex<Option<Histogram<u64>>>,
+    window: Window,
 }
 
 impl Wave {
     fn note_connected(&self, took: Duration) {
         self.connected.fetch_add(1, Ordering::Relaxed);
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.is_none() {
-            *w = report::latency_histogram().ok();
-        }
-        if let Some(h) = w.as_mut() {
-            h.saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
-        }
+        self.window.record(took);
     }
 
     /// This second of the wave: clients connected in it, connected in all,
     /// their connect times; the total settled.
     fn second(&self, unix_s: u64, last_connected: &mut u64) -> Result<Second> {
         let connected = self.connected.load(Ordering::Relaxed);
-        let taken = self.window.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut s = Second::new(
             unix_s,
             connected.saturating_sub(*last_connected),
             i64::try_from(connected).unwrap_or(i64::MAX),
-            &match taken {
-                Some(h) => h,
-                None => report::latency_histogram()?,
-            },
+            &self.window.take()?,
         );
         *last_connected = connected;
         s.totals
@@ -402,9 +391,11 @@ struct WaveFigures {
 
 impl WaveFigures {
     fn of(backs: &[Back]) -> WaveFigures {
+        // One reading of both clocks for every conversion.
+        let (now, now_us) = (Instant::now(), publisher::unix_micros());
         let unix = |i: Instant| {
-            let ago = Instant::now().saturating_duration_since(i);
-            publisher::unix_micros().saturating_sub(u64::try_from(ago.as_micros()).unwrap_or(0))
+            let ago = now.saturating_duration_since(i);
+            now_us.saturating_sub(u64::try_from(ago.as_micros()).unwrap_or(0))
         };
         let mut f = WaveFigures {
             clients: backs.len() as u64,
@@ -466,9 +457,9 @@ fn away_json(away: &[Away]) -> Value {
     )
 }
 
-fn away_of_json(v: &Value) -> Result<Vec<Away>> {
+fn away_of_json(v: Value) -> Result<Vec<Away>> {
     let rows: Vec<(usize, String, u64)> =
-        serde_json::from_value(v.clone()).context("a worker's dropped clients")?;
+        serde_json::from_value(v).context("a worker's dropped clients")?;
     rows.into_iter()
         .map(|(index, channel, base)| {
             Ok(Away {
@@ -528,7 +519,7 @@ pub async fn run(
         settled: AtomicU64::new(0),
         signer: fleet_opts.signer.clone(),
         connected: AtomicU64::new(0),
-        window: Mutex::new(None),
+        window: Window::default(),
     });
 
     // 1. Connect and subscribe (every worker its share).
@@ -575,7 +566,7 @@ pub async fn run(
         Ok(all) => {
             let mut every: Vec<Away> = away.clone();
             // The leader's own part comes first in `extras`.
-            for extra in all.extras.iter().skip(1) {
+            for extra in all.extras.into_iter().skip(1) {
                 every.extend(away_of_json(extra)?);
             }
             (Some(every), None)
